@@ -1,0 +1,3 @@
+"""TALLY: multi-domain long-tailed learning platform."""
+
+__version__ = "0.1.0"
