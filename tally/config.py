@@ -1,0 +1,201 @@
+"""The run config: one YAML that alone reproduces a run (ARCHITECTURE.md contract 2).
+
+Validation fills defaults and checks every field before anything runs, so a typo costs a second,
+not an hour of training. Errors name the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tally.errors import TallyError
+
+METRICS = ("acc", "macro_recall", "macro_f1", "pair_acc_mean", "pair_acc_worst", "class_acc_mean",
+           "class_acc_worst", "domain_acc_mean", "domain_acc_worst")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config value: its type, default and admissible range or choices."""
+
+    kind: type
+    default: object
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    nullable: bool = False
+
+    def check(self, path: str, value):
+        if value is None:
+            if self.nullable:
+                return None
+            raise TallyError(f"{path}: expected {self._expected()}, got null")
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if self.kind is float and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # YAML reads 1e-5 (no dot) as a string
+                value = float(value)
+        ok = isinstance(value, self.kind) and not (self.kind is not bool and isinstance(value, bool))
+        if ok and self.kind is float and not math.isfinite(value):
+            ok = False
+        if ok and self.choices and value not in self.choices:
+            ok = False
+        if ok and self.low is not None and value < self.low:
+            ok = False
+        if ok and self.high is not None and value > self.high:
+            ok = False
+        if not ok:
+            raise TallyError(f"{path}: expected {self._expected()}, got {value!r}")
+        return list(value) if self.kind is list else value
+
+    def _expected(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                 list: "a list"}
+        text = names.get(self.kind, self.kind.__name__)
+        if self.low is not None and self.high is not None:
+            text += f" in [{self.low}, {self.high}]"
+        elif self.low is not None:
+            text += f" >= {self.low}"
+        return text + (" or null" if self.nullable else "")
+
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "data": {
+        "source": Field(str, "embedded", choices=("embedded", "folder", "reference", "wilds")),
+        "root": Field(str, None, nullable=True),
+        "dataset": Field(str, None, nullable=True),
+        "setting": Field(str, "sub", choices=("sub", "domain")),
+        "held_out": Field(list, []),
+        "split_seed": Field(int, 0, low=0),
+        "imbalance": Field(str, None, choices=("exp", "step"), nullable=True),
+        "imbalance_factor": Field(float, None, low=1.0, nullable=True),
+        "max_per_class": Field(int, None, low=1, nullable=True),
+        "n_val": Field(int, None, low=1, nullable=True),
+        "n_test": Field(int, None, low=1, nullable=True),
+        "image_size": Field(int, 32, low=8, high=1024),
+        "flip": Field(bool, False),
+        "crop_padding": Field(int, 2, low=0, high=64),
+        "decode_workers": Field(int, 0, low=0),
+        "oracle_selection": Field(bool, False),
+    },
+    "model": {
+        "arch": Field(str, "resnet18", choices=("resnet10", "resnet18", "resnet34", "resnet50")),
+        "cut": Field(str, "layer2", choices=("layer1", "layer2", "layer3")),
+        "pretrained": Field(str, None, nullable=True),
+    },
+    "train": {
+        "epochs": Field(int, 15, low=1),
+        "warmup_epochs": Field(int, 7, low=0),
+        "steps_per_epoch": Field(int, 500, low=1),
+        "batch_size": Field(int, 18, low=1),
+        "eval_batch_size": Field(int, 256, low=1),
+        "optimizer": Field(str, "adam", choices=("adam", "adamw", "sgd")),
+        "lr": Field(float, 1e-5, low=0.0),
+        "weight_decay": Field(float, 1e-6, low=0.0),
+        "amsgrad": Field(bool, True),
+        "sgd_momentum": Field(float, 0.9, low=0.0, high=1.0),
+        "seed": Field(int, 0, low=0),
+        "selection_metric": Field(str, "pair_acc_mean", choices=METRICS),
+        "device": Field(str, "auto", choices=("auto", "cpu", "cuda")),
+        "bf16": Field(bool, True),
+    },
+}
+SECTIONS = (*SCHEMA, "method")
+
+
+def validate(raw: dict, source: str = "config") -> dict:
+    """Return a complete config (defaults filled) or raise TallyError naming the field."""
+    if not isinstance(raw, dict):
+        raise TallyError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise TallyError(f"{sorted(unknown)[0]}: unknown section (expected one of {', '.join(SECTIONS)})")
+    out = {}
+    for section, fields in SCHEMA.items():
+        given = raw.get(section) or {}
+        if not isinstance(given, dict):
+            raise TallyError(f"{section}: expected a mapping, got {given!r}")
+        extra = set(given) - set(fields)
+        if extra:
+            name = sorted(extra)[0]
+            raise TallyError(f"{section}.{name}: unknown field (expected one of {', '.join(fields)})")
+        out[section] = {name: f.check(f"{section}.{name}", given.get(name, copy.deepcopy(f.default)))
+                        for name, f in fields.items()}
+    out["method"] = _validate_method(raw.get("method") or {}, out["train"]["seed"])
+    train = out["train"]
+    if train["warmup_epochs"] > train["epochs"]:
+        raise TallyError(f"train.warmup_epochs: expected <= train.epochs ({train['epochs']}), "
+                         f"got {train['warmup_epochs']}")
+    data = out["data"]
+    if data["setting"] == "domain" and not data["held_out"] and data["source"] != "wilds":
+        raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
+    if data["source"] != "embedded" and not data["root"]:
+        raise TallyError(f"data.root: expected a path for data.source {data['source']!r}")
+    return out
+
+
+def _validate_method(given: dict, train_seed: int) -> dict:
+    """Check the method name and each parameter against the method's own defaults (their types)."""
+    from tally.method.methods import METHODS
+
+    if not isinstance(given, dict):
+        raise TallyError(f"method: expected a mapping, got {given!r}")
+    name = given.get("name", "tally")
+    if name not in METHODS:
+        raise TallyError(f"method.name: expected one of {', '.join(sorted(METHODS))}, got {name!r}")
+    defaults = METHODS[name].resolve_config({})
+    out = {"name": name}
+    for key, default in defaults.items():
+        if key not in given:
+            out[key] = default
+            continue
+        path, value = f"method.{key}", given[key]
+        if key == "seed" or isinstance(default, int) and not isinstance(default, bool):
+            out[key] = Field(int, None, low=0, nullable=key == "seed").check(path, value)
+        elif isinstance(default, bool):
+            out[key] = Field(bool, default).check(path, value)
+        elif isinstance(default, float):
+            # a loss re-weighting beta may be null: re-weighting off
+            out[key] = Field(float, default, low=0.0, nullable=key.endswith("beta")).check(path, value)
+        else:
+            out[key] = value
+    unknown = sorted(set(given) - set(defaults) - {"name"})
+    if unknown:
+        raise TallyError(f"method.{unknown[0]}: unknown field for method {name!r} "
+                         f"(expected one of {', '.join(sorted(defaults))})")
+    if out.get("seed", 0) is None:
+        out["seed"] = train_seed  # the mixing draws repeat with the run
+    return out
+
+
+def read_yaml_file(path: str | Path, what: str = "config") -> dict:
+    """A YAML mapping from a file (safe_load), or a one-line error naming the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise TallyError(f"{path}: {what} file not found") from None
+    except yaml.YAMLError as e:
+        raise TallyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise TallyError(f"{path}: expected a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load(path: str | Path) -> dict:
+    """Read and validate a run config file."""
+    return validate(read_yaml_file(path), source=str(path))
+
+
+def set_path(config: dict, dotted: str, value) -> None:
+    """config['a']['b'] = value for dotted 'a.b' (used by searches and overrides)."""
+    section, _, key = dotted.partition(".")
+    config.setdefault(section, {})[key] = value
