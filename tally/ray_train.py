@@ -1,0 +1,105 @@
+"""The Ray side of one trial: a Tune function that launches a TorchTrainer over the training run.
+
+Train V2 (Ray 2.60): a Tune trial is a function that builds and fits a TorchTrainer; rank 0's
+reports reach Tune through TuneReportCallback. The trial's run folder in the results store holds
+its own checkpoints, so a restarted trial resumes from there (shared storage on a cluster).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import ray.tune
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from tally import results
+from tally.training import RunContext, train_run
+
+OBJECTIVE = "objective"  # the best-so-far validation selection metric of a trial
+FINAL = "final"          # 1 on a trial's last report: it ran to the end (not stopped early)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Runs in every Train worker: the same training function as `tally train`."""
+    context = ray.train.get_context()
+    metric = loop_config["config"]["train"]["selection_metric"]
+    best = {"value": -math.inf}
+
+    def report(record: dict, _checkpoint_dir) -> None:
+        value = record.get(f"val/{metric}")
+        if value is not None and not math.isnan(value):
+            best["value"] = max(best["value"], value)
+        numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        ray.train.report({**numbers, OBJECTIVE: best["value"], FINAL: 0})
+
+    ctx = RunContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                     device=ray.train.torch.get_device(), report=report, progress=False,
+                     extra_status={"params": loop_config.get("params", {})})
+    metrics = train_run(loop_config["config"], Path(loop_config["run_dir"]), resume=True, ctx=ctx)
+    final = {OBJECTIVE: best["value"], FINAL: 1}
+    if metrics:
+        selection = metrics.get("val", {}).get(metric)
+        final[OBJECTIVE] = selection if selection is not None else best["value"]
+    ray.train.report(final)
+
+
+def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, name: str,
+                   storage_path: Path) -> None:
+    """Fit one TorchTrainer for one trial (N workers; NCCL on GPUs, gloo on CPUs)."""
+    gpus = resources.get("gpus_per_worker", 0)
+    per_worker = {"CPU": resources.get("cpus_per_worker", 1)}
+    if gpus:
+        per_worker["GPU"] = gpus
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config, "run_dir": str(run_dir), "params": params},
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        scaling_config=ScalingConfig(num_workers=resources.get("workers", 1), use_gpu=bool(gpus),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=name, storage_path=str(storage_path),
+                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=1),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def trial_function(params: dict, *, plan: dict) -> None:
+    """One Tune trial. ``plan``: exp_dir, group, resources, and either the spec (searched params)
+    or fixed configs keyed by run id (confirmation seeds, robustness settings)."""
+    from tally.spec import Spec
+
+    exp_dir = Path(plan["exp_dir"])
+    if "fixed_id" in params:
+        run_id = params["fixed_id"]
+        config = plan["configs"][run_id]
+        shown_params = {}
+    else:
+        run_id = ray.tune.get_context().get_trial_id()
+        config = Spec.from_resolved(plan["spec"]).trial_config(params)
+        shown_params = params
+    run_dir = exp_dir / plan["group"] / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if (results.read_json(run_dir / "status.json") or {}).get("status") is None:
+        results.write_status(run_dir, "pending", params=shown_params)
+    try:
+        launch_trainer(config, run_dir, shown_params, plan["resources"], name=f"train-{run_id}",
+                       storage_path=exp_dir / "ray" / "train")
+    except Exception as e:
+        status = results.read_json(run_dir / "status.json") or {}
+        if status.get("status") != "failed":  # the worker did not get to say why
+            results.write_status(run_dir, "failed", error=_root_error(e), started=status.get("started", started),
+                                 ended=time.time())
+        raise
+
+
+def _root_error(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"

@@ -1,0 +1,252 @@
+"""Many runs: a validated spec -> Ray Tune (OptunaSearch, optional ASHA) -> the results store.
+
+The driver writes nothing before the spec is valid. Trials are Tune functions that launch a
+TorchTrainer (tally.ray_train). The Optuna study lives in <experiment>/study.db (SQLite) so
+optuna-dashboard can open it and a resumed search continues the same study.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+
+from tally import results
+from tally.errors import TallyError
+from tally.ray_train import OBJECTIVE, trial_function
+
+TRAIN_DRIVER = "TRAIN_DRIVER"  # custom resource a trial's driver function takes (see RAY_NOTES)
+
+
+# ---------------------------------------------------------------- Ray connection
+def connect(address: str | None, concurrency: int, quiet: bool = True) -> None:
+    """Join a cluster (--address) or start a local Ray sized for this machine."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=not quiet)
+        return
+    # The dashboard process serves the State API that Train's PlacementGroupCleaner needs to free
+    # the workers of a trial stopped early; without it the next trial waits forever on 2 CPUs.
+    ray.init(include_dashboard=True, resources={TRAIN_DRIVER: concurrency}, log_to_driver=not quiet,
+             object_store_memory=256 * 2**20, configure_logging=True, logging_level="ERROR")
+
+
+def driver_resources() -> dict:
+    """What a trial's driver function takes: the custom resource if the cluster has it, else 1 CPU."""
+    if ray.cluster_resources().get(TRAIN_DRIVER):
+        return {TRAIN_DRIVER: 1}
+    return {"cpu": 1}
+
+
+# ---------------------------------------------------------------- store callback
+class StoreCallback(Callback):
+    """Keeps the store honest from the driver: trials stopped early or killed get their status,
+    and the summary table is refreshed as trials finish."""
+
+    def __init__(self, exp_dir: str, group: str = results.TRIALS_DIR):
+        self.exp_dir, self.group = exp_dir, group
+
+    def _run_dir(self, trial) -> Path:
+        run_id = trial.config.get("fixed_id", trial.trial_id)
+        return Path(self.exp_dir) / self.group / run_id
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_dir = self._run_dir(trial)
+        status = results.read_json(run_dir / "status.json") or {}
+        if status.get("status") in ("running", "pending"):
+            results.write_status(run_dir, "stopped", ended=time.time(),
+                                 error=None, reason="stopped early by the scheduler")
+        self._refresh()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_dir = self._run_dir(trial)
+        status = results.read_json(run_dir / "status.json") or {}
+        if status.get("status") != "failed":
+            results.write_status(run_dir, "failed", ended=time.time(),
+                                 error=_first_line(getattr(trial, "error_msg", None)) or "trial errored")
+        self._refresh()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._refresh()
+
+    def _refresh(self):
+        if self.group == results.TRIALS_DIR:
+            results.refresh_summary(Path(self.exp_dir))
+
+
+def _first_line(text: str | None) -> str | None:
+    if not text:
+        return None
+    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else None
+
+
+# ---------------------------------------------------------------- the search
+def experiment_dir(storage: str | Path, name: str) -> Path:
+    root = Path(storage).expanduser().resolve()
+    exp = (root / name).resolve()
+    if root not in exp.parents:
+        raise TallyError(f"--name: {name!r} would write outside the storage folder {root}")
+    return exp
+
+
+def _tuner_path(exp_dir: Path) -> Path:
+    return exp_dir / "ray" / "tune"
+
+
+def run_search(spec, storage: str | Path, address: str | None = None, resume: bool = False,
+               quiet: bool = True) -> pd.DataFrame:
+    """Run (or resume) the search of a validated spec; returns the summary table."""
+    from tally.search_space import DefineByRun, PruneAwareOptunaSearch
+
+    exp_dir = experiment_dir(storage, spec.name)
+    tuner_path = _tuner_path(exp_dir)
+    if exp_dir.exists() and not resume and any(exp_dir.iterdir()):
+        raise TallyError(f"{exp_dir}: experiment exists; pass --resume to continue it or --name for a new one")
+    if resume:
+        stored = results.read_yaml(exp_dir / "spec.yaml")
+        if stored is None:
+            raise TallyError(f"{exp_dir}: nothing to resume (no spec.yaml)")
+        if stored != spec.resolved:
+            raise TallyError(f"{exp_dir}/spec.yaml differs from the spec given; refusing to resume")
+    budget = spec.resolved["budget"]
+    connect(address, budget["concurrency"], quiet=quiet)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    results.write_yaml(exp_dir / "spec.yaml", spec.resolved)
+
+    plan = {"exp_dir": str(exp_dir), "group": results.TRIALS_DIR, "spec": spec.resolved,
+            "resources": spec.resolved["resources"]}
+    trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
+    if resume and tune.Tuner.can_restore(str(tuner_path)):
+        tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        import optuna
+
+        selection = spec.resolved["selection"]
+        storage_url = f"sqlite:///{exp_dir / 'study.db'}"
+        searcher = PruneAwareOptunaSearch(
+            space=DefineByRun(spec.resolved["space"]), metric=OBJECTIVE, mode=selection["mode"],
+            sampler=optuna.samplers.TPESampler(seed=spec.resolved["seed"]),
+            study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
+        searcher = tune.search.ConcurrencyLimiter(searcher, max_concurrent=budget["concurrency"])
+        stopping = budget["early_stopping"]
+        scheduler = None
+        if stopping["enabled"]:
+            scheduler = ASHAScheduler(time_attr="training_iteration", metric=OBJECTIVE, mode=selection["mode"],
+                                      max_t=spec.resolved["base"]["train"]["epochs"] + 1,
+                                      grace_period=stopping["grace_epochs"],
+                                      reduction_factor=stopping["reduction_factor"])
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=budget["trials"], max_concurrent_trials=budget["concurrency"]),
+            run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir / "ray"),
+                                      callbacks=[StoreCallback(str(exp_dir))], verbose=0 if quiet else 1,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    tuner.fit()
+    return results.refresh_summary(exp_dir)
+
+
+def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:
+    """Run fixed configs (no search) as Tune trials under <exp>/<group>/<id>; returns metrics by id."""
+    plan = {"exp_dir": str(exp_dir), "group": group, "configs": configs, "resources": resources}
+    trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
+    tuner = tune.Tuner(
+        trainable, param_space={"fixed_id": tune.grid_search(sorted(configs))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=group, storage_path=str(exp_dir / "ray"), verbose=0,
+                                  callbacks=[StoreCallback(str(exp_dir), group)]))
+    tuner.fit()
+    return {run_id: results.read_json(exp_dir / group / run_id / "metrics.json") or {} for run_id in configs}
+
+
+# ---------------------------------------------------------------- selection and follow-ups
+def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Series | None:
+    """The best finished trial by a VALIDATION metric; test numbers never take part."""
+    column = f"val/{metric}"
+    if summary.empty or column not in summary:
+        return None
+    done = summary[(summary["status"] == "done") & summary[column].notna()]
+    if done.empty:
+        return None
+    ordered = done.sort_values([column, "trial_id"], ascending=[mode == "min", True])
+    return ordered.iloc[0]
+
+
+def confirm_seeds(spec, exp_dir: Path, trial_id: str, k: int) -> pd.DataFrame:
+    """Re-run the chosen config with K new seeds; mean and standard error of every metric."""
+    base = results.read_yaml(exp_dir / results.TRIALS_DIR / trial_id / "config.yaml")
+    configs = {}
+    for i in range(1, k + 1):
+        cfg = _copy(base)
+        cfg["train"]["seed"] = cfg["method"]["seed"] = base["train"]["seed"] + i  # mixing draws too
+        configs[f"seed{cfg['train']['seed']}"] = cfg
+    metrics = run_fixed(exp_dir, "confirm", configs, spec.resolved["resources"],
+                        spec.resolved["budget"]["concurrency"])
+    table = mean_and_stderr(metrics)
+    results.write_parquet(exp_dir / "confirm.parquet", table)
+    return table
+
+
+def robustness(spec, exp_dir: Path, trial_id: str, domain_names: list[str]) -> pd.DataFrame:
+    """Score the chosen config on other settings: subpopulation shift and/or each held-out domain.
+    Held-out-domain runs select their epoch on training-domain validation."""
+    base = results.read_yaml(exp_dir / results.TRIALS_DIR / trial_id / "config.yaml")
+    settings = spec.resolved.get("robustness", {}).get("settings") or []
+    configs = {}
+    if "sub" in settings:
+        cfg = _copy(base)
+        cfg["data"].update(setting="sub", held_out=[], oracle_selection=False)
+        configs["sub"] = cfg
+    if "each_domain" in settings:
+        for domain in domain_names:
+            cfg = _copy(base)
+            cfg["data"].update(setting="domain", held_out=[domain], oracle_selection=False)
+            configs[f"heldout-{domain}"] = cfg
+    metrics = run_fixed(exp_dir, "robustness", configs, spec.resolved["resources"],
+                        spec.resolved["budget"]["concurrency"])
+    rows = []
+    for setting, by_split in metrics.items():
+        for split, values in by_split.items():
+            if split == "val":
+                continue
+            rows.append({"setting": setting, "split": split, **values})
+    table = pd.DataFrame(rows)
+    results.write_parquet(exp_dir / "robustness.parquet", table)
+    return table
+
+
+def mean_and_stderr(metrics_by_run: dict[str, dict]) -> pd.DataFrame:
+    """Rows split x metric: mean, standard error (ddof=1 / sqrt n), n runs."""
+    rows = []
+    frame = pd.DataFrame([{"run": run, "split": split, "metric": m, "value": v}
+                          for run, by_split in metrics_by_run.items()
+                          for split, values in by_split.items() for m, v in values.items()])
+    if frame.empty:
+        return frame
+    for (split, metric), group in frame.groupby(["split", "metric"], sort=True):
+        values = group["value"].dropna().to_numpy(dtype=float)
+        n = len(values)
+        stderr = float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+        rows.append({"split": split, "metric": metric, "mean": float(values.mean()) if n else math.nan,
+                     "stderr": stderr, "n": n})
+    return pd.DataFrame(rows)
+
+
+def _copy(cfg: dict) -> dict:
+    import copy
+
+    return copy.deepcopy(cfg)

@@ -1,0 +1,91 @@
+"""The Optuna side of a search: the define-by-run space and a searcher that tells Optuna the truth.
+
+Kept in an importable module because Ray pickles the searcher state with the space function by reference
+(a function defined in __main__ would not unpickle on restore).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+logger = logging.getLogger(__name__)
+FINAL_KEY = "final"  # the trainable sets result["final"] = True on the report after its last epoch
+
+
+class DefineByRun:
+    """Suggest each param of a resolved spec space, in order; skip a param whose `when` is not met.
+
+    Param names are the dotted run-config paths; a skipped param keeps the base config's value.
+    """
+
+    def __init__(self, space: dict):
+        self.space = dict(space)
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        chosen: dict = {}
+        for name, p in self.space.items():
+            if not _met(p.get("when"), chosen):
+                continue
+            kind = p["type"]
+            if kind == "categorical":
+                value = trial.suggest_categorical(name, p["choices"])
+            elif kind == "int":
+                value = trial.suggest_int(name, p["low"], p["high"], step=p.get("step", 1))
+            else:
+                value = trial.suggest_float(name, p["low"], p["high"], log=kind == "loguniform")
+            chosen[name] = value
+        return None
+
+
+def _met(when: dict | None, chosen: dict) -> bool:
+    """Every referenced param was suggested (its own condition held) and took exactly that value."""
+    return not when or all(
+        ref in chosen and type(chosen[ref]) is type(v) and chosen[ref] == v for ref, v in when.items()
+    )
+
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch whose study records what happened to each trial.
+
+    The base class tells COMPLETE whenever the last result holds the metric: an ASHA-stopped trial then
+    enters TPE with its early (lower) value as if it had finished, and an errored trial that reported
+    once counts as a success. Here: error -> FAIL, stopped before its final report -> PRUNED (Optuna
+    keeps its intermediate values, reported per epoch), final report -> COMPLETE with the metric.
+    A final report without a finite metric is a FAIL.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or _finite(result.get(self.metric)):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if isinstance(self.metric, list):
+            return super().on_trial_complete(trial_id, result, error)
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return None
+        result = result or {}
+        value = result.get(self.metric)
+        if error:
+            state, value = TrialState.FAIL, None
+        elif not result.get(FINAL_KEY):
+            state, value = TrialState.PRUNED, None
+        elif _finite(value):
+            state, value = TrialState.COMPLETE, float(value)
+        else:
+            state, value = TrialState.FAIL, None
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        except (ValueError, RuntimeError) as exc:  # e.g. already told before a restore: keep searching
+            logger.warning("optuna tell for trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+        return None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

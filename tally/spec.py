@@ -1,0 +1,502 @@
+"""The search spec: what to search, around which fixed run config, with how much budget and hardware.
+
+Validated completely before Ray starts (ARCHITECTURE.md contract 1), so a typo fails in a second with
+the field path and what was expected, not inside trial 17. `base` is a run config (tally.config);
+`space` names run-config fields by dotted path; every bound and choice is checked against the run-config
+schema by substituting it into `base`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tally import config as config_mod
+from tally.errors import TallyError
+
+TOP_KEYS = ("name", "base", "space", "selection", "budget", "resources", "seed", "robustness")
+DISTRIBUTIONS = {  # type -> (required keys, optional keys)
+    "uniform": (("low", "high"), ()),
+    "loguniform": (("low", "high"), ()),
+    "int": (("low", "high"), ("step",)),
+    "categorical": (("choices",), ()),
+}
+ROBUSTNESS_SETTINGS = ("sub", "each_domain")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+DEFAULT_SELECTION = {"metric": "pair_acc_worst", "mode": "max"}
+DEFAULT_EARLY_STOPPING = {"enabled": False, "grace_epochs": 1, "reduction_factor": 2}
+DEFAULT_RESOURCES = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-5 (no dot) as a string; specs are full of learning rates, so read it as a float."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+@dataclass
+class Spec:
+    """A validated search spec: `resolved` holds every section with defaults filled.
+
+    Its base is a complete run config except for defaults that derive from another field: method.seed
+    stays null ("follow train.seed") unless the spec sets it, so a searched or re-drawn train.seed carries
+    it along. `trial_config` fills it, like every trial config, through tally.config.validate.
+    """
+
+    name: str
+    resolved: dict
+    source: str = "spec"
+
+    @classmethod
+    def from_resolved(cls, resolved: dict, source: str = "spec") -> Spec:
+        """Rebuild from `resolved` (e.g. inside a Ray trial, or from an experiment's spec.yaml)."""
+        return cls(name=resolved["name"], resolved=resolved, source=source)
+
+    @property
+    def base(self) -> dict:
+        return self.resolved["base"]
+
+    @property
+    def space(self) -> dict:
+        return self.resolved["space"]
+
+    @property
+    def metric(self) -> str:
+        return self.resolved["selection"]["metric"]
+
+    @property
+    def mode(self) -> str:
+        return self.resolved["selection"]["mode"]
+
+    def trial_config(self, params: dict) -> dict:
+        """A trial's complete run config: base with the dotted params set, validated."""
+        raw = copy.deepcopy(self.base)
+        for dotted, value in params.items():
+            if "." not in dotted or dotted.split(".", 1)[0] not in config_mod.SECTIONS:
+                raise TallyError(f"trial params: {dotted!r} is not a SECTION.FIELD run-config path")
+            _set(raw, dotted, value)
+        try:
+            return config_mod.validate(raw, source="trial config")
+        except TallyError as e:
+            raise TallyError(f"trial config: {e}") from None
+
+    def budget_text(self) -> str:
+        return budget_text(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved, sort_keys=False)
+
+
+def load_spec(path: str | Path, name_override: str | None = None) -> Spec:
+    """Read and validate a spec file; the experiment name is --name, else `name:`, else the file stem."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_SpecLoader)  # a SafeLoader subclass
+    except (FileNotFoundError, IsADirectoryError):
+        raise TallyError(f"{path}: search spec file not found") from None
+    except yaml.YAMLError as e:
+        raise TallyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return spec_from_raw(raw, str(path), name_override)
+
+
+def spec_from_raw(raw, source: str = "spec", name: str | None = None) -> Spec:
+    """A Spec from an already-parsed mapping (tests, or a spec.yaml read back on resume)."""
+    resolved = validate_spec(raw, source=source, name=name)
+    return Spec.from_resolved(resolved, source)
+
+
+def validate_spec(raw, source: str = "spec", *, name: str | None = None) -> dict:
+    """The resolved spec (defaults filled, base validated) or a TallyError naming the field path."""
+    if not isinstance(raw, dict):
+        raise TallyError(f"{source}: expected a mapping with keys {', '.join(TOP_KEYS)}, got "
+                         f"{type(raw).__name__}")
+    unknown = sorted(set(raw) - set(TOP_KEYS), key=str)
+    if unknown:
+        raise TallyError(f"{unknown[0]}: unknown top-level key (expected one of {', '.join(TOP_KEYS)})")
+    out = {"name": _check_name(name if name is not None else raw.get("name", Path(source).stem),
+                               "name" if name is None else "--name")}
+    raw_base = raw.get("base")
+    if not isinstance(raw_base, dict):
+        raise TallyError(f"base: expected a run config mapping (data, model, method, train), got {raw_base!r}")
+    raw_base = _expand_root(raw_base)
+    out["base"] = _validate_base(raw_base)
+    if "seed" in out["base"]["method"] and (raw_base.get("method") or {}).get("seed") is None:
+        out["base"]["method"]["seed"] = None  # follows train.seed; filled in each trial config
+    out["space"] = _check_space(raw.get("space"), raw_base, out["base"])
+    out["selection"] = _check_selection(raw.get("selection"))
+    out["budget"] = _check_budget(raw.get("budget"), out)
+    out["resources"] = _check_resources(raw.get("resources"))
+    seed = raw.get("seed", 0)
+    out["seed"] = None if seed is None else _int("seed", seed, 0)
+    out["robustness"] = _check_robustness(raw.get("robustness"), out["base"])
+    return out
+
+
+# --- sections ------------------------------------------------------------------------------------------
+
+def _check_name(value, path: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
+        raise TallyError(f"{path}: expected an experiment name of letters, digits, '_', '.', '-' "
+                         f"(it names a folder), got {value!r}")
+    return value
+
+
+def _expand_root(base: dict) -> dict:
+    """Expand ${VAR} in data.root (the spec only: no file-system access; empty counts as not set)."""
+    data = base.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("root"), str):
+        return base
+
+    def lookup(m: re.Match) -> str:
+        value = os.environ.get(m.group(1))
+        if not value:
+            raise TallyError(f"base.data.root: environment variable {m.group(1)} is not set "
+                             f"(the spec's data root is {data['root']!r})")
+        return value
+
+    return {**base, "data": {**data, "root": ENV_RE.sub(lookup, data["root"])}}
+
+
+def _validate_base(raw_base: dict) -> dict:
+    try:
+        return config_mod.validate(raw_base, source="base")
+    except TallyError as e:
+        raise TallyError(f"base.{e}") from None
+
+
+def _check_selection(raw) -> dict:
+    sel = _section("selection", raw, DEFAULT_SELECTION)
+    if sel["metric"] not in config_mod.METRICS:
+        raise TallyError(f"selection.metric: expected one of {', '.join(config_mod.METRICS)}, "
+                         f"got {sel['metric']!r}")
+    if sel["mode"] not in ("max", "min"):
+        raise TallyError(f"selection.mode: expected 'max' or 'min', got {sel['mode']!r}")
+    return sel
+
+
+def _check_budget(raw, spec: dict) -> dict:
+    if not isinstance(raw, dict):
+        raise TallyError(f"budget: expected a mapping with trials (and concurrency, early_stopping), got {raw!r}")
+    if "trials" not in raw:
+        raise TallyError("budget.trials: missing (how many trials to run, an integer >= 1)")
+    budget = _section("budget", raw, {"trials": None, "concurrency": 1, "early_stopping": None})
+    budget["trials"] = _int("budget.trials", budget["trials"], 1)
+    budget["concurrency"] = _int("budget.concurrency", budget["concurrency"], 1)
+    es = budget["early_stopping"]
+    if isinstance(es, bool):  # `early_stopping: false` as a shorthand
+        es = {"enabled": es}
+    es = _section("budget.early_stopping", es, DEFAULT_EARLY_STOPPING)
+    if not isinstance(es["enabled"], bool):
+        raise TallyError(f"budget.early_stopping.enabled: expected true or false, got {es['enabled']!r}")
+    es["grace_epochs"] = _int("budget.early_stopping.grace_epochs", es["grace_epochs"], 1)
+    es["reduction_factor"] = _int("budget.early_stopping.reduction_factor", es["reduction_factor"], 2)
+    epochs = _upper(spec, "train.epochs")
+    if es["enabled"] and es["grace_epochs"] >= epochs:
+        raise TallyError(f"budget.early_stopping.grace_epochs: expected < train.epochs ({epochs}) when early "
+                         f"stopping is enabled (no trial could be stopped), got {es['grace_epochs']}")
+    budget["early_stopping"] = es
+    return budget
+
+
+def _check_resources(raw) -> dict:
+    res = _section("resources", raw, DEFAULT_RESOURCES)
+    res["workers"] = _int("resources.workers", res["workers"], 1)
+    cpus = _number("resources.cpus_per_worker", res["cpus_per_worker"], "a number > 0")
+    if cpus <= 0:
+        raise TallyError(f"resources.cpus_per_worker: expected a number > 0, got {res['cpus_per_worker']!r}")
+    gpus = _number("resources.gpus_per_worker", res["gpus_per_worker"], "a number >= 0")
+    if gpus < 0:
+        raise TallyError(f"resources.gpus_per_worker: expected a number >= 0, got {res['gpus_per_worker']!r}")
+    res["cpus_per_worker"], res["gpus_per_worker"] = cpus, gpus
+    return res
+
+
+def _check_robustness(raw, base: dict) -> dict:
+    rob = _section("robustness", raw, {"settings": [], "seeds": 1})
+    settings = rob["settings"]
+    if isinstance(settings, str):
+        settings = [settings]
+    if not isinstance(settings, list):
+        raise TallyError(f"robustness.settings: expected a list of {', '.join(ROBUSTNESS_SETTINGS)}, "
+                         f"got {rob['settings']!r}")
+    for i, s in enumerate(settings):
+        if s not in ROBUSTNESS_SETTINGS:
+            raise TallyError(f"robustness.settings[{i}]: expected one of {', '.join(ROBUSTNESS_SETTINGS)}, "
+                             f"got {s!r}")
+        if s in settings[:i]:
+            raise TallyError(f"robustness.settings[{i}]: {s!r} is listed twice")
+    if "each_domain" in settings and base["data"]["source"] == "wilds":
+        raise TallyError("robustness.settings: each_domain is not available for data.source 'wilds' "
+                         "(iWildCam keeps the WILDS split)")
+    return {"settings": list(settings), "seeds": _int("robustness.seeds", rob["seeds"], 1)}
+
+
+# --- the space -----------------------------------------------------------------------------------------
+
+def _check_space(raw, raw_base: dict, base: dict) -> dict:
+    if not isinstance(raw, dict) or not raw:
+        raise TallyError(f"space: expected a mapping of run-config paths to distributions "
+                         f"(at least one), got {raw!r}")
+    space: dict[str, dict] = {}
+    for path, entry in raw.items():
+        _check_path(path, base)
+        space[path] = _check_param(path, entry, space)
+        for key, value in _bounds(space[path]):
+            _check_substituted(path, key, value, raw_base)
+    return space
+
+
+def _check_path(path, base: dict) -> None:
+    where = f"space.{path}"
+    if not isinstance(path, str) or path.count(".") != 1:
+        raise TallyError(f"{where}: expected a SECTION.FIELD run-config path (e.g. train.lr)")
+    section, field = path.split(".")
+    if section in config_mod.SCHEMA:
+        if field not in config_mod.SCHEMA[section]:
+            raise TallyError(f"{where}: {field!r} is not a field of {section} (expected one of "
+                             f"{', '.join(config_mod.SCHEMA[section])})")
+    elif section == "method":
+        method = base["method"]
+        if field == "name":
+            raise TallyError(f"{where}: the method itself is not searchable; write one spec per method")
+        if field not in method:
+            params = ", ".join(k for k in method if k != "name")
+            raise TallyError(f"{where}: not a parameter of method {method['name']!r} (expected one of {params})")
+    else:
+        raise TallyError(f"{where}: unknown section {section!r} (expected one of {', '.join(config_mod.SECTIONS)})")
+
+
+def _check_param(path: str, entry, earlier: dict) -> dict:
+    where = f"space.{path}"
+    if not isinstance(entry, dict):
+        raise TallyError(f"{where}: expected a mapping with a type ({', '.join(DISTRIBUTIONS)}), got {entry!r}")
+    kind = entry.get("type")
+    if kind not in DISTRIBUTIONS:
+        raise TallyError(f"{where}.type: expected one of {', '.join(DISTRIBUTIONS)}, got {kind!r}")
+    required, optional = DISTRIBUTIONS[kind]
+    allowed = ("type", *required, *optional, "when")
+    for key in entry:
+        if key not in allowed:
+            raise TallyError(f"{where}.{key}: unknown key for a {kind} distribution "
+                             f"(expected {', '.join(allowed)})")
+    for key in required:
+        if key not in entry:
+            raise TallyError(f"{where}.{key}: missing (a {kind} distribution needs {' and '.join(required)})")
+    out: dict = {"type": kind}
+    if kind == "categorical":
+        out["choices"] = _check_choices(where, entry["choices"])
+    elif kind == "int":
+        out["low"] = _int(f"{where}.low", entry["low"], None, f"an integer for an {kind} distribution")
+        out["high"] = _int(f"{where}.high", entry["high"], None, f"an integer for an {kind} distribution")
+        out["step"] = _int(f"{where}.step", entry.get("step", 1), 1)
+        if out["low"] >= out["high"]:
+            raise TallyError(f"{where}.high: expected > low ({out['low']}), got {out['high']}")
+        if (out["high"] - out["low"]) % out["step"]:
+            raise TallyError(f"{where}.high: expected low + a multiple of step ({out['step']}), got {out['high']}")
+    else:
+        out["low"] = _number(f"{where}.low", entry["low"], "a number")
+        out["high"] = _number(f"{where}.high", entry["high"], "a number")
+        if kind == "loguniform" and out["low"] <= 0:
+            raise TallyError(f"{where}.low: expected a number > 0 for a loguniform, got {entry['low']!r}")
+        if out["low"] >= out["high"]:
+            raise TallyError(f"{where}.high: expected > low ({out['low']}), got {entry['high']!r}")
+        out["low"], out["high"] = float(out["low"]), float(out["high"])
+    if entry.get("when") is not None:
+        out["when"] = _check_when(where, entry["when"], earlier)
+    return out
+
+
+def _check_choices(where: str, choices) -> list:
+    if not isinstance(choices, list) or not choices:
+        raise TallyError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+    seen = set()
+    for i, c in enumerate(choices):
+        if c is not None and not isinstance(c, bool | int | float | str):
+            raise TallyError(f"{where}.choices[{i}]: expected null, true/false, a number or a string, got {c!r}")
+        if isinstance(c, float) and not math.isfinite(c):
+            raise TallyError(f"{where}.choices[{i}]: expected a finite number, got {c!r}")
+        key = (type(c).__name__, c)
+        if key in seen:
+            raise TallyError(f"{where}.choices[{i}]: {c!r} is listed twice")
+        seen.add(key)
+    return list(choices)
+
+
+def _check_when(where: str, when, earlier: dict) -> dict:
+    if not isinstance(when, dict) or not when:
+        raise TallyError(f"{where}.when: expected a mapping {{earlier categorical param: value}}, got {when!r}")
+    for ref, value in when.items():
+        parent = earlier.get(ref)
+        if parent is None:
+            raise TallyError(f"{where}.when: {ref!r} is not an earlier parameter of the space "
+                             "(a condition refers to a categorical listed above it)")
+        if parent["type"] != "categorical":
+            raise TallyError(f"{where}.when: {ref!r} is a {parent['type']} parameter; conditions need a categorical")
+        if not any(type(value) is type(c) and value == c for c in parent["choices"]):
+            raise TallyError(f"{where}.when.{ref}: expected one of {ref}'s choices {parent['choices']!r}, "
+                             f"got {value!r}")
+    return dict(when)
+
+
+def _bounds(param: dict):
+    """(key, value) pairs to try in base: both ends of a range, or each choice."""
+    if param["type"] == "categorical":
+        return [(f"choices[{i}]", c) for i, c in enumerate(param["choices"])]
+    return [("low", param["low"]), ("high", param["high"])]
+
+
+def _check_substituted(path: str, key: str, value, raw_base: dict) -> None:
+    """A bound or choice must make a valid run config on its own (e.g. warmup_epochs <= epochs)."""
+    where = f"space.{path}.{key}"
+    trial = copy.deepcopy(raw_base)
+    _set(trial, path, value)
+    try:
+        config_mod.validate(trial, source="base")
+    except TallyError as e:
+        raise TallyError(f"{where}: {value!r} gives an invalid run config ({e})") from None
+
+
+# --- small checks --------------------------------------------------------------------------------------
+
+def _section(path: str, raw, defaults: dict) -> dict:
+    if raw is None:
+        return copy.deepcopy(defaults)
+    if not isinstance(raw, dict):
+        raise TallyError(f"{path}: expected a mapping with keys {', '.join(defaults)}, got {raw!r}")
+    for key in raw:
+        if key not in defaults:
+            raise TallyError(f"{path}.{key}: unknown key (expected one of {', '.join(defaults)})")
+    return {**copy.deepcopy(defaults), **raw}
+
+
+def _set(config: dict, dotted: str, value) -> None:
+    section, _, field = dotted.partition(".")
+    if config.get(section) is None:  # `method:` left empty in YAML
+        config[section] = {}
+    config_mod.set_path(config, dotted, value)
+
+
+def _int(path: str, value, low: int | None, expected: str | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        text = expected or (f"an integer >= {low}" if low is not None else "an integer")
+        raise TallyError(f"{path}: expected {text}, got {value!r}")
+    return value
+
+
+def _number(path: str, value, expected: str) -> float | int:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # a 1e-5 that reached us as a string
+            value = float(value)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise TallyError(f"{path}: expected {expected}, got {value!r}")
+    return value
+
+
+def _upper(spec: dict, path: str):
+    """The largest value a run-config field can take in this search (the base value if not searched)."""
+    param = spec["space"].get(path)
+    section, field = path.split(".")
+    if param is None:
+        return spec["base"][section][field]
+    if param["type"] == "categorical":
+        return max(c for c in param["choices"] if c is not None)
+    return param["high"]
+
+
+# --- derived runs and text -----------------------------------------------------------------------------
+
+def robustness_configs(spec: Spec, params: dict, domain_names: list[str]) -> list[tuple[str, dict]]:
+    """The re-scoring runs of the chosen trial (its params): (label, complete config) per setting and seed.
+
+    "sub" trains on all domains; "each_domain" holds out each domain in turn (domain_names come from the
+    data, which the spec never loads). Seeds are the trial's train.seed + 0 .. seeds-1.
+    """
+    rob = spec.resolved["robustness"]
+    seed0 = spec.trial_config(params)["train"]["seed"]
+    runs = []
+    for setting in rob["settings"]:
+        variants = [("sub", "sub", [])] if setting == "sub" else [
+            (f"domain:{d}", "domain", [d]) for d in domain_names]
+        for label, data_setting, held in variants:
+            for k in range(rob["seeds"]):
+                extra = {"data.setting": data_setting, "data.held_out": held, "train.seed": seed0 + k}
+                runs.append((f"{label}/seed{seed0 + k}", spec.trial_config({**params, **extra})))
+    return runs
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def space_table(space: dict) -> str:
+    rows = [("parameter", "distribution", "range / choices", "when")]
+    for path, p in space.items():
+        if p["type"] == "categorical":
+            rng = ", ".join(_fmt(c) for c in p["choices"])
+        else:
+            rng = f"[{_fmt(p['low'])}, {_fmt(p['high'])}]"
+            if p.get("step", 1) != 1:
+                rng += f" step {p['step']}"
+        when = ", ".join(f"{k} = {_fmt(v)}" for k, v in p.get("when", {}).items())
+        rows.append((path, p["type"], rng, when))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def budget_text(spec: Spec) -> str:
+    """What --dry-run prints about cost: trials, epochs, resources, early stopping, the space."""
+    r = spec.resolved
+    budget, res, es, train = r["budget"], r["resources"], r["budget"]["early_stopping"], r["base"]["train"]
+    epochs, steps = _upper(r, "train.epochs"), _upper(r, "train.steps_per_epoch")
+    up_to = "up to " if "train.epochs" in r["space"] else ""
+    at_once = min(budget["concurrency"], budget["trials"])
+    if es["enabled"]:
+        rungs, t = [], es["grace_epochs"]
+        while t < epochs:
+            rungs.append(str(t))
+            t *= es["reduction_factor"]
+        stopping = (f"ASHA on {spec.metric}: trials compared after epoch(s) {', '.join(rungs)}; "
+                    f"the best 1/{es['reduction_factor']} continue")
+    else:
+        stopping = "off (every trial runs all its epochs)"
+    rob = r["robustness"]
+    robust = "none" if not rob["settings"] else (
+        ", ".join(rob["settings"]) + f" x {rob['seeds']} seed(s) after the search"
+        + (" (each_domain: one run per domain)" if "each_domain" in rob["settings"] else ""))
+    worker = f"{_fmt(res['cpus_per_worker'])} CPU, {_fmt(res['gpus_per_worker'])} GPU"
+    lines = [
+        f"experiment      {spec.name}",
+        f"selection       {spec.metric} ({spec.mode}) on validation; best epoch by {train['selection_metric']}",
+        f"trials          {budget['trials']}, at most {budget['concurrency']} at once",
+        f"per trial       {up_to}{epochs} epochs x {steps} steps (warm-up {train['warmup_epochs']}"
+        f"{', searched' if 'train.warmup_epochs' in r['space'] else ''}), batch {train['batch_size']}",
+        f"total           at most {budget['trials'] * epochs} epochs = {budget['trials'] * epochs * steps} steps",
+        f"resources       {res['workers']} worker(s) x ({worker}) per trial + 1 TRAIN_DRIVER slot; "
+        f"{at_once} at once: {_fmt(at_once * res['workers'] * res['cpus_per_worker'])} CPU, "
+        f"{_fmt(at_once * res['workers'] * res['gpus_per_worker'])} GPU",
+        f"early stopping  {stopping}",
+        f"robustness      {robust}",
+        f"sampler         Optuna TPE, seed {_fmt(r['seed'])}",
+        f"space           {len(r['space'])} parameter(s)",
+        space_table(r["space"]),
+    ]
+    return "\n".join(lines)
+
+
+def dry_run_text(spec: Spec) -> str:
+    """`tally search SPEC --dry-run`: the resolved spec, then the budget."""
+    return f"# resolved spec ({spec.source})\n{spec.to_yaml()}\n# budget\n{budget_text(spec)}\n"
