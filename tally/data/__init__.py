@@ -1,0 +1,129 @@
+"""Multi-domain datasets: readers, the seeded split generator, the embedded default, image banks.
+
+``load_splits(data_cfg)`` is the one entry point a training run calls; it returns
+{"train", "val", "test_sub", "test_domain:<name>"...} -> MultiDomainDataset.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tally.data.dataset import MultiDomainDataset
+from tally.errors import TallyError
+
+__all__ = ["MultiDomainDataset", "load_splits", "describe", "resolve_data_cfg", "DATA_KEYS"]
+
+SOURCES = ("embedded", "folder", "reference", "wilds")
+GENERATOR_KEYS = ("imbalance", "imbalance_factor", "max_per_class", "n_val", "n_test")
+# generator defaults for real folder data (the embedded data use tally.data.embedded.SPLIT_DEFAULTS)
+FOLDER_DEFAULTS = {"imbalance": "exp", "imbalance_factor": 20.0, "max_per_class": None, "n_val": 10,
+                   "n_test": 20}
+# keys read here, and keys of the run config's data section that belong to the training run
+DATA_KEYS = ("source", "root", "dataset", "setting", "held_out", "split_seed", *GENERATOR_KEYS)
+RUN_KEYS = ("image_size", "flip", "crop_padding", "decode_workers", "oracle_selection")
+
+
+def resolve_data_cfg(data_cfg: dict) -> dict:
+    """Check the data fields and fill source-specific defaults; errors name the field (data.<key>)."""
+    if not isinstance(data_cfg, dict):
+        raise TallyError(f"data: expected a mapping, got {data_cfg!r}")
+    unknown = sorted(set(data_cfg) - set(DATA_KEYS) - set(RUN_KEYS))
+    if unknown:
+        raise TallyError(f"data.{unknown[0]}: unknown field (expected one of {', '.join(DATA_KEYS + RUN_KEYS)})")
+    cfg = {k: data_cfg.get(k) for k in DATA_KEYS}
+    cfg["source"] = cfg["source"] or "embedded"
+    if cfg["source"] not in SOURCES:
+        raise TallyError(f"data.source: expected one of {', '.join(SOURCES)}, got {cfg['source']!r}")
+    cfg["setting"] = cfg["setting"] or "sub"
+    if cfg["setting"] not in ("sub", "domain"):
+        raise TallyError(f"data.setting: expected 'sub' or 'domain', got {cfg['setting']!r}")
+    held = cfg["held_out"] or []
+    if isinstance(held, str):
+        held = [held]
+    if not isinstance(held, list | tuple) or not all(isinstance(h, str) and h for h in held):
+        raise TallyError(f"data.held_out: expected a list of domain names, got {cfg['held_out']!r}")
+    cfg["held_out"] = list(held)
+    if cfg["setting"] == "domain" and not held and cfg["source"] != "wilds":
+        raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
+    if cfg["setting"] == "sub" and held:
+        raise TallyError("data.held_out: only used with data.setting 'domain'")
+    seed = cfg["split_seed"] if cfg["split_seed"] is not None else 0
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise TallyError(f"data.split_seed: expected an integer >= 0, got {cfg['split_seed']!r}")
+    cfg["split_seed"] = int(seed)
+    for key in ("root", "dataset"):
+        if cfg[key] is not None and not isinstance(cfg[key], str | Path):
+            raise TallyError(f"data.{key}: expected a string, got {cfg[key]!r}")
+    if cfg["source"] != "embedded" and not cfg["root"]:
+        raise TallyError(f"data.root: expected a path for data.source {cfg['source']!r}")
+    if cfg["source"] == "wilds" and held:
+        raise TallyError("data.held_out: iWildCam uses the WILDS split (its test locations are held out); "
+                         "leave it empty")
+    if cfg["source"] == "embedded":
+        from tally.data.embedded import SPLIT_DEFAULTS as defaults
+    else:
+        defaults = FOLDER_DEFAULTS
+    for key in GENERATOR_KEYS:
+        if cfg[key] is None:
+            cfg[key] = defaults[key]
+    from tally.data.splits import check_params
+
+    check_params(*(cfg[k] for k in GENERATOR_KEYS))
+    return cfg
+
+
+def load_splits(data_cfg: dict) -> dict[str, MultiDomainDataset]:
+    """The splits a training run uses, from any source; deterministic given data_cfg."""
+    cfg = resolve_data_cfg(data_cfg)
+    gen = {k: cfg[k] for k in GENERATOR_KEYS}
+    source = cfg["source"]
+    if source == "wilds":
+        from tally.data.iwildcam import read_iwildcam
+
+        return read_iwildcam(cfg["root"])
+    if source == "reference":
+        from tally.data.reference import read_reference
+
+        return read_reference(cfg["root"], cfg["dataset"], cfg["setting"], cfg["held_out"],
+                              seed=cfg["split_seed"], n_val=cfg["n_val"])
+    from tally.data.splits import make_splits
+
+    if source == "embedded":
+        from tally.data.embedded import load_embedded
+
+        ds = load_embedded(cfg["root"])
+    else:
+        from tally.data.folder import read_folder
+
+        ds = read_folder(cfg["root"])
+    return make_splits(ds, setting=cfg["setting"], held_out=cfg["held_out"], seed=cfg["split_seed"], **gen)
+
+
+def describe(splits: dict[str, MultiDomainDataset], max_classes: int = 20) -> str:
+    """Readable per-(domain, class) count tables, one per split (a per-domain summary when C is large)."""
+    blocks = []
+    for name, ds in splits.items():
+        counts = ds.counts()
+        present = counts.sum(1) > 0
+        head = (f"{name}: {len(ds)} images, {int(present.sum())} of {len(ds.domain_names)} domains, "
+                f"{int((counts.sum(0) > 0).sum())} of {len(ds.class_names)} classes")
+        lines = [head, *(f"  note: {n}" for n in ds.notes)]
+        if len(ds.class_names) <= max_classes:
+            table = pd.DataFrame(counts, index=ds.domain_names, columns=ds.class_names)
+            table["total"] = table.sum(axis=1)
+            table = table[present]
+        else:
+            nonzero = np.where(counts > 0, counts, np.iinfo(np.int64).max)
+            table = pd.DataFrame({
+                "images": counts.sum(1), "classes": (counts > 0).sum(1), "max": counts.max(1),
+                "min>0": np.where(present, nonzero.min(1), 0),
+                "head class": [ds.class_names[i] for i in counts.argmax(1)],
+            }, index=ds.domain_names)[present]
+        if len(table):
+            lines.extend("  " + row for row in table.to_string().splitlines())
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"

@@ -1,0 +1,168 @@
+"""Decode a dataset once into a uint8 (N, 3, S, S) tensor: training then only indexes tensors.
+
+Decoding and resizing are the usual bottleneck; doing them once (optionally in DataLoader worker
+processes) and keeping the result, in memory or in an on-disk cache, takes them off the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tally.data.atomic import make_readable
+from tally.data.dataset import MultiDomainDataset, read_image
+from tally.errors import TallyError
+
+BANK_FORMAT = "tally-bank-v1"
+
+
+@dataclass
+class ImageBank:
+    """Images uint8 (N, 3, S, S), labels int64 (N,), domains int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    domains: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+class _Resized(Dataset):
+    """Decode + resize one image: what each DataLoader worker does."""
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return resize_square(read_image(self.paths[i]), self.size)
+
+
+def resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    if img.shape[-2:] == (size, size):
+        return img
+    return TF.resize(img, [size, size], antialias=True)
+
+
+def _decode_into(images: torch.Tensor, ds: MultiDomainDataset, size: int, workers: int,
+                 batch_size: int) -> None:
+    if not len(ds):
+        return
+    loader = DataLoader(_Resized(ds.paths, size), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, persistent_workers=False)
+    pos = 0
+    for batch in loader:
+        images[pos: pos + len(batch)] = batch
+        pos += len(batch)
+
+
+def build_bank(ds: MultiDomainDataset, size: int, workers: int = 0, batch_size: int = 64) -> ImageBank:
+    """Decode every image of ds once, resized to size x size; workers > 0 decodes in parallel."""
+    images = torch.empty((len(ds), 3, size, size), dtype=torch.uint8)
+    _decode_into(images, ds, size, workers, batch_size)
+    return ImageBank(images, torch.from_numpy(ds.labels.copy()), torch.from_numpy(ds.domains.copy()))
+
+
+def bank_key(ds: MultiDomainDataset, size: int) -> str:
+    """What a cached bank must match: the sample list (paths, labels, domains, names) and the size."""
+    return f"{ds.fingerprint()}-{int(size)}"
+
+
+# On disk a bank is a folder of .npy files (images.npy memory-maps: banks larger than RAM work) plus
+# key.txt; it is written to a temporary sibling and renamed in, so a reader never sees half a bank.
+def _write_bank_folder(path: Path, key: str, fill) -> Path:
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        fill(tmp)
+        (tmp / "key.txt").write_text(f"{BANK_FORMAT}\n{key}\n", encoding="utf-8")
+        make_readable(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except OSError:
+        if (path / "key.txt").is_file():  # a concurrent writer got there first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+            return path
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_bank(bank: ImageBank, path: str | Path, key: str = "") -> Path:
+    """Write bank as a folder of .npy arrays (loaded safely: no pickle) with its key."""
+    def fill(tmp: Path) -> None:
+        np.save(tmp / "images.npy", bank.images.contiguous().numpy(), allow_pickle=False)
+        np.save(tmp / "labels.npy", bank.labels.numpy().astype(np.int64), allow_pickle=False)
+        np.save(tmp / "domains.npy", bank.domains.numpy().astype(np.int64), allow_pickle=False)
+
+    return _write_bank_folder(Path(path), key, fill)
+
+
+def load_bank(path: str | Path, mmap: bool = True, key: str | None = None) -> ImageBank:
+    """Load a saved bank (images memory-mapped copy-on-write by default); with ``key``, refuse a stale one."""
+    path = Path(path).expanduser()
+    try:
+        lines = (path / "key.txt").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        raise TallyError(f"image bank not found or incomplete: {path}") from None
+    if not lines or lines[0] != BANK_FORMAT:
+        raise TallyError(f"{path}: not a tally image bank")
+    if key is not None and (lines[1:2] or [""])[0] != key:
+        raise TallyError(f"{path}: image bank is stale (built for other images or another size)")
+    try:
+        images = np.load(path / "images.npy", mmap_mode="c" if mmap else None, allow_pickle=False)
+        labels = np.load(path / "labels.npy", allow_pickle=False)
+        domains = np.load(path / "domains.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise TallyError(f"cannot read image bank {path}: {e}") from None
+    if images.ndim != 4 or images.dtype != np.uint8 or not len(images) == len(labels) == len(domains):
+        raise TallyError(f"{path}: image bank arrays do not fit together")
+    return ImageBank(torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(domains))
+
+
+def cached_bank(ds: MultiDomainDataset, size: int, cache_dir: str | Path, workers: int = 0,
+                mmap: bool = True, batch_size: int = 64) -> ImageBank:
+    """build_bank through an on-disk cache keyed by the sample list and size (stale caches never match).
+
+    A missing entry is decoded straight into a memory-mapped file, so the bank never has to fit in RAM.
+    """
+    key = bank_key(ds, size)
+    path = Path(cache_dir).expanduser() / f"bank-{key[:24]}-{int(size)}"
+    if (path / "key.txt").is_file():
+        try:
+            return load_bank(path, mmap=mmap, key=key)
+        except TallyError:
+            pass  # unreadable, or stale under a colliding name: rebuild below
+
+    def fill(tmp: Path) -> None:
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(ds), 3, size, size))
+        _decode_into(torch.from_numpy(images), ds, size, workers, batch_size)
+        images.flush()
+        del images
+        np.save(tmp / "labels.npy", ds.labels, allow_pickle=False)
+        np.save(tmp / "domains.npy", ds.domains, allow_pickle=False)
+
+    _write_bank_folder(path, key, fill)
+    return load_bank(path, mmap=mmap, key=key)

@@ -1,0 +1,98 @@
+"""`tally splits make` and `tally data show`: registered on the main parser by tally/cli.py.
+
+Handlers return an exit code and raise TallyError for user mistakes (the main CLI prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """Repeatable, comma-separable name flags (--held-out, --domains)."""
+    return [v for item in values or [] for v in item.split(",") if v]
+
+
+def _generator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--setting", choices=("sub", "domain"), default=None,
+                   help="sub: subpopulation shift; domain: hold out --held-out domains")
+    p.add_argument("--held-out", action="append", metavar="DOMAIN", help="held-out domain (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="split seed (default 0)")
+    p.add_argument("--imbalance", choices=("exp", "step"), default=None)
+    p.add_argument("--imbalance-factor", type=float, default=None, help="head/tail count ratio (>= 1)")
+    p.add_argument("--max-per-class", type=int, default=None, help="train images of a head class")
+    p.add_argument("--n-val", type=int, default=None, help="validation images per (domain, class) pair")
+    p.add_argument("--n-test", type=int, default=None, help="test images per (domain, class) pair")
+
+
+def add_commands(subparsers) -> None:
+    """Register `splits make` and `data show` on the main CLI's subparsers."""
+    splits = subparsers.add_parser("splits", help="generate seeded multi-domain long-tailed splits")
+    splits_sub = splits.add_subparsers(dest="splits_command", required=True)
+    make = splits_sub.add_parser(
+        "make", help="write reference-format split lists + manifest.json for a folder-layout dataset",
+        description="Reads ROOT/<domain>/<class>/<image>, draws seeded splits and writes "
+                    "<domain>_<train|val|test>_<suffix>.txt (paths relative to ROOT) and manifest.json "
+                    "into OUT (atomically). Read them back with data source 'reference', root OUT.")
+    make.add_argument("root", help="folder-layout dataset ROOT/<domain>/<class>/<image>")
+    make.add_argument("--out", required=True, help="folder to write the lists into (replaced if it holds lists)")
+    make.add_argument("--domains", action="append", metavar="DOMAIN", help="use only these domains")
+    _generator_args(make)
+    make.set_defaults(func=_splits_make)
+
+    data = subparsers.add_parser("data", help="inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    show = data_sub.add_parser("show", help="print per-(domain, class) counts of each split")
+    show.add_argument("--config", help="a run config YAML: its data section is used (flags override)")
+    show.add_argument("--source", choices=("embedded", "folder", "reference", "wilds"), default=None)
+    show.add_argument("--root", default=None)
+    show.add_argument("--dataset", default=None, help="subfolder of ROOT holding reference lists")
+    _generator_args(show)
+    show.set_defaults(func=_data_show)
+
+
+def _gen_values(args) -> dict:
+    values = {"imbalance": args.imbalance, "imbalance_factor": args.imbalance_factor,
+              "max_per_class": args.max_per_class, "n_val": args.n_val, "n_test": args.n_test}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _splits_make(args) -> int:
+    from tally.data import FOLDER_DEFAULTS, describe
+    from tally.data.splits import generate
+
+    params = {**FOLDER_DEFAULTS, **_gen_values(args)}
+    setting = args.setting or ("domain" if args.held_out else "sub")
+    out, splits = generate(args.root, args.out, setting=setting, held_out=_names(args.held_out),
+                           seed=args.seed or 0, domains=_names(args.domains) or None, **params)
+    print(describe(splits), end="")
+    print(f"wrote {out} (manifest.json records the seed, parameters, counts and sha256 of every list)")
+    return 0
+
+
+def _data_show(args) -> int:
+    from tally.data import describe, load_splits
+    from tally.errors import TallyError
+
+    cfg: dict = {}
+    if args.config:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise TallyError(f"cannot read {args.config}: {e}") from None
+        cfg = dict(raw.get("data") or {}) if isinstance(raw, dict) else {}
+    flags = {"source": args.source, "root": args.root, "dataset": args.dataset,
+             "split_seed": args.seed, **_gen_values(args)}
+    cfg.update({k: v for k, v in flags.items() if v is not None})
+    if args.held_out:
+        cfg["held_out"] = _names(args.held_out)
+        cfg["setting"] = args.setting or "domain"
+    elif args.setting:
+        cfg["setting"] = args.setting
+        if args.setting == "sub":
+            cfg["held_out"] = []
+    print(describe(load_splits(cfg)), end="")
+    return 0

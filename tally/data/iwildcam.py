@@ -1,0 +1,41 @@
+"""WILDS iWildCam through the optional ``wilds`` package (pip install 'tally-platform[wilds]').
+
+Camera locations are the domains. Splits follow WILDS: train; val = its in-distribution validation
+(the training locations, so selection never sees test locations); test_sub = in-distribution test;
+test_domain:ood = the held-out test locations together (one key: they are many).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tally.data.dataset import MultiDomainDataset, make_samples
+from tally.errors import TallyError
+
+SPLITS = {"train": "train", "val": "id_val", "test_sub": "id_test", "test_domain:ood": "test"}
+
+
+def read_iwildcam(root: str | Path) -> dict[str, MultiDomainDataset]:
+    root = Path(root).expanduser()
+    hint = f"install tally-platform[wilds] and put the data under {root / 'iwildcam_v2.0'}"
+    try:
+        from wilds import get_dataset
+    except ImportError:
+        raise TallyError(f"the wilds package is not installed: {hint}") from None
+    try:
+        data = get_dataset(dataset="iwildcam", root_dir=str(root), download=False)
+    except Exception as e:  # wilds raises several types for missing or partial data
+        raise TallyError(f"cannot open iWildCam under {root} ({type(e).__name__}: {e}): {hint}") from None
+    files = np.asarray(data._input_array)  # file names under <data_dir>/train
+    labels = np.asarray(data.y_array, dtype=np.int64)
+    location = np.asarray(data.metadata_array[:, 0], dtype=np.int64)
+    locations, domains = np.unique(location, return_inverse=True)
+    image_dir = Path(data.data_dir) / "train"
+    paths = [str(image_dir / f) for f in files.tolist()]
+    full = MultiDomainDataset(make_samples(paths, labels, domains),
+                              [str(c) for c in range(int(data.n_classes))],
+                              [f"location_{int(x)}" for x in locations])
+    split_array = np.asarray(data.split_array)
+    return {key: full.subset(split_array == data.split_dict[name]) for key, name in SPLITS.items()}

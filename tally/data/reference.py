@@ -1,0 +1,185 @@
+"""Reader for the reference code's split lists: LIST_DIR/<domain>_<train|val|test>_<suffix>.txt.
+
+Each line is "<relative/path.jpg> <label>", relative to the image root (in the reference layout
+ROOT/<DATASET> holds both the lists and the domain folders). The suffix is "sub" for subpopulation
+shift or the held-out domain's name for domain shift. Empty files are normal (the reference writes
+them for unused (domain, split) combinations); missing files count as empty.
+
+Reference defect 4: in its domain-shift lists validation is the held-out domain's data (oracle
+selection). We take validation from the training domains' val lists when they are non-empty and
+otherwise carve a seeded, per-pair balanced validation set out of the training domains' train lists.
+Test-domain (oracle) selection stays available through the ``test_domain:<name>`` split only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tally.data.dataset import MultiDomainDataset, make_samples
+from tally.errors import TallyError
+
+SPLIT_NAMES = ("train", "val", "test")
+MANIFEST = "manifest.json"
+
+
+def parse_list(path: str | Path) -> tuple[list[str], list[int]]:
+    """(relative paths, labels) of one list file; blank lines are skipped, anything else malformed fails."""
+    rel, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            parts = text.rsplit(None, 1)
+            label = parts[1] if len(parts) == 2 else ""
+            if not label.isdigit():
+                raise TallyError(f"{path}:{lineno}: malformed line {text!r} "
+                                 "(expected '<relative/path> <non-negative integer label>')")
+            rel.append(parts[0])
+            labels.append(int(label))
+    return rel, labels
+
+
+def find_domains(list_dir: Path, suffix: str) -> list[str]:
+    """Domains that have any <domain>_<split>_<suffix>.txt in list_dir, sorted."""
+    found = set()
+    with os.scandir(list_dir) as it:
+        for e in it:
+            for split in SPLIT_NAMES:
+                tail = f"_{split}_{suffix}.txt"
+                if e.is_file() and e.name.endswith(tail) and len(e.name) > len(tail):
+                    found.add(e.name[: -len(tail)])
+    return sorted(found)
+
+
+def _class_names(rel_by_label: dict[int, set[str]], n_classes: int) -> list[str]:
+    """Names from the class folder in the paths (<domain>/<class>/<file>) when unambiguous."""
+    names = []
+    for c in range(n_classes):
+        folders = rel_by_label.get(c, set())
+        names.append(next(iter(folders)) if len(folders) == 1 else f"class_{c}")
+    return names if len(set(names)) == len(names) else [f"class_{c}" for c in range(n_classes)]
+
+
+def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
+                   held_out: list[str] | None = None, seed: int = 0, n_val: int = 5,
+                   image_root: str | Path | None = None) -> dict[str, MultiDomainDataset]:
+    """Splits from reference-format lists in ROOT/<DATASET> (or ROOT itself when dataset is None).
+
+    The image root defaults to the list folder (reference layout) or to ``image_root`` recorded in a
+    manifest.json that ``tally splits make`` wrote next to its lists.
+    """
+    list_dir = Path(root).expanduser().resolve()
+    if dataset:
+        list_dir = list_dir / dataset
+    if not list_dir.is_dir():
+        raise TallyError(f"split list folder not found: {list_dir}")
+    manifest = _read_manifest(list_dir)
+    held_out = list(held_out or [])
+    if setting == "sub":
+        suffix = "sub"
+    elif setting == "domain":
+        if not held_out:
+            raise TallyError("data.held_out: expected at least one held-out domain for setting 'domain'")
+        suffix = "+".join(held_out)
+    else:
+        raise TallyError(f"data.setting: expected 'sub' or 'domain', got {setting!r}")
+
+    domains = list(manifest.get("domain_names") or find_domains(list_dir, suffix))
+    for d in held_out:
+        if d not in domains:
+            domains.append(d)
+    if not find_domains(list_dir, suffix):
+        hint = ""
+        if manifest:
+            hint = (f" (its {MANIFEST} is for setting {manifest.get('setting')!r}, "
+                    f"held_out {manifest.get('held_out')})")
+        raise TallyError(f"no split lists *_<train|val|test>_{suffix}.txt in {list_dir}{hint}")
+    if image_root is None:
+        image_root = manifest.get("image_root") or list_dir
+    image_root = Path(image_root)
+
+    tables = {}  # (domain, split) -> (rel paths, labels)
+    for d in domains:
+        for split in SPLIT_NAMES:
+            f = list_dir / f"{d}_{split}_{suffix}.txt"
+            tables[d, split] = parse_list(f) if f.is_file() else ([], [])
+
+    all_labels = [lab for rel, labs in tables.values() for lab in labs]
+    n_classes = max(all_labels) + 1 if all_labels else 0
+    if manifest.get("class_names"):
+        class_names = list(manifest["class_names"])
+        if n_classes > len(class_names):
+            raise TallyError(f"{list_dir}: label {n_classes - 1} exceeds the {len(class_names)} classes "
+                             f"named in {MANIFEST}")
+    else:
+        folders: dict[int, set[str]] = {}
+        for rel, labs in tables.values():
+            for r, lab in zip(rel, labs, strict=True):
+                parts = r.replace("\\", "/").split("/")
+                folders.setdefault(lab, set()).add(parts[-2] if len(parts) >= 2 else "")
+        class_names = _class_names(folders, n_classes)
+    d_index = {d: i for i, d in enumerate(domains)}
+
+    def gather(pairs) -> MultiDomainDataset:
+        paths, labels, doms = [], [], []
+        for d, split in pairs:
+            rel, labs = tables[d, split]
+            paths.extend(str(image_root / r) for r in rel)
+            labels.extend(labs)
+            doms.extend([d_index[d]] * len(labs))
+        return MultiDomainDataset(make_samples(paths, labels, doms), class_names, domains)
+
+    if setting == "sub":
+        return {"train": gather((d, "train") for d in domains),
+                "val": gather((d, "val") for d in domains),
+                "test_sub": gather((d, "test") for d in domains)}
+
+    train_domains = [d for d in domains if d not in held_out]
+    train = gather((d, "train") for d in train_domains)
+    val = gather((d, "val") for d in train_domains)
+    if len(val):
+        val.notes.append("validation: the training domains' val lists (not the held-out domain)")
+    else:
+        train, val = carve_validation(train, n_val, seed)
+        val.notes.append(f"validation: carved from the training domains' train lists, up to {n_val} per "
+                         f"(domain, class) pair, seed {seed} (the reference would validate on the "
+                         "held-out domain)")
+    out = {"train": train, "val": val}
+    test_sub = gather((d, "test") for d in train_domains)
+    if len(test_sub):
+        out["test_sub"] = test_sub
+    for d in held_out:
+        test = gather([(d, "test")])
+        if not len(test):  # the reference generator puts the held-out domain's images in its val list
+            test = gather([(d, "val")])
+        if not len(test):
+            raise TallyError(f"no test images for held-out domain {d!r}: {d}_test_{suffix}.txt and "
+                             f"{d}_val_{suffix}.txt in {list_dir} are empty or missing")
+        out[f"test_domain:{d}"] = test
+    return out
+
+
+def carve_validation(train: MultiDomainDataset, n_val: int, seed: int):
+    """Move up to n_val images of each (domain, class) pair to validation, keeping >= half in train."""
+    from tally.data.splits import rank_within_pairs
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    rank, count = rank_within_pairs(train, rng)
+    take = np.minimum(n_val, count // 2)
+    is_val = rank < take
+    return train.subset(~is_val), train.subset(is_val)
+
+
+def _read_manifest(list_dir: Path) -> dict:
+    path = list_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TallyError(f"cannot read {path}: {e}") from None

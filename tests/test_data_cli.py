@@ -1,0 +1,55 @@
+"""`splits make` and `data show` as registered by tally.data.cli.add_commands."""
+
+import argparse
+import json
+
+import pytest
+
+from tally.data.cli import add_commands
+from tally.data.synthetic import make_folder_dataset
+from tally.errors import TallyError
+
+
+def run(argv):
+    parser = argparse.ArgumentParser(prog="tally")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_folder_dataset(tmp_path_factory.mktemp("cli") / "data", ("p", "q", "r"), ("u", "v"),
+                               per_pair=12)
+
+
+def test_splits_make_then_show(root, tmp_path, capsys):
+    out = tmp_path / "lists"
+    assert run(["splits", "make", str(root), "--out", str(out), "--held-out", "q", "--seed", "3",
+                "--n-val", "2", "--n-test", "3", "--max-per-class", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "test_domain:q" in text and str(out) in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["setting"] == "domain" and manifest["held_out"] == ["q"] and manifest["seed"] == 3
+    assert (out / "p_train_q.txt").is_file() and (out / "q_test_q.txt").is_file()
+
+    assert run(["data", "show", "--source", "reference", "--root", str(out), "--held-out", "q"]) == 0
+    shown = capsys.readouterr().out
+    assert "test_domain:q: 6 images" in shown and "val lists" in shown
+
+
+def test_data_show_folder_and_config(root, tmp_path, capsys):
+    assert run(["data", "show", "--source", "folder", "--root", str(root), "--n-val", "1", "--n-test", "1"]) == 0
+    assert "train:" in capsys.readouterr().out
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data:\n  source: folder\n  root: {root}\n  setting: domain\n  held_out: [r]\n"
+                   "  n_val: 1\n  n_test: 1\n")
+    assert run(["data", "show", "--config", str(cfg)]) == 0
+    assert "test_domain:r" in capsys.readouterr().out
+
+
+def test_errors_are_tally_errors(root, tmp_path):
+    with pytest.raises(TallyError, match="unknown domain 'zz'"):
+        run(["splits", "make", str(root), "--out", str(tmp_path / "o"), "--held-out", "zz"])
+    with pytest.raises(TallyError, match="not found"):
+        run(["splits", "make", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])

@@ -1,0 +1,177 @@
+"""Split generator invariants: no leakage, held-out domains, imbalance shape, determinism, writing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tally.data.folder import read_folder
+from tally.data.reference import read_reference
+from tally.data.splits import class_orders, generate, imbalance_profile, make_splits, write_splits
+from tally.data.synthetic import make_folder_dataset
+from tally.errors import TallyError
+
+DOMAINS = ("a", "b", "c")
+CLASSES = ("k0", "k1", "k2", "k3", "k4")
+GEN = {"imbalance": "exp", "imbalance_factor": 8.0, "max_per_class": 16, "n_val": 2, "n_test": 2}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_folder_dataset(tmp_path_factory.mktemp("folder") / "data", DOMAINS, CLASSES, per_pair=24)
+
+
+@pytest.fixture(scope="module")
+def ds(root):
+    return read_folder(root)
+
+
+def paths(split):
+    return set(split.paths)
+
+
+def assert_disjoint(splits):
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not paths(splits[a]) & paths(splits[b]), f"{a} and {b} share images"
+
+
+def test_sub_setting_is_disjoint_and_balanced(ds):
+    splits = make_splits(ds, "sub", seed=3, **GEN)
+    assert list(splits) == ["train", "val", "test_sub"]
+    assert_disjoint(splits)
+    assert (splits["val"].counts() == 2).all()
+    assert (splits["test_sub"].counts() == 2).all()
+    for split in splits.values():
+        assert split.class_names == list(CLASSES) and split.domain_names == list(DOMAINS)
+
+
+def test_domain_setting_holds_out_domain(ds):
+    splits = make_splits(ds, "domain", held_out=["b"], seed=3, **GEN)
+    assert set(splits) == {"train", "val", "test_sub", "test_domain:b"}
+    assert_disjoint(splits)
+    b = DOMAINS.index("b")
+    for name in ("train", "val", "test_sub"):
+        counts = splits[name].counts()
+        assert counts[b].sum() == 0, f"held-out domain leaked into {name}"
+        assert (np.delete(counts, b, axis=0) > 0).any()
+    held = splits["test_domain:b"].counts()
+    assert (held[b] == 2).all() and held.sum() == 2 * len(CLASSES)
+    assert (np.delete(splits["val"].counts(), b, axis=0) == 2).all()  # training-domain validation
+
+
+def test_training_domains_identical_across_settings(ds):
+    sub = make_splits(ds, "sub", seed=5, **GEN)
+    dom = make_splits(ds, "domain", held_out=["c"], seed=5, **GEN)
+    keep = [d != DOMAINS.index("c") for d in sub["train"].domains]
+    assert sorted(np.array(sub["train"].paths)[keep]) == sorted(dom["train"].paths)
+
+
+@pytest.mark.parametrize("kind,expected", [("exp", [16, 9, 5, 3, 2]), ("step", [16, 16, 2, 2, 2])])
+def test_train_follows_imbalance_profile_in_each_domains_order(ds, kind, expected):
+    assert imbalance_profile(5, 16, kind, 8.0).tolist() == expected
+    seed = 11
+    train = make_splits(ds, "sub", seed=seed, **{**GEN, "imbalance": kind})["train"].counts()
+    orders = class_orders(seed, len(DOMAINS), len(CLASSES))
+    for d in range(len(DOMAINS)):
+        assert train[d, orders[d]].tolist() == expected
+    heads = orders[:, 0]
+    assert len(set(heads.tolist())) == len(DOMAINS), "head classes must differ per domain"
+    assert len({tuple(o) for o in orders.tolist()}) == len(DOMAINS)
+
+
+def test_evaluation_sets_are_capped_by_availability(tmp_path):
+    per_pair = {(d, c): 20 for d in ("a", "b") for c in ("x", "y")}
+    per_pair["a", "y"] = 3
+    ds = read_folder(make_folder_dataset(tmp_path / "d", ("a", "b"), ("x", "y"), per_pair=per_pair))
+    splits = make_splits(ds, "sub", seed=0, n_val=2, n_test=2, max_per_class=10)
+    assert splits["test_sub"].counts()[0, 1] == 2
+    assert splits["val"].counts()[0, 1] == 1
+    assert splits["train"].counts()[0, 1] == 0  # nothing left after the evaluation sets
+    assert_disjoint(splits)
+
+
+def test_result_does_not_depend_on_row_order(ds):
+    shuffled = ds.subset(np.random.default_rng(0).permutation(len(ds)))
+    a, b = make_splits(ds, seed=2, **GEN), make_splits(shuffled, seed=2, **GEN)
+    for name in a:
+        assert a[name].paths == b[name].paths
+
+
+def test_same_seed_byte_identical_lists_and_manifest(root, tmp_path):
+    def files(folder):
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+    one, _ = generate(root, tmp_path / "one", "domain", ["a"], seed=4, **GEN)
+    two, _ = generate(root, tmp_path / "two", "domain", ["a"], seed=4, **GEN)
+    other, _ = generate(root, tmp_path / "other", "domain", ["a"], seed=5, **GEN)
+    assert files(one) == files(two)
+    assert files(one)["manifest.json"] != files(other)["manifest.json"]
+    assert files(one)["b_train_a.txt"] != files(other)["b_train_a.txt"]
+    names = set(files(one))
+    assert {f"{d}_{s}_a.txt" for d in DOMAINS for s in ("train", "val", "test")} | {"manifest.json"} == names
+    assert files(one)["a_train_a.txt"] == b"" and files(one)["a_val_a.txt"] == b""
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_manifest_records_counts_and_hashes(root, tmp_path):
+    import hashlib
+
+    out, splits = generate(root, tmp_path / "s", "sub", seed=1, **GEN)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 1 and manifest["params"]["imbalance_factor"] == 8.0
+    assert manifest["counts"]["train"] == splits["train"].counts().tolist()
+    for name, sha in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha
+    assert set(manifest["params"]["class_order"]) == set(DOMAINS)
+    line = (out / "a_train_sub.txt").read_text().splitlines()[0]
+    rel, label = line.rsplit(" ", 1)
+    assert rel.startswith("a/") and (root / rel).is_file() and CLASSES[int(label)] in rel
+
+
+def test_written_lists_read_back_identically(root, tmp_path):
+    out, splits = generate(root, tmp_path / "lists", "domain", ["c"], seed=9, **GEN)
+    back = read_reference(out, None, "domain", ["c"])
+    assert set(back) == set(splits)
+    for name, ds in splits.items():
+        assert back[name].paths == ds.paths
+        assert back[name].labels.tolist() == ds.labels.tolist()
+        assert back[name].domains.tolist() == ds.domains.tolist()
+        assert back[name].class_names == ds.class_names and back[name].domain_names == ds.domain_names
+    assert any("val lists" in n for n in back["val"].notes)
+
+
+def test_rewrite_replaces_lists_but_not_foreign_folders(root, tmp_path):
+    out, _ = generate(root, tmp_path / "s", seed=1, **GEN)
+    generate(root, out, seed=2, **GEN)
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 2
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(TallyError, match="refusing"):
+        generate(root, foreign, seed=1, **GEN)
+    assert (foreign / "keep.txt").read_text() == "mine"
+
+
+def test_write_refuses_images_outside_root(ds, tmp_path):
+    splits = make_splits(ds, seed=0, **GEN)
+    with pytest.raises(TallyError, match="not under the image root"):
+        write_splits(splits, tmp_path / "out", tmp_path / "elsewhere", {"setting": "sub"})
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"setting": "domain", "held_out": ["zz"]}, "unknown domain 'zz'"),
+    ({"setting": "domain", "held_out": list(DOMAINS)}, "every domain"),
+    ({"setting": "domain"}, "data.held_out"),
+    ({"setting": "sub", "held_out": ["a"]}, "data.held_out"),
+    ({"imbalance": "linear"}, "data.imbalance"),
+    ({"imbalance_factor": 0.5}, "data.imbalance_factor"),
+    ({"n_val": 0}, "data.n_val"),
+    ({"max_per_class": 0}, "data.max_per_class"),
+    ({"n_val": 12, "n_test": 12}, "training split would be empty"),
+])
+def test_generator_errors_name_the_field(ds, kwargs, match):
+    with pytest.raises(TallyError, match=match):
+        make_splits(ds, **kwargs)
