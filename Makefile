@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test browser lint bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -15,12 +15,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tally demo
 
-test: $(STAMP)
+# The dashboard's real-browser test drives Debian's chromium (never a browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the real-browser test will be skipped"; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check tally tests bench dashboard
 	$(BIN)/python -m pytest -q tests
 
+lint: $(STAMP)
+	$(BIN)/ruff check tally tests bench dashboard
+
 bench: $(STAMP)
 	$(BIN)/python bench/evaluator.py
+	$(BIN)/python bench/train_step.py --quick
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -8,7 +8,6 @@ its own checkpoints, so a restarted trial resumes from there (shared storage on 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import ray.train
@@ -40,7 +39,8 @@ def train_worker(loop_config: dict) -> None:
 
     ctx = RunContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
                      device=ray.train.torch.get_device(), report=report, progress=False,
-                     extra_status={"params": loop_config.get("params", {})})
+                     extra_status={"params": loop_config.get("params", {})},
+                     memory_dump_dir=Path(loop_config["memory_dump_dir"]) if loop_config.get("memory_dump_dir") else None)
     metrics = train_run(loop_config["config"], Path(loop_config["run_dir"]), resume=True, ctx=ctx)
     final = {OBJECTIVE: best["value"], FINAL: 1}
     if metrics:
@@ -50,7 +50,7 @@ def train_worker(loop_config: dict) -> None:
 
 
 def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, name: str,
-                   storage_path: Path) -> None:
+                   storage_path: Path, memory_dump_dir: Path | None = None) -> None:
     """Fit one TorchTrainer for one trial (N workers; NCCL on GPUs, gloo on CPUs)."""
     gpus = resources.get("gpus_per_worker", 0)
     per_worker = {"CPU": resources.get("cpus_per_worker", 1)}
@@ -58,7 +58,8 @@ def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, n
         per_worker["GPU"] = gpus
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config, "run_dir": str(run_dir), "params": params},
+        train_loop_config={"config": config, "run_dir": str(run_dir), "params": params,
+                           "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.get("workers", 1), use_gpu=bool(gpus),
                                      resources_per_worker=per_worker),
@@ -85,21 +86,9 @@ def trial_function(params: dict, *, plan: dict) -> None:
         shown_params = params
     run_dir = exp_dir / plan["group"] / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     if (results.read_json(run_dir / "status.json") or {}).get("status") is None:
         results.write_status(run_dir, "pending", params=shown_params)
-    try:
-        launch_trainer(config, run_dir, shown_params, plan["resources"], name=f"train-{run_id}",
-                       storage_path=exp_dir / "ray" / "train")
-    except Exception as e:
-        status = results.read_json(run_dir / "status.json") or {}
-        if status.get("status") != "failed":  # the worker did not get to say why
-            results.write_status(run_dir, "failed", error=_root_error(e), started=status.get("started", started),
-                                 ended=time.time())
-        raise
-
-
-def _root_error(e: BaseException) -> str:
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    # Final states the worker cannot write (stopped early, killed) are written by the driver's
+    # StoreCallback: only it knows whether an ending was the scheduler's decision or an error.
+    launch_trainer(config, run_dir, shown_params, plan["resources"], name=f"train-{run_id}",
+                   storage_path=exp_dir / "ray" / "train")

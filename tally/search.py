@@ -38,7 +38,7 @@ def connect(address: str | None, concurrency: int, quiet: bool = True) -> None:
         return
     # The dashboard process serves the State API that Train's PlacementGroupCleaner needs to free
     # the workers of a trial stopped early; without it the next trial waits forever on 2 CPUs.
-    ray.init(include_dashboard=True, resources={TRAIN_DRIVER: concurrency}, log_to_driver=not quiet,
+    ray.init(address="local", include_dashboard=True, resources={TRAIN_DRIVER: concurrency}, log_to_driver=not quiet,
              object_store_memory=256 * 2**20, configure_logging=True, logging_level="ERROR")
 
 
@@ -62,11 +62,13 @@ class StoreCallback(Callback):
         return Path(self.exp_dir) / self.group / run_id
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        # Tune calls this for trials that ended without error: finished, or stopped by the scheduler
+        # (whose workers may have raised while being torn down: that is not a failure).
         run_dir = self._run_dir(trial)
         status = results.read_json(run_dir / "status.json") or {}
-        if status.get("status") in ("running", "pending"):
-            results.write_status(run_dir, "stopped", ended=time.time(),
-                                 error=None, reason="stopped early by the scheduler")
+        if status.get("status") != "done":
+            results.write_status(run_dir, "stopped", ended=time.time(), error=None,
+                                 reason="stopped early by the scheduler")
         self._refresh()
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -182,7 +184,9 @@ def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Seri
     done = summary[(summary["status"] == "done") & summary[column].notna()]
     if done.empty:
         return None
-    ordered = done.sort_values([column, "trial_id"], ascending=[mode == "min", True])
+    # ties go to the better mean pair accuracy (also validation), then the trial id
+    keys = [column] + (["val/pair_acc_mean"] if "val/pair_acc_mean" in done and column != "val/pair_acc_mean" else [])
+    ordered = done.sort_values([*keys, "trial_id"], ascending=[mode == "min"] + [False] * (len(keys) - 1) + [True])
     return ordered.iloc[0]
 
 

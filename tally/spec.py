@@ -135,6 +135,12 @@ def validate_spec(raw, source: str = "spec", *, name: str | None = None) -> dict
         out["base"]["method"]["seed"] = None  # follows train.seed; filled in each trial config
     out["space"] = _check_space(raw.get("space"), raw_base, out["base"])
     out["selection"] = _check_selection(raw.get("selection"))
+    # a trial's best epoch and the search's best trial are picked by the same validation metric
+    given = (raw_base.get("train") or {}).get("selection_metric")
+    if given is not None and given != out["selection"]["metric"]:
+        raise TallyError(f"base.train.selection_metric: expected the search's selection.metric "
+                         f"{out['selection']['metric']!r} (or leave it out), got {given!r}")
+    out["base"]["train"]["selection_metric"] = out["selection"]["metric"]
     out["budget"] = _check_budget(raw.get("budget"), out)
     out["resources"] = _check_resources(raw.get("resources"))
     seed = raw.get("seed", 0)
@@ -180,8 +186,8 @@ def _check_selection(raw) -> dict:
     if sel["metric"] not in config_mod.METRICS:
         raise TallyError(f"selection.metric: expected one of {', '.join(config_mod.METRICS)}, "
                          f"got {sel['metric']!r}")
-    if sel["mode"] not in ("max", "min"):
-        raise TallyError(f"selection.mode: expected 'max' or 'min', got {sel['mode']!r}")
+    if sel["mode"] != "max":  # every metric is an accuracy, F1 or recall; epochs are kept by max too
+        raise TallyError(f"selection.mode: expected 'max' (every metric is higher-is-better), got {sel['mode']!r}")
     return sel
 
 

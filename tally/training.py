@@ -49,6 +49,8 @@ class RunContext:
     resume_from: Path | None = None
     progress: bool = True
     extra_status: dict = field(default_factory=dict)
+    # every rank writes its memories here at the end (to check data-parallel runs keep them identical)
+    memory_dump_dir: Path | None = None
 
     @property
     def is_main(self) -> bool:
@@ -211,12 +213,16 @@ def train_run(config: dict, run_dir: str | Path, resume: bool = False, ctx: RunC
     ctx = ctx or RunContext()
     run_dir = Path(run_dir)
     device = ctx.device or resolve_device(cfg["train"]["device"])
+    splits = load_splits(cfg["data"])  # bad data fail here, before anything is written
+    if len(splits["train"]) == 0:
+        raise TallyError("data: the training split is empty")
     if ctx.is_main:
         _prepare_run_dir(run_dir, cfg, resume)
     try:
-        return _train(cfg, run_dir, resume, ctx, device, stop_after_epoch)
+        return _train(cfg, splits, run_dir, resume, ctx, device, stop_after_epoch)
     except BaseException as e:
-        if ctx.is_main:
+        current = (results.read_json(run_dir / "status.json") or {}).get("status")
+        if ctx.is_main and current != "stopped":  # a scheduler's stop is not this run's failure
             status = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
             results.write_status(run_dir, status, error=f"{type(e).__name__}: {e}", ended=time.time())
         raise
@@ -233,13 +239,10 @@ def _prepare_run_dir(run_dir: Path, cfg: dict, resume: bool) -> None:
                          node=socket.gethostname())
 
 
-def _train(cfg, run_dir: Path, resume: bool, ctx: RunContext, device, stop_after_epoch) -> dict:
+def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, stop_after_epoch) -> dict:
     tcfg, dcfg = cfg["train"], cfg["data"]
     seed_everything(tcfg["seed"])
-    splits = load_splits(dcfg)
     train_ds = splits["train"]
-    if len(train_ds) == 0:
-        raise TallyError("data: the training split is empty")
     train_counts = train_ds.counts()
     banks = {name: build_bank(ds, dcfg["image_size"], workers=dcfg["decode_workers"])
              for name, ds in splits.items()}
@@ -303,9 +306,10 @@ def _train(cfg, run_dir: Path, resume: bool, ctx: RunContext, device, stop_after
                 sel_table = evaluate_split(method.net, selection, banks[selection], splits[selection],
                                            train_counts, cfg, device)
                 value = record[f"oracle:{selection}/{metric}"] = evaluation.split_metrics(sel_table)[metric]
-            improved = not math.isnan(value) and value > best["value"]
-            if improved:
-                best = {"value": value, "epoch": epoch}
+            # ties (frequent for worst-pair metrics on small validation sets) go to the better mean
+            key = (_finite(value), _finite(val["pair_acc_mean"]))
+            if key > (best["value"], best.get("tiebreak", -math.inf)):
+                best = {"value": key[0], "tiebreak": key[1], "epoch": epoch}
                 save_checkpoint(run_dir / "checkpoints" / "best.pt",
                                 {"model": method.state_dict(), "epoch": epoch})
         best = _broadcast_object(best, distributed)
@@ -331,6 +335,9 @@ def _train(cfg, run_dir: Path, resume: bool, ctx: RunContext, device, stop_after
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             return {}
 
+    memory = getattr(method, "memory", None)
+    if ctx.memory_dump_dir is not None and memory is not None:
+        save_checkpoint(Path(ctx.memory_dump_dir) / f"rank{ctx.rank}.pt", memory.state_dict())
     if not ctx.is_main:
         return {}
     return finalize(cfg, run_dir, method, banks, splits, train_counts, device)
@@ -364,6 +371,10 @@ def _train_epoch(loss_module, optimizer, source: BatchSource, kinds, phase, step
     if not math.isfinite(mean):
         raise TallyError(f"training diverged: mean loss is {mean} in epoch {epoch + 1}")
     return mean
+
+
+def _finite(x: float) -> float:
+    return -math.inf if x is None or math.isnan(x) else x
 
 
 def _broadcast_object(obj, distributed: bool):

@@ -1,0 +1,10 @@
+"""The Streamlit dashboard, shipped inside the package so ``tally dashboard`` finds it when installed.
+
+``app.py`` is the Streamlit script (``streamlit run``); ``views`` lays out each section, ``charts``
+builds the plotly figures and ``cache`` memoises store reads keyed on file mtimes. The data they show
+comes from ``tally.dashboard_data``.
+"""
+
+from pathlib import Path
+
+APP_PATH = Path(__file__).with_name("app.py")

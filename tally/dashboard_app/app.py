@@ -1,0 +1,96 @@
+"""The TALLY dashboard, a Streamlit script: ``streamlit run app.py -- --root RESULTS``.
+
+Reads only the results store (never a live Ray cluster), so it works on a laptop with a copied store
+as well as next to a running search; while trials run it re-reads the store every few seconds.
+The root comes from ``--root``, else the TALLY_RESULTS_ROOT environment variable, else ./results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+from tally import dashboard_data as dd
+from tally.dashboard_app import cache, views
+
+ROOT_ENV = "TALLY_RESULTS_ROOT"
+TABS = ("Trials", "Accuracy grid", "Compare", "Curves", "Search", "Export")
+
+
+def results_root(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--root", default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return Path(args.root or os.environ.get(ROOT_ENV) or "results").expanduser().resolve()
+
+
+def _experiment_label(root: Path, exp: Path) -> str:
+    return exp.name if exp != root else f"{exp.name} (the root)"
+
+
+def body(exp_dir: Path) -> None:
+    """Everything about one experiment."""
+    trials = cache.trials(exp_dir)
+    st.subheader(f"Experiment {trials.name}")
+    views.header(trials)
+    if trials.frame.empty:
+        st.info(f"{trials.name} has no trials yet (no folders under {exp_dir / 'trials'}).")
+        return
+    best = dd.best_trial(trials)
+    best_id = None if best is None else str(best["trial_id"])
+    trial_id = views.trial_picker(trials, "Trial", f"trial:{trials.name}", best_id)
+    tabs = st.tabs(list(TABS), key="view", on_change="rerun")
+    sections = {
+        "Trials": lambda: views.trials_view(trials),
+        "Accuracy grid": lambda: views.grid_view(trials, trial_id),
+        "Compare": lambda: views.compare_view(trials, best_id or trial_id),
+        "Curves": lambda: views.curves_view(trials, trial_id),
+        "Search": lambda: views.search_view(trials),
+        "Export": lambda: views.export_view(trials, best_id or trial_id),
+    }
+    for name, tab in zip(TABS, tabs, strict=True):
+        if tab.open is False:
+            continue  # lazy tabs: only the open one computes
+        with tab:
+            sections[name]()
+
+
+def main() -> None:
+    st.set_page_config(page_title="TALLY dashboard", layout="wide")
+    root = results_root()
+    st.title("TALLY results")
+    st.caption(f"Results store: `{root}`")
+    if not root.is_dir():
+        st.warning(f"The results root {root} does not exist yet. Run a search (`tally search SPEC`) or "
+                   f"point the dashboard at a store with `--root`.")
+        return
+    experiments = dd.experiments_under(root)
+    if not experiments:
+        st.info(f"No experiments under {root} yet. Start one with `tally search searches/quickstart.yaml`; "
+                "it appears here as soon as its first trial starts.")
+        return
+    labels = {_experiment_label(root, e): e for e in experiments}
+    with st.sidebar:
+        choice = st.selectbox("Experiment", list(labels), key="experiment")
+        exp_dir = labels[choice]
+        running = bool((cache.trials(exp_dir).frame["status"] == "running").any())
+        auto = st.toggle("Auto-refresh", value=running, key=f"auto:{choice}",
+                         help="Re-read the store every few seconds (on by default while trials run).")
+        every = st.number_input("Refresh every (s)", min_value=2, max_value=600, value=10, key="every")
+    st.fragment(page, run_every=every if auto else None)(root, exp_dir)
+
+
+def page(root: Path, exp_dir: Path) -> None:
+    """The main area, rerun alone by the auto-refresh: the experiment list, then the chosen one."""
+    experiments = dd.experiments_under(root)
+    with st.expander(f"All experiments under the root ({len(experiments)})", expanded=len(experiments) > 1):
+        views.experiment_list([dd.experiment_overview(cache.trials(e)) for e in experiments])
+    body(exp_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,600 @@
+"""Data layer of the dashboard: what the views show, computed from the results store.
+
+Why a module apart from the Streamlit app: everything here is plain pandas on top of ``tally.results``
+(file reading) and ``tally.evaluation`` (every metric and grid comes from the long table through it),
+so it is unit-testable and benchmarkable without a browser; the app only lays it out and caches it.
+Nothing here imports streamlit. Every reader tolerates partial stores: a running trial without
+results, a failed trial, a store from an older version; what is missing is reported, not raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tally import evaluation as ev
+from tally import results
+
+SHOWN_STATUSES = ("running", "done", "failed", "stopped")
+FINISHED = ("done", "stopped")  # trials with final metrics (ASHA-stopped ones have early metrics)
+BEST_FROM = ("done",)  # as tally.search.best_trial: a truncated (stopped) trial is never "the best"
+DEFAULT_METRIC = "val/pair_acc_worst"  # spec.yaml without a selection section
+NO_SPEC_METRIC = "val/pair_acc_mean"  # no spec.yaml at all (e.g. a folder of `tally train` runs)
+DEFAULT_TABLE_METRICS = ("acc", "pair_acc_mean", "pair_acc_worst", "macro_f1")
+SHOT_METRICS = ("shot_many", "shot_medium", "shot_few", "shot_zero")
+CURVE_BASE_COLUMNS = ("epoch", "phase", "train_loss", "seconds")
+RUN_FILES = ("config.yaml", "status.json", "epochs.jsonl", "eval.parquet", "metrics.json")
+SIGNATURE_FILES = ("status.json", "metrics.json", "config.yaml", "eval.parquet")
+
+
+# ---------------------------------------------------------------- cache keys
+def file_stamp(path: Path | str) -> tuple[int, int] | None:
+    """(mtime_ns, size) of a file, None when absent: the unit of every cache key."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def experiment_signature(exp_dir: Path) -> str:
+    """Fingerprint (a digest of mtimes and sizes) of the files the experiment views read: a cache key.
+
+    Stats only (4 per trial), so it can run on every rerun while a search writes the store; a short
+    digest rather than the tuple itself because Streamlit hashes cache arguments slowly (0.25 s for
+    the tuple of a 500-trial experiment, 20 ms for the stats).
+    """
+    exp_dir = Path(exp_dir)
+    digest = hashlib.blake2b(digest_size=16)
+    for name in ("spec.yaml", "summary.parquet"):
+        digest.update(repr(file_stamp(exp_dir / name)).encode())
+    trials_dir = exp_dir / results.TRIALS_DIR
+    try:  # scandir: the listing without a stat per folder (iter_trial_dirs costs 4x more here)
+        with os.scandir(trials_dir) as entries:
+            names = sorted(e.name for e in entries if e.is_dir())
+    except OSError:
+        names = []
+    for name in names:
+        base = f"{trials_dir}{os.sep}{name}{os.sep}"
+        digest.update(repr((name, *(file_stamp(base + f) for f in SIGNATURE_FILES))).encode())
+    return digest.hexdigest()
+
+
+def run_signature(run_dir: Path) -> tuple:
+    """Fingerprint of one trial folder's files (epochs.jsonl included: it grows while training)."""
+    return tuple(file_stamp(Path(run_dir) / name) for name in RUN_FILES)
+
+
+# ---------------------------------------------------------------- experiments
+def experiments_under(root: Path) -> list[Path]:
+    """Experiment folders under ``root``; ``root`` itself when it is one (``--root results/exp``)."""
+    root = Path(root)
+    own = (root / results.TRIALS_DIR).is_dir() or (root / "spec.yaml").is_file()
+    return [root, *results.list_experiments(root)] if own else results.list_experiments(root)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How the best trial is chosen: a validation metric column and a direction."""
+
+    metric: str
+    mode: str
+    source: str
+
+
+def selection_of(spec: dict | None) -> Selection:
+    """The spec's ``selection: {metric, mode}``; defaults documented in the module constants."""
+    if not isinstance(spec, dict):
+        return Selection(NO_SPEC_METRIC, "max", f"no spec.yaml: default {NO_SPEC_METRIC}")
+    sel = spec.get("selection")
+    sel = sel if isinstance(sel, dict) else {}
+    metric = str(sel.get("metric") or DEFAULT_METRIC)
+    if "/" not in metric:
+        metric = f"val/{metric}"
+    mode = str(sel.get("mode") or "max").lower()
+    if mode not in ("max", "min"):
+        mode = "max"
+    source = "spec.yaml selection" if sel.get("metric") else f"spec.yaml without selection: default {metric}"
+    return Selection(metric, mode, source)
+
+
+@dataclass
+class TrialSet:
+    """An experiment's trials as one table plus notes on what the store lacked."""
+
+    exp_dir: Path
+    frame: pd.DataFrame
+    spec: dict | None
+    selection: Selection
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.exp_dir.name
+
+
+def load_trials(exp_dir: Path) -> TrialSet:
+    """The trials table of an experiment, fresh even while a search is writing it.
+
+    The stored summary.parquet is used for speed, but rows of trials whose files are newer than it
+    (or absent from it) are rebuilt with ``results.trial_row``; without a summary every row is built
+    from the trial folders. Trials without metrics.json but with eval.parquet (older stores) get their
+    metrics recomputed from the long table.
+    """
+    exp_dir = Path(exp_dir)
+    notes: list[str] = []
+    spec = results.read_yaml(exp_dir / "spec.yaml")
+    if spec is None:
+        notes.append("no spec.yaml: the spec is not shown and the best trial uses the default metric")
+    frame = _fresh_summary(exp_dir, notes)
+    frame = _backfill_metrics(exp_dir, frame, notes)
+    frame = _normalise(frame)
+    return TrialSet(exp_dir, frame, spec if isinstance(spec, dict) else None, selection_of(spec), notes)
+
+
+def _fresh_summary(exp_dir: Path, notes: list[str]) -> pd.DataFrame:
+    stored_path = exp_dir / "summary.parquet"
+    stored = results.read_parquet(stored_path)
+    dirs = list(results.iter_trial_dirs(exp_dir))
+    if stored is None or "trial_id" not in stored.columns:
+        if dirs:
+            notes.append("no summary.parquet: the trials table was built from the trial folders")
+        return results.summarise(exp_dir)
+    stamp = stored_path.stat().st_mtime_ns
+    known = set(stored["trial_id"].astype(str))
+    stale = [p for p in dirs if p.name not in known or any(
+        (s := file_stamp(p / f)) is not None and s[0] > stamp for f in SIGNATURE_FILES)]
+    if not stale:
+        return stored
+    fresh = pd.DataFrame([results.trial_row(p) for p in stale])
+    kept = stored[~stored["trial_id"].astype(str).isin(set(fresh["trial_id"]))]
+    parts = [df for df in (kept, fresh) if not df.empty]
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+
+
+def _metric_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if "/" in c and not c.startswith(("param.", "config."))]
+
+
+def _backfill_metrics(exp_dir: Path, frame: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    if frame.empty or "trial_id" not in frame.columns:
+        return frame
+    cols = _metric_columns(frame)
+    lacking = frame[cols].isna().all(axis=1) if cols else pd.Series(True, index=frame.index)
+    filled = 0
+    rows = {}
+    for idx in frame.index[lacking]:
+        run_dir = exp_dir / results.TRIALS_DIR / str(frame.at[idx, "trial_id"])
+        table = results.read_parquet(run_dir / "eval.parquet")
+        if table is None or table.empty:
+            continue
+        table, _ = compat_table(table)
+        rows[idx] = {f"{split}/{name}": value for split, values in run_metrics(table).items()
+                     for name, value in values.items()}
+        filled += 1
+    if not rows:
+        return frame
+    frame = frame.copy()
+    extra = pd.DataFrame.from_dict(rows, orient="index")
+    for col in extra.columns:
+        if col not in frame.columns:
+            frame[col] = np.nan
+        frame.loc[extra.index, col] = extra[col]
+    notes.append(f"metrics.json missing for {filled} trial(s): metrics recomputed from eval.parquet")
+    return frame
+
+
+def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns every view relies on exist (older stores lack some); a stable trial order."""
+    frame = frame.copy()
+    for col, default in (("trial_id", ""), ("status", "pending"), ("error", None), ("started", np.nan),
+                         ("ended", np.nan), ("duration_s", np.nan), ("epoch", np.nan)):
+        if col not in frame.columns:
+            frame[col] = default
+    frame["trial_id"] = frame["trial_id"].astype(str)
+    frame["status"] = frame["status"].fillna("pending").astype(str)
+    for col in ("started", "ended", "duration_s", "epoch"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    frame = frame.sort_values(["started", "trial_id"], na_position="last", kind="stable")
+    frame.insert(0, "order", np.arange(1, len(frame) + 1))
+    return frame.reset_index(drop=True)
+
+
+def status_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """Counts for running/done/failed/stopped (always present) and any other status seen."""
+    counts = dict.fromkeys(SHOWN_STATUSES, 0)
+    if "status" in frame.columns:
+        for status, n in frame["status"].value_counts().items():
+            counts[str(status)] = int(n)
+    return counts
+
+
+def best_trial(trials: TrialSet) -> pd.Series | None:
+    """The done trial with the best selection metric, ties to the first trial id (None if none).
+
+    The same rule as ``tally.search.best_trial``, so the dashboard's best trial is the one
+    ``tally export`` picks by default.
+    """
+    frame, sel = trials.frame, trials.selection
+    if sel.metric not in frame.columns:
+        return None
+    values = pd.to_numeric(frame[sel.metric], errors="coerce")
+    ok = frame["status"].isin(BEST_FROM) & values.notna()
+    if not ok.any():
+        return None
+    ranked = pd.DataFrame({"v": values[ok], "id": frame.loc[ok, "trial_id"]})
+    ranked = ranked.sort_values(["v", "id"], ascending=[sel.mode == "min", True])
+    return frame.loc[ranked.index[0]]
+
+
+def experiment_overview(trials: TrialSet) -> dict:
+    """One row of the experiment list: name, counts, best trial and its value."""
+    best = best_trial(trials)
+    row = {"experiment": trials.name, "trials": len(trials.frame), **status_counts(trials.frame),
+           "selection": f"{trials.selection.metric} ({trials.selection.mode})",
+           "best_trial": None if best is None else best["trial_id"],
+           "best_value": None if best is None else float(best[trials.selection.metric])}
+    return row
+
+
+# ---------------------------------------------------------------- trials table
+def param_columns(frame: pd.DataFrame) -> list[str]:
+    """Searched parameters: ``param.*``; for stores without them, the config values that vary."""
+    params = [c for c in frame.columns if c.startswith("param.")]
+    if params or frame.empty:
+        return params
+    varying = []
+    for c in frame.columns:
+        if c.startswith("config.") and frame[c].astype(str).nunique(dropna=False) > 1:
+            varying.append(c)
+    return varying
+
+
+def metric_names(frame: pd.DataFrame) -> list[str]:
+    """Metric names present in the table (e.g. acc, pair_acc_worst), in the evaluator's order."""
+    present = {c.split("/", 1)[1] for c in _metric_columns(frame)}
+    return [m for m in ev.METRIC_NAMES if m in present] + sorted(present - set(ev.METRIC_NAMES))
+
+
+def split_names(columns) -> list[str]:
+    """Splits in display order: val, test_sub, then held-out domains, then anything else."""
+    splits = {c.split("/", 1)[0] for c in columns if "/" in c and not c.startswith(("param.", "config."))}
+    return sorted(splits, key=split_key)
+
+
+def split_key(split: str) -> tuple:
+    rank = {"train": 0, "val": 1, "test_sub": 2}.get(split, 3 if split.startswith("test_domain:") else 4)
+    return rank, split
+
+
+def table_columns(trials: TrialSet, metrics: list[str] | None = None) -> list[str]:
+    """Columns of the trials table: identity, status, timing, parameters, chosen metrics, error."""
+    frame = trials.frame
+    metrics = list(metrics) if metrics is not None else list(DEFAULT_TABLE_METRICS)
+    cols = ["order", "trial_id", "status", "duration_s", "epoch"]
+    if trials.selection.metric in frame.columns:
+        cols.append(trials.selection.metric)
+    cols += param_columns(frame)
+    for split in split_names(frame.columns):
+        for name in metrics:
+            col = f"{split}/{name}"
+            if col in frame.columns and col not in cols:
+                cols.append(col)
+    cols.append("error")
+    return [c for c in cols if c in frame.columns]
+
+
+def filter_trials(frame: pd.DataFrame, statuses=None, text: str = "", columns=None) -> pd.DataFrame:
+    """Rows whose status is in ``statuses`` (None/empty = all) and whose ``columns`` (default: all)
+    contain ``text`` (case-insensitive)."""
+    out = frame
+    if statuses:
+        out = out[out["status"].isin(list(statuses))]
+    text = (text or "").strip().lower()
+    if text and not out.empty:
+        haystack = pd.Series("", index=out.index, dtype=object)
+        for col in columns if columns is not None else out.columns:  # NaN blanked: pandas 3 keeps it
+            haystack = haystack + " " + out[col].astype(object).where(out[col].notna(), "").astype(str)
+        out = out[haystack.str.lower().str.contains(text, regex=False)]
+    return out
+
+
+def failed_errors(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """(trial_id, error) of failed trials, for the error panel."""
+    rows = frame.loc[frame["status"] == "failed", ["trial_id", "error"]]
+    return [(str(r.trial_id), str(r.error) if isinstance(r.error, str) and r.error else "(no error recorded)")
+            for r in rows.itertuples()]
+
+
+# ---------------------------------------------------------------- one trial
+def trial_dir(trials: TrialSet, trial_id: str) -> Path:
+    return trials.exp_dir / results.TRIALS_DIR / str(trial_id)
+
+
+def load_run(run_dir: Path) -> results.RunRecord:
+    """The trial folder (``results.read_run``) with its eval table made readable by the evaluator."""
+    run = results.read_run(run_dir)
+    if run.eval_table is not None:
+        run.eval_table, notes = compat_table(run.eval_table)
+        run.missing.extend(notes)
+    return run
+
+
+def compat_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """A long table from an older evaluator, completed so ``tally.evaluation`` accepts it.
+
+    Index columns are derived from the names (first-seen order); a missing ``predicted`` column makes
+    macro F1 unknowable and a missing ``n_train`` the shot buckets: they are filled with 0 and the
+    affected metrics are blanked by ``run_metrics``.
+    """
+    notes = []
+    table = table.copy()
+    for idx_col, name_col in (("domain_idx", "domain"), ("class_idx", "class")):
+        if idx_col not in table.columns and name_col in table.columns:
+            codes = {name: i for i, name in enumerate(pd.unique(table[name_col]))}
+            table[idx_col] = table[name_col].map(codes).astype(np.int64)
+            notes.append(f"eval.parquet lacks {idx_col} (derived from names)")
+    for col, meaning in (("predicted", "macro F1"), ("n_train", "shot buckets and training counts")):
+        if col not in table.columns:
+            table[col] = 0
+            notes.append(f"eval.parquet lacks '{col}': {meaning} unavailable")
+    table.attrs["lacks"] = [c for c in ("predicted", "n_train") if any(f"'{c}'" in n for n in notes)]
+    return table, notes
+
+
+def run_metrics(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """``evaluation.all_metrics`` of a long table, blanking metrics its columns cannot support."""
+    out = ev.all_metrics(table)
+    lacks = table.attrs.get("lacks", [])
+    blank = ["macro_f1"] if "predicted" in lacks else []
+    blank += list(SHOT_METRICS) if "n_train" in lacks else []
+    for values in out.values():
+        for name in blank:
+            values[name] = float("nan")
+    return out
+
+
+def table_splits(table: pd.DataFrame | None) -> list[str]:
+    if table is None or table.empty:
+        return []
+    return sorted((str(s) for s in pd.unique(table["split"])), key=split_key)
+
+
+def test_splits(splits: list[str]) -> list[str]:
+    """The splits shown side by side: subpopulation shift (test_sub) and held-out domains."""
+    return [s for s in splits if s.startswith("test")]
+
+
+@dataclass
+class Grid:
+    """One split's grid: accuracy (NaN where n = 0), test counts and training counts."""
+
+    split: str
+    acc: pd.DataFrame
+    n: pd.DataFrame
+    n_train: pd.DataFrame
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.acc.shape
+
+    def without_empty_domains(self) -> tuple[Grid, list[str]]:
+        """The grid minus domains with no test example at all (e.g. training domains in a held-out
+        domain's split): whole blank rows carry no information; blank cells inside a row still do."""
+        keep = self.n.sum(axis=1) > 0
+        dropped = [str(d) for d in self.n.index[~keep]]
+        if not dropped or not keep.any():
+            return self, []
+        return Grid(self.split, self.acc[keep], self.n[keep], self.n_train[keep]), dropped
+
+    def labels(self) -> list[list[str]]:
+        """Cell text: accuracy and training count; empty for pairs without test examples."""
+        acc, nt = self.acc.to_numpy(), self.n_train.to_numpy()
+        return [["" if math.isnan(a) else f"{a:.2f}<br>n_train={int(t)}" for a, t in zip(ra, rt, strict=True)]
+                for ra, rt in zip(acc, nt, strict=True)]
+
+
+def grid(table: pd.DataFrame, split: str) -> Grid:
+    return Grid(split, ev.accuracy_grid(table, split, "acc"), ev.accuracy_grid(table, split, "n"),
+                ev.accuracy_grid(table, split, "n_train"))
+
+
+def worst_pairs(table: pd.DataFrame, split: str, k: int = 10) -> pd.DataFrame:
+    cols = ["domain", "class", "acc", "correct", "n", "n_train"]
+    rows = ev.worst_pairs(table, split, k)
+    return rows[[c for c in cols if c in rows.columns]]
+
+
+def difference(table_a: pd.DataFrame, table_b: pd.DataFrame, split: str) -> pd.DataFrame:
+    return ev.difference_grid(table_a, table_b, split)
+
+
+def shot_frame(tables: dict[str, pd.DataFrame], split: str) -> pd.DataFrame:
+    """Long frame (trial, bucket, accuracy) of the shot-bucket metrics of each table's ``split``."""
+    rows = []
+    for label, table in tables.items():
+        values = run_metrics(table).get(split, {})
+        for name in SHOT_METRICS:
+            rows.append({"trial": label, "bucket": name.removeprefix("shot_"), "accuracy": values.get(name)})
+    return pd.DataFrame(rows, columns=["trial", "bucket", "accuracy"])
+
+
+def default_comparison(trials: TrialSet, first: str | None) -> str | None:
+    """A sensible second trial: an ERM baseline when the search has one, else the runner-up."""
+    frame = trials.frame[trials.frame["trial_id"] != first]
+    finished = frame["status"].isin(FINISHED)
+    frame = frame[finished] if finished.any() else frame
+    for col in ("param.method.name", "config.method.name", "param.method"):
+        if col in frame.columns:
+            erm = frame[frame[col].astype(str).str.lower() == "erm"]
+            if not erm.empty:
+                return str(erm.iloc[0]["trial_id"])
+    sel = trials.selection.metric
+    if sel in frame.columns:
+        ranked = frame.assign(_v=pd.to_numeric(frame[sel], errors="coerce")).dropna(subset=["_v"])
+        if not ranked.empty:
+            ranked = ranked.sort_values("_v", ascending=trials.selection.mode == "min")
+            return str(ranked.iloc[0]["trial_id"])
+    return None if frame.empty else str(frame.iloc[0]["trial_id"])
+
+
+# ---------------------------------------------------------------- curves and search
+def curves(epochs_by_trial: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per-epoch records of several trials in one frame with a ``trial`` column."""
+    parts = [df.assign(trial=label) for label, df in epochs_by_trial.items()
+             if not df.empty and "epoch" in df]
+    if not parts:
+        return pd.DataFrame(columns=["trial", *CURVE_BASE_COLUMNS])
+    return pd.concat(parts, ignore_index=True)
+
+
+def curve_metrics(frame: pd.DataFrame) -> list[str]:
+    """Numeric per-epoch columns worth plotting (train_loss first, then val/*)."""
+    skip = {"epoch", "phase", "trial", "seconds"}
+    cols = [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
+    return sorted(cols, key=lambda c: (c != "train_loss", not c.startswith("val/"), c))
+
+
+def warmup_end(epochs: pd.DataFrame) -> float | None:
+    """Last warm-up epoch (the ERM -> TALLY switch), None when the phase is not recorded."""
+    if epochs.empty or "phase" not in epochs or "epoch" not in epochs:
+        return None
+    warm = epochs[epochs["phase"] == "warmup"]
+    return float(warm["epoch"].max()) if not warm.empty and (epochs["phase"] != "warmup").any() else None
+
+
+def search_progress(trials: TrialSet) -> pd.DataFrame:
+    """Selection metric by trial order with the best value so far (the search's trajectory)."""
+    frame, sel = trials.frame, trials.selection
+    if sel.metric not in frame.columns:
+        return pd.DataFrame(columns=["order", "trial_id", "status", "value", "best_so_far"])
+    values = pd.to_numeric(frame[sel.metric], errors="coerce")
+    out = frame[["order", "trial_id", "status"]].assign(value=values)
+    out = out.dropna(subset=["value"]).sort_values("order")
+    run = out["value"].cummax() if sel.mode == "max" else out["value"].cummin()
+    return out.assign(best_so_far=run).reset_index(drop=True)
+
+
+def finished_with_metric(trials: TrialSet) -> pd.DataFrame:
+    frame, metric = trials.frame, trials.selection.metric
+    if metric not in frame.columns:
+        return frame.iloc[0:0]
+    values = pd.to_numeric(frame[metric], errors="coerce")
+    return frame[frame["status"].isin(FINISHED) & values.notna()]
+
+
+@dataclass
+class Importance:
+    """Parameter importances (sum 1) and how they were obtained, or why they are unavailable."""
+
+    values: pd.Series
+    method: str
+
+
+def param_importance(trials: TrialSet, min_trials: int = 5) -> Importance:
+    """Optuna's importance on ``<exp>/study.db`` when usable, else a rank-correlation fallback."""
+    empty = pd.Series(dtype=float)
+    reason = ""
+    study_path = trials.exp_dir / "study.db"
+    if study_path.is_file():
+        try:
+            return _optuna_importance(study_path, trials.name, min_trials)
+        except Exception as exc:  # noqa: BLE001 - any study problem falls back, with the reason shown
+            reason = f"study.db unusable ({exc}); "
+    else:
+        reason = "no study.db; "
+    done = finished_with_metric(trials)
+    params = param_columns(trials.frame)
+    if len(done) < min_trials or not params:
+        return Importance(empty, f"unavailable: {reason}{len(done)} finished trial(s) with "
+                                 f"{trials.selection.metric} (need {min_trials}) and "
+                                 f"{len(params)} parameter(s)")
+    y = pd.to_numeric(done[trials.selection.metric], errors="coerce")
+    scores = {}
+    for col in params:
+        x = done[col]
+        numeric = pd.to_numeric(x, errors="coerce")
+        if numeric.notna().all() and x.map(lambda v: not isinstance(v, bool)).all():
+            s = abs(numeric.corr(y, method="spearman"))
+        else:
+            s = _correlation_ratio(x.astype(str), y)
+        scores[col.removeprefix("param.")] = 0.0 if s is None or not np.isfinite(s) else float(s)
+    values = pd.Series(scores).sort_values(ascending=False)
+    if values.sum() > 0:
+        values = values / values.sum()
+    return Importance(values, f"fallback ({reason.rstrip('; ')}): |Spearman correlation| (numeric) or "
+                              f"correlation ratio (categorical) with {trials.selection.metric} over "
+                              f"{len(done)} finished trials, normalised to sum 1")
+
+
+def _correlation_ratio(groups: pd.Series, y: pd.Series) -> float:
+    total = ((y - y.mean()) ** 2).sum()
+    if total <= 0:
+        return 0.0
+    means = y.groupby(groups).transform("mean")
+    return float(np.sqrt(((means - y.mean()) ** 2).sum() / total))
+
+
+def _optuna_importance(study_path: Path, name: str, min_trials: int) -> Importance:
+    import optuna  # heavy import, only for this view
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{study_path}"
+    names = optuna.study.get_all_study_names(storage=storage)
+    if not names:
+        raise ValueError("it holds no study")
+    study_name = name if name in names else names[-1]
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < min_trials:
+        raise ValueError(f"{len(complete)} complete trial(s), need {min_trials}")
+    evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=32, seed=0)
+    values = pd.Series(optuna.importance.get_param_importances(study, evaluator=evaluator), dtype=float)
+    return Importance(values.sort_values(ascending=False),
+                      f"Optuna fANOVA on study '{study_name}' ({len(complete)} complete trials)")
+
+
+@dataclass
+class Dimension:
+    """One axis of the parallel-coordinates view (categorical values encoded as codes)."""
+
+    label: str
+    values: list
+    tickvals: list | None = None
+    ticktext: list | None = None
+
+
+def parallel_dimensions(trials: TrialSet) -> tuple[list[Dimension], list[float]]:
+    """Axes over the searched parameters plus the metric, for finished trials; colour = metric.
+
+    A positive numeric parameter spanning more than a decade (learning rates) is shown as log10;
+    parameters that never vary are left out (an axis with one value says nothing).
+    """
+    done = finished_with_metric(trials)
+    dims = []
+    for col in param_columns(trials.frame):
+        x = done[col]
+        if x.astype(str).nunique() < 2:
+            continue
+        label = col.removeprefix("param.").removeprefix("config.")
+        numeric = pd.to_numeric(x, errors="coerce")
+        is_bool = x.map(lambda v: isinstance(v, (bool, np.bool_))).any()
+        if numeric.notna().all() and not is_bool and len(x):
+            if (numeric > 0).all() and numeric.max() / numeric.min() > 10:
+                dims.append(Dimension(f"log10({label})", np.log10(numeric).tolist()))
+            else:
+                dims.append(Dimension(label, numeric.tolist()))
+        else:
+            cats = sorted(pd.unique(x.astype(str)))
+            codes = {c: i for i, c in enumerate(cats)}
+            dims.append(Dimension(label, [codes[v] for v in x.astype(str)], list(range(len(cats))), cats))
+    metric = pd.to_numeric(done[trials.selection.metric], errors="coerce").tolist() if len(done) else []
+    if dims:
+        dims.append(Dimension(trials.selection.metric, metric))
+    return dims, metric

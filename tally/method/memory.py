@@ -1,0 +1,142 @@
+"""Running class prototypes and domain statistics (METHOD.md, "Memories").
+
+They are buffers of one nn.Module, so they live on the training device, move with `.to()`, are saved in
+the method's state_dict and never receive gradients (the reference kept them in the dataset: defects 5, 7).
+Updates are scatter ops (index_add_), with no per-class Python loop and no host round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+ReduceFn = Callable[[list[torch.Tensor]], object]
+
+
+class FeatureMemory(nn.Module):
+    """prototypes (K, C, H, W): running mean of zhat per class; domain_mean / domain_std (D, C): running
+    means of mu and sigma per domain. *_seen flags mark entries that hold an observation: the first
+    observation of an entry replaces it (no noise init, the reference's defect 2); later ones blend in
+    with momentum m: P <- m * P + (1 - m) * batch_mean.
+    """
+
+    def __init__(self, num_classes: int, num_domains: int, stem_shape: Sequence[int], momentum: float = 0.8):
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        c, h, w = (int(s) for s in stem_shape)
+        self.momentum = float(momentum)
+        self.register_buffer("prototypes", torch.zeros(num_classes, c, h, w))
+        self.register_buffer("domain_mean", torch.zeros(num_domains, c))
+        self.register_buffer("domain_std", torch.ones(num_domains, c))
+        self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("domain_seen", torch.zeros(num_domains, dtype=torch.bool))
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def num_domains(self) -> int:
+        return self.domain_mean.shape[0]
+
+    def _class_sums(self, zhat: torch.Tensor | None, y: torch.Tensor | None) -> list[torch.Tensor]:
+        p = self.prototypes
+        class_sum, class_count = torch.zeros_like(p), p.new_zeros(self.num_classes)
+        if zhat is not None:
+            class_sum.index_add_(0, y, zhat.detach().to(p.dtype))
+            class_count.index_add_(0, y, p.new_ones(y.shape[0]))
+        return [class_sum, class_count]
+
+    def _domain_sums(self, mu: torch.Tensor | None, sigma: torch.Tensor | None, d: torch.Tensor | None):
+        m = self.domain_mean
+        mean_sum, std_sum, domain_count = (
+            torch.zeros_like(m),
+            torch.zeros_like(m),
+            m.new_zeros(self.num_domains),
+        )
+        if mu is not None:
+            mean_sum.index_add_(0, d, mu.detach().reshape(d.shape[0], -1).to(m.dtype))
+            std_sum.index_add_(0, d, sigma.detach().reshape(d.shape[0], -1).to(m.dtype))
+            domain_count.index_add_(0, d, m.new_ones(d.shape[0]))
+        return [mean_sum, std_sum, domain_count]
+
+    @torch.no_grad()
+    def batch_sums(
+        self,
+        zhat: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        mu: torch.Tensor | None = None,
+        sigma: torch.Tensor | None = None,
+        d: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """[class_sum (K,C,H,W), class_count (K,), mean_sum (D,C), std_sum (D,C), domain_count (D,)].
+
+        Dense float32 sums, so that an all-reduce SUM over workers gives the sums of the global batch.
+        A part left as None contributes zeros (every worker still returns the same shapes).
+        """
+        return self._class_sums(zhat, y) + self._domain_sums(mu, sigma, d)
+
+    @staticmethod
+    def _blend(mem: torch.Tensor, seen: torch.Tensor, total: torch.Tensor, count: torch.Tensor, m: float):
+        """In place: entries with count > 0 become total/count if unseen, else m*mem + (1-m)*total/count."""
+        shape = (-1,) + (1,) * (mem.dim() - 1)
+        mean = total / count.clamp_min(1).reshape(shape)
+        new = torch.where(seen.reshape(shape), torch.lerp(mean, mem, m), mean)
+        mem.copy_(torch.where((count > 0).reshape(shape), new, mem))
+
+    def _apply_domains(self, mean_sum: torch.Tensor, std_sum: torch.Tensor, count: torch.Tensor) -> None:
+        self._blend(self.domain_mean, self.domain_seen, mean_sum, count, self.momentum)
+        self._blend(self.domain_std, self.domain_seen, std_sum, count, self.momentum)
+        self.domain_seen |= count > 0
+
+    @torch.no_grad()
+    def apply(self, sums: Sequence[torch.Tensor]) -> None:
+        """Blend (possibly all-reduced) `batch_sums` into the memories; entries with count 0 are untouched."""
+        class_sum, class_count, mean_sum, std_sum, domain_count = sums
+        self._blend(self.prototypes, self.class_seen, class_sum, class_count, self.momentum)
+        self.class_seen |= class_count > 0
+        self._apply_domains(mean_sum, std_sum, domain_count)
+
+    @torch.no_grad()
+    def _update_classes_sparse(self, zhat: torch.Tensor, y: torch.Tensor) -> None:
+        """Same result as batch_sums + apply for the class part, in O(B*C*H*W) rather than O(K*C*H*W).
+
+        P[c] <- P[c] + sum_{i: y_i = c} w_c * (zhat_i - P[c]), w_c = (1-m)/n_c if seen else 1/n_c,
+        which equals m*P[c] + (1-m)*mean_c (or mean_c on first observation). Pays off for many classes
+        (DomainNet: 345 x 512 x 28 x 28 floats = 550 MB of prototypes) where a dense pass per step is slow.
+        """
+        p = self.prototypes
+        count = p.new_zeros(self.num_classes).index_add_(0, y, p.new_ones(y.shape[0]))
+        w = torch.where(self.class_seen[y], 1.0 - self.momentum, 1.0) / count[y]
+        delta = (zhat.detach().to(p.dtype) - p[y]).mul_(w.reshape(-1, 1, 1, 1))
+        p.index_add_(0, y, delta)
+        self.class_seen.index_fill_(0, y, True)
+
+    @torch.no_grad()
+    def update(
+        self,
+        class_part: tuple[torch.Tensor, torch.Tensor] | None = None,
+        domain_part: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        reduce_fn: ReduceFn | None = None,
+    ) -> None:
+        """Update from class_part = (zhat, y) and domain_part = (mu, sigma, d); inputs are detached.
+
+        With reduce_fn (DDP: all-reduce SUM of a list of tensors, in place) the dense per-class and
+        per-domain sums of every worker are reduced first, so every worker applies the same global
+        update and keeps identical memories. Without it (one process) the class part takes a sparse
+        path that touches only the batch's classes. Every worker must call update in the same order.
+        """
+        if reduce_fn is not None:
+            zhat, y = class_part if class_part is not None else (None, None)
+            mu, sigma, d = domain_part if domain_part is not None else (None, None, None)
+            sums = self.batch_sums(zhat, y, mu, sigma, d)
+            reduce_fn(sums)
+            self.apply(sums)
+            return
+        if class_part is not None:
+            self._update_classes_sparse(*class_part)
+        if domain_part is not None:
+            self._apply_domains(*self._domain_sums(*domain_part))

@@ -1,0 +1,48 @@
+"""The command line as a user meets it: help, dry runs, one-line errors with exit 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tally.cli import build_parser
+
+
+def tally(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tally.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_every_documented_command_exists():
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"train", "evaluate", "search", "export", "predict", "report", "splits", "data", "dashboard",
+            "demo"} <= commands
+
+
+def test_dry_run_prints_the_resolved_spec_and_budget(tmp_path):
+    proc = tally("search", "searches/quickstart.yaml", "--dry-run", "--storage", tmp_path / "store")
+    assert proc.returncode == 0, proc.stderr
+    assert "trials" in proc.stdout and "method.alpha" in proc.stdout
+    assert not (tmp_path / "store").exists()
+
+
+def test_malformed_spec_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    spec = yaml.safe_load(Path("searches/quickstart.yaml").read_text())
+    spec["budget"]["trials"] = 0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = tally("search", path, "--storage", tmp_path / "store")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "budget.trials" in proc.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_missing_files_are_named(tmp_path):
+    for args in (("train", tmp_path / "nope.yaml"), ("search", tmp_path / "nope.yaml"),
+                 ("export", tmp_path / "nope", "--out", tmp_path / "b"), ("predict", tmp_path / "nope", "x.png")):
+        proc = tally(*args)
+        assert proc.returncode == 2, args
+        assert "nope" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
