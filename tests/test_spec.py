@@ -160,7 +160,7 @@ MALFORMED = [
     ("uniform-on-a-switch", BASE + "space:\n  method.fold: {type: uniform, low: 0.1, high: 0.9}\n" + BUDGET,
      "space.method.fold.low: 0.1 gives an invalid run config (method.fold: expected true or false"),
     ("bad-metric", BASE + SPACE + BUDGET + "selection: {metric: accuracy}\n", "selection.metric: expected one of"),
-    ("bad-mode", BASE + SPACE + BUDGET + "selection: {mode: maximize}\n", "selection.mode: expected 'max' or 'min'"),
+    ("bad-mode", BASE + SPACE + BUDGET + "selection: {mode: maximize}\n", "selection.mode: expected 'max'"),
     ("workers-zero", BASE + SPACE + BUDGET + "resources: {workers: 0}\n", "resources.workers: expected an integer >= 1"),
     ("cpus-zero", BASE + SPACE + BUDGET + "resources: {cpus_per_worker: 0}\n", "resources.cpus_per_worker:"),
     ("gpus-negative", BASE + SPACE + BUDGET + "resources: {gpus_per_worker: -1}\n", "resources.gpus_per_worker:"),
