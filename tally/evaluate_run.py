@@ -9,7 +9,7 @@ import torch
 from tally import evaluation
 from tally.config import load
 from tally.data import load_splits
-from tally.data.bank import build_bank
+from tally.data.bank import bank_for_training
 from tally.errors import TallyError
 from tally.method.backbone import SplitResNet
 from tally.method.methods import TrainInfo, build_method
@@ -40,6 +40,6 @@ def evaluate_run_split(run_dir: Path, split: str):
     device = resolve_device(cfg["train"]["device"])
     method, train_counts = load_trained_method(run_dir, cfg, splits)
     method.to(device)
-    bank = build_bank(splits[split], cfg["data"]["image_size"], workers=cfg["data"]["decode_workers"])
+    bank = bank_for_training(splits[split], cfg["data"]["image_size"], workers=cfg["data"]["decode_workers"])
     table = evaluate_split(method.net, split, bank, splits[split], train_counts, cfg, device)
     return table, evaluation.split_metrics(table)

@@ -27,7 +27,7 @@ from tally import evaluation, results
 from tally.config import validate
 from tally.data import load_splits
 from tally.data.augment import augment, to_float_normalized
-from tally.data.bank import ImageBank, build_bank
+from tally.data.bank import ImageBank, bank_for_training
 from tally.errors import TallyError
 from tally.method.backbone import SplitResNet
 from tally.method.methods import TrainInfo, build_method
@@ -244,7 +244,7 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     seed_everything(tcfg["seed"])
     train_ds = splits["train"]
     train_counts = train_ds.counts()
-    banks = {name: build_bank(ds, dcfg["image_size"], workers=dcfg["decode_workers"])
+    banks = {name: bank_for_training(ds, dcfg["image_size"], workers=dcfg["decode_workers"])
              for name, ds in splits.items()}
 
     info = TrainInfo(num_classes=len(train_ds.class_names), num_domains=len(train_ds.domain_names),

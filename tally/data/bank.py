@@ -141,19 +141,43 @@ def load_bank(path: str | Path, mmap: bool = True, key: str | None = None) -> Im
     return ImageBank(torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(domains))
 
 
+def default_cache_dir() -> Path:
+    """Where `tally data cache` writes banks and training looks for them."""
+    return Path(os.environ.get("TALLY_CACHE") or "~/.cache/tally").expanduser() / "banks"
+
+
+def _bank_path(ds: MultiDomainDataset, size: int, cache_dir: str | Path) -> tuple[Path, str]:
+    key = bank_key(ds, size)
+    return Path(cache_dir).expanduser() / f"bank-{key[:24]}-{int(size)}", key
+
+
+def find_cached_bank(ds: MultiDomainDataset, size: int, cache_dir: str | Path | None = None,
+                     mmap: bool = True) -> ImageBank | None:
+    """The cached bank of exactly these samples at this size, or None (a stale one never matches)."""
+    path, key = _bank_path(ds, size, cache_dir or default_cache_dir())
+    if not (path / "key.txt").is_file():
+        return None
+    try:
+        return load_bank(path, mmap=mmap, key=key)
+    except TallyError:
+        return None
+
+
+def bank_for_training(ds: MultiDomainDataset, size: int, workers: int = 0) -> ImageBank:
+    """A pre-decoded cache when `tally data cache` made one, else decode now (into memory)."""
+    return find_cached_bank(ds, size) or build_bank(ds, size, workers=workers)
+
+
 def cached_bank(ds: MultiDomainDataset, size: int, cache_dir: str | Path, workers: int = 0,
                 mmap: bool = True, batch_size: int = 64) -> ImageBank:
     """build_bank through an on-disk cache keyed by the sample list and size (stale caches never match).
 
     A missing entry is decoded straight into a memory-mapped file, so the bank never has to fit in RAM.
     """
-    key = bank_key(ds, size)
-    path = Path(cache_dir).expanduser() / f"bank-{key[:24]}-{int(size)}"
-    if (path / "key.txt").is_file():
-        try:
-            return load_bank(path, mmap=mmap, key=key)
-        except TallyError:
-            pass  # unreadable, or stale under a colliding name: rebuild below
+    path, key = _bank_path(ds, size, cache_dir)
+    found = find_cached_bank(ds, size, cache_dir, mmap=mmap)
+    if found is not None:
+        return found
 
     def fill(tmp: Path) -> None:
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,

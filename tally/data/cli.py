@@ -51,6 +51,16 @@ def add_commands(subparsers) -> None:
     _generator_args(show)
     show.set_defaults(func=_data_show)
 
+    cache = data_sub.add_parser(
+        "cache", help="pre-decode a config's images into a resized uint8 cache that training then uses",
+        description="Decodes and resizes every image of every split of a run config (or a search spec's "
+                    "base) once, into memory-mapped uint8 arrays under --cache-dir (default "
+                    "$TALLY_CACHE/banks). Training finds them by the sample list and image size.")
+    cache.add_argument("config", help="a run config or search spec YAML")
+    cache.add_argument("--workers", type=int, default=2, help="decoding processes")
+    cache.add_argument("--cache-dir", default=None)
+    cache.set_defaults(func=_data_cache)
+
 
 def _gen_values(args) -> dict:
     values = {"imbalance": args.imbalance, "imbalance_factor": args.imbalance_factor,
@@ -95,4 +105,24 @@ def _data_show(args) -> int:
         if args.setting == "sub":
             cfg["held_out"] = []
     print(describe(load_splits(cfg)), end="")
+    return 0
+
+
+def _data_cache(args) -> int:
+    import time
+
+    from tally.config import read_yaml_file, validate
+    from tally.data import load_splits
+    from tally.data.bank import cached_bank, default_cache_dir
+
+    raw = read_yaml_file(args.config)
+    cfg = validate(raw["base"] if "base" in raw and "space" in raw else raw, source=args.config)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    size = cfg["data"]["image_size"]
+    for name, ds in load_splits(cfg["data"]).items():
+        started = time.perf_counter()
+        bank = cached_bank(ds, size, cache_dir, workers=args.workers)
+        print(f"{name:>22s}: {len(bank):7d} images at {size}px, {bank.images.numel() / 2**20:8.1f} MiB "
+              f"({time.perf_counter() - started:.1f}s)")
+    print(f"cache: {cache_dir}")
     return 0
