@@ -114,7 +114,7 @@ def resolve_trial(exp_dir: Path, trial: str | None) -> Path:
             raise TallyError(f"--trial: no trial {trial!r} in {exp_dir}")
         return run_dir
     spec = results.read_yaml(exp_dir / "spec.yaml") or {}
-    selection = spec.get("selection", {"metric": "pair_acc_worst", "mode": "max"})
+    selection = spec.get("selection", {"metric": "pair_acc_mean", "mode": "max"})  # as the dashboard
     best = best_trial(results.summarise(exp_dir), selection["metric"], selection.get("mode", "max"))
     if best is None:
         raise TallyError(f"{exp_dir}: no finished trial to export")

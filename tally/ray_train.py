@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import ray.tune
@@ -39,7 +40,8 @@ def train_worker(loop_config: dict) -> None:
 
     ctx = RunContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
                      device=ray.train.torch.get_device(), report=report, progress=False,
-                     extra_status={"params": loop_config.get("params", {})},
+                     extra_status={"params": loop_config.get("params", {}),
+                                   "ray_node_id": ray.get_runtime_context().get_node_id()},
                      memory_dump_dir=Path(loop_config["memory_dump_dir"]) if loop_config.get("memory_dump_dir") else None)
     metrics = train_run(loop_config["config"], Path(loop_config["run_dir"]), resume=True, ctx=ctx)
     final = {OBJECTIVE: best["value"], FINAL: 1}

@@ -195,7 +195,7 @@ def trial_row(run_dir: Path) -> dict:
     row = {"trial_id": run_dir.name, "status": status.get("status", "pending"),
            "error": status.get("error"), "epoch": status.get("epoch"),
            "best_epoch": status.get("best_epoch"), "started": status.get("started"),
-           "ended": status.get("ended"), "node": status.get("node")}
+           "ended": status.get("ended"), "node": status.get("node"), "ray_node_id": status.get("ray_node_id")}
     if row["started"] is not None:
         row["duration_s"] = (row["ended"] or status.get("updated") or time.time()) - row["started"]
     for key, value in (status.get("params") or {}).items():

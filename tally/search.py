@@ -140,6 +140,7 @@ def run_search(spec, storage: str | Path, address: str | None = None, resume: bo
         storage_url = f"sqlite:///{exp_dir / 'study.db'}"
         searcher = PruneAwareOptunaSearch(
             space=DefineByRun(spec.resolved["space"]), metric=OBJECTIVE, mode=selection["mode"],
+            points_to_evaluate=spec.resolved.get("start_with") or None,
             sampler=optuna.samplers.TPESampler(seed=spec.resolved["seed"]),
             study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
         searcher = tune.search.ConcurrencyLimiter(searcher, max_concurrent=budget["concurrency"])

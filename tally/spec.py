@@ -21,7 +21,7 @@ import yaml
 from tally import config as config_mod
 from tally.errors import TallyError
 
-TOP_KEYS = ("name", "base", "space", "selection", "budget", "resources", "seed", "robustness")
+TOP_KEYS = ("name", "base", "space", "start_with", "selection", "budget", "resources", "seed", "robustness")
 DISTRIBUTIONS = {  # type -> (required keys, optional keys)
     "uniform": (("low", "high"), ()),
     "loguniform": (("low", "high"), ()),
@@ -146,6 +146,7 @@ def validate_spec(raw, source: str = "spec", *, name: str | None = None) -> dict
     seed = raw.get("seed", 0)
     out["seed"] = None if seed is None else _int("seed", seed, 0)
     out["robustness"] = _check_robustness(raw.get("robustness"), out["base"])
+    out["start_with"] = _check_start_with(raw.get("start_with"), out["space"], out["budget"]["trials"])
     return out
 
 
@@ -226,6 +227,31 @@ def _check_resources(raw) -> dict:
         raise TallyError(f"resources.gpus_per_worker: expected a number >= 0, got {res['gpus_per_worker']!r}")
     res["cpus_per_worker"], res["gpus_per_worker"] = cpus, gpus
     return res
+
+
+def _check_start_with(raw, space: dict, trials: int) -> list[dict]:
+    """Configs the search evaluates first (e.g. the paper's defaults), before TPE proposes its own."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
+        raise TallyError(f"start_with: expected a list of mappings of space parameters, got {raw!r}")
+    if len(raw) > trials:
+        raise TallyError(f"start_with: {len(raw)} configs but budget.trials is {trials}")
+    for i, point in enumerate(raw):
+        for path, value in point.items():
+            where = f"start_with[{i}].{path}"
+            if path not in space:
+                raise TallyError(f"{where}: not a parameter of the space (expected one of {', '.join(space)})")
+            param = space[path]
+            if param["type"] == "categorical":
+                if value not in param["choices"]:
+                    raise TallyError(f"{where}: expected one of {param['choices']}, got {value!r}")
+            elif (isinstance(value, bool) or not isinstance(value, int | float)
+                  or not param["low"] <= value <= param["high"]
+                  or (param["type"] == "int" and not isinstance(value, int))):
+                raise TallyError(f"{where}: expected a {param['type']} in [{param['low']}, {param['high']}], "
+                                 f"got {value!r}")
+    return [dict(p) for p in raw]
 
 
 def _check_robustness(raw, base: dict) -> dict:

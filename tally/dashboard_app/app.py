@@ -56,7 +56,12 @@ def body(exp_dir: Path) -> None:
         if tab.open is False:
             continue  # lazy tabs: only the open one computes
         with tab:
-            sections[name]()
+            try:
+                sections[name]()
+            except Exception as exc:  # noqa: BLE001 - one broken view must not take the page down
+                st.error(f"The {name} view failed on this store ({type(exc).__name__}: {exc}); "
+                         "the other views still work. Details:")
+                st.exception(exc)
 
 
 def main() -> None:

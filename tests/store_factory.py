@@ -1,0 +1,264 @@
+"""Realistic results stores for the dashboard tests and benchmark, without training anything.
+
+Why synthetic: a real search takes minutes; the dashboard only reads files. Every file is written
+with the store's own writers (``tally.results``) and every eval table with the evaluator's
+``pair_table`` on synthetic predictions, so the store has exactly the layout and columns a real run
+writes: long-tailed training counts per domain, pairs without test examples, a held-out domain,
+trials that are done, running (with and without results), failed and ASHA-stopped.
+
+Use ``make_store(tmp_path)`` for the standard two-experiment store and ``make_experiment`` for one
+experiment of any size (the benchmark makes 500 trials).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tally import evaluation as ev
+from tally import results
+
+DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
+CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
+EPOCHS, WARMUP = 8, 3
+T0 = 1_750_000_000.0  # a fixed start time: stores are byte-reproducible apart from mtimes
+ERROR = ("Traceback (most recent call last):\n  File \"tally/training.py\", line 212, in fit\n"
+         "    loss.backward()\nRuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@dataclass
+class Experiment:
+    """What a generated experiment holds, so tests can assert against it."""
+
+    path: Path
+    statuses: dict[str, str]  # trial_id -> status as written ("pending" = config.yaml only)
+    best: str | None  # best trial by the spec's selection metric (finished trials only)
+    splits: tuple[str, ...]
+    domains: tuple[str, ...] = DOMAINS
+    classes: tuple[str, ...] = CLASSES
+    metric: str = "val/pair_acc_worst"
+
+    def trials_with(self, status: str) -> list[str]:
+        return [t for t, s in self.statuses.items() if s == status]
+
+
+@dataclass
+class Store:
+    root: Path
+    experiments: dict[str, Experiment] = field(default_factory=dict)
+
+
+def _train_counts(rng: np.random.Generator, held_out: tuple[str, ...]) -> np.ndarray:
+    """Per-domain long tails: each domain ranks the classes its own way; a few zero-shot pairs."""
+    D, C = len(DOMAINS), len(CLASSES)
+    counts = np.zeros((D, C), dtype=np.int64)
+    ladder = np.round(300 * 0.02 ** (np.arange(C) / (C - 1))).astype(np.int64)  # 300 .. 6
+    for d, name in enumerate(DOMAINS):
+        if name in held_out:
+            continue
+        counts[d, rng.permutation(C)] = ladder
+        counts[d, rng.integers(C)] = 0  # one class absent from training in each domain
+    return counts
+
+
+def _split_data(rng, train_counts, split: str, held_out: tuple[str, ...], per_pair: int):
+    """Labels and domains of a balanced evaluation split; some pairs have no examples."""
+    labels, domains = [], []
+    for d, name in enumerate(DOMAINS):
+        wanted = name == split.split(":", 1)[1] if split.startswith("test_domain:") else name not in held_out
+        if not wanted:
+            continue
+        for c in range(len(CLASSES)):
+            if split != "val" and (d + 3 * c) % 11 == 5:
+                continue  # a pair the split does not contain: an empty cell in the grid
+            labels += [c] * per_pair
+            domains += [d] * per_pair
+    return np.asarray(labels, dtype=np.int64), np.asarray(domains, dtype=np.int64)
+
+
+def _predict(rng, labels, domains, train_counts, quality: float, held_out_ids) -> np.ndarray:
+    """Predictions whose accuracy grows with the pair's training count and the trial's quality."""
+    n_train = train_counts[domains, labels]
+    p = quality * (0.35 + 0.6 * np.log1p(n_train) / math.log1p(300))
+    p = np.where(np.isin(domains, held_out_ids), p - 0.15, p)
+    p = np.clip(p + rng.normal(0, 0.03, len(labels)), 0.02, 0.98)
+    right = rng.random(len(labels)) < p
+    wrong = (labels + rng.integers(1, len(CLASSES), len(labels))) % len(CLASSES)
+    return np.where(right, labels, wrong)
+
+
+def eval_table(rng, train_counts, splits, held_out, quality) -> pd.DataFrame:
+    """The long table of every split, via ``evaluation.pair_table``."""
+    held_ids = [DOMAINS.index(h) for h in held_out]
+    parts = []
+    for split in splits:
+        labels, domains = _split_data(rng, train_counts, split, held_out, 20 if split == "val" else 10)
+        preds = _predict(rng, labels, domains, train_counts, quality, held_ids)
+        parts.append(ev.pair_table(split, preds, labels, domains, list(CLASSES), list(DOMAINS), train_counts))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _params(rng, method: str) -> dict:
+    return {"method.name": method, "train.lr": float(10 ** rng.uniform(-6, -3)),
+            "method.alpha": round(float(rng.uniform(0.1, 2.0)), 3),
+            "method.momentum": round(float(rng.uniform(0.5, 0.99)), 3),
+            "model.cut": str(rng.choice(["layer1", "layer2", "layer3"])),
+            "method.fold": bool(rng.random() < 0.5)}
+
+
+def _quality(params: dict) -> float:
+    """A smooth made-up response surface, so importance and the search plots have a signal."""
+    lr_term = -0.12 * (math.log10(params["train.lr"]) + 4.5) ** 2
+    cut = {"layer1": -0.05, "layer2": 0.05, "layer3": 0.0}[params["model.cut"]]
+    tally = 0.06 if params["method.name"] == "tally" else 0.0
+    return float(np.clip(1.0 + lr_term + cut + tally + 0.03 * params["method.alpha"], 0.4, 1.15))
+
+
+def _config(params: dict, setting: str, held_out: tuple[str, ...], seed: int) -> dict:
+    cfg = {"data": {"source": "embedded", "dataset": "PACS-synthetic", "setting": setting,
+                    "held_out": list(held_out), "split_seed": 0, "image_size": 32},
+           "model": {"arch": "resnet18", "cut": "layer2", "pretrained": None},
+           "method": {"name": "tally", "alpha": 0.5, "fold": True, "momentum": 0.8, "loss_beta": 0.999},
+           "train": {"epochs": EPOCHS, "warmup_epochs": WARMUP, "steps_per_epoch": 50, "batch_size": 18,
+                     "optimizer": "adam", "lr": 1e-5, "weight_decay": 1e-6, "seed": seed,
+                     "selection_metric": "pair_acc_worst", "device": "cpu"}}
+    for key, value in params.items():
+        section, name = key.split(".", 1)
+        cfg[section][name] = value
+    return cfg
+
+
+def _epochs(rng, run_dir: Path, last: int, final_val: dict, best_epoch: int) -> None:
+    """epochs.jsonl: loss falling, val metrics rising to their selected-epoch values."""
+    lines = []
+    for e in range(1, last + 1):
+        rec = {"epoch": e, "phase": "warmup" if e <= WARMUP else "main",
+               "train_loss": float(2.0 * math.exp(-e / 3) + 0.2 + rng.normal(0, 0.02)),
+               "seconds": float(30 + rng.normal(0, 2))}
+        for name in ("acc", "pair_acc_mean", "pair_acc_worst", "macro_f1"):
+            final = final_val.get(name, float("nan"))
+            rising = final * (1 - 0.4 * math.exp(-e / 2)) - 0.01 * abs(e - best_epoch)
+            value = final if e == best_epoch else rising
+            rec[f"val/{name}"] = float(value)
+        lines.append(json.dumps(rec, sort_keys=True) + "\n")
+    results.write_text(run_dir / "epochs.jsonl", "".join(lines))
+
+
+def _status_plan(n: int) -> list[str]:
+    """Mostly done, with one of each other state when there is room (running twice: with/without epochs)."""
+    plan = ["done"] * n
+    others = ("pending", "running", "failed", "stopped", "stopped")
+    for i, status in zip((n - 1, n - 2, n - 3, n - 4, n - 5), others, strict=True):
+        if i >= 2:
+            plan[i] = status
+    return plan
+
+
+def make_trial(exp_dir: Path, trial_id: str, status: str, params: dict, rng, *, setting: str,
+               held_out: tuple[str, ...], order: int, train_counts: np.ndarray) -> dict | None:
+    """One trial folder; returns its metrics (None when it has none)."""
+    run_dir = exp_dir / results.TRIALS_DIR / trial_id
+    seed = order
+    results.write_yaml(run_dir / "config.yaml", _config(params, setting, held_out, seed))
+    if status == "pending":  # a trial Ray has just started: config.yaml only
+        return None
+    started = T0 + 60.0 * order
+    splits = ("val", "test_sub", *(f"test_domain:{h}" for h in held_out))
+    last = {"done": EPOCHS, "running": 2, "failed": 4, "stopped": 5}[status]
+    if status in ("done", "stopped"):
+        table = eval_table(rng, train_counts, splits, held_out, _quality(params))
+        metrics = ev.all_metrics(table)
+        best_epoch = max(1, last - int(rng.integers(0, 3)))
+        _epochs(rng, run_dir, last, metrics["val"], best_epoch)
+        results.write_parquet(run_dir / "eval.parquet", table)
+        results.write_json(run_dir / "metrics.json", metrics)
+        fields = {"ended": started + 30.0 * last, "best_epoch": best_epoch}
+    else:
+        _epochs(rng, run_dir, last, {"acc": 0.5, "pair_acc_mean": 0.45, "pair_acc_worst": 0.1,
+                                     "macro_f1": 0.4}, last)
+        metrics = None
+        fields = {"error": ERROR, "ended": started + 30.0 * last} if status == "failed" else {}
+    results.write_status(run_dir, status, started=started, epoch=last, params=params, node="node-0", **fields)
+    return metrics
+
+
+def make_experiment(root: Path, name: str = "pacs-domain", n_trials: int = 10, *, seed: int = 0,
+                    setting: str = "domain", held_out: tuple[str, ...] = ("sketch",), summary: bool = True,
+                    spec: bool = True, study: bool = False, statuses: list[str] | None = None,
+                    methods: tuple[str, ...] = ("tally",),
+                    selection: str = "val/pair_acc_worst") -> Experiment:
+    """One experiment folder: spec.yaml, trials/<id>/, summary.parquet (and study.db if asked)."""
+    rng = np.random.default_rng(seed)
+    exp_dir = Path(root) / name
+    held_out = held_out if setting == "domain" else ()
+    train_counts = _train_counts(rng, held_out)
+    if spec:
+        results.write_yaml(exp_dir / "spec.yaml", {
+            "name": name, "data": {"source": "embedded", "setting": setting, "held_out": list(held_out)},
+            "search": {"train.lr": {"loguniform": [1e-6, 1e-3]}, "method.alpha": {"uniform": [0.1, 2.0]},
+                       "method.momentum": {"uniform": [0.5, 0.99]},
+                       "model.cut": {"choice": ["layer1", "layer2", "layer3"]},
+                       "method.fold": {"choice": [True, False]}},
+            "budget": {"num_samples": n_trials, "max_concurrent": 2},
+            "selection": {"metric": selection.removeprefix("val/"), "mode": "max"},
+            "scheduler": {"name": "asha", "grace_period": 3}})
+    plan = statuses or _status_plan(n_trials)
+    written, objective, all_params = {}, {}, {}
+    for i, status in enumerate(plan):
+        trial_id = f"trial_{i:04d}"
+        params = _params(rng, methods[i % len(methods)])
+        metrics = make_trial(exp_dir, trial_id, status, params, rng, setting=setting, held_out=held_out,
+                             order=i, train_counts=train_counts)
+        written[trial_id] = status
+        all_params[trial_id] = params
+        if metrics is not None:  # done and ASHA-stopped trials: both reach the Optuna study
+            split, metric = selection.split("/", 1)
+            objective[trial_id] = metrics[split][metric]
+    if summary:
+        results.refresh_summary(exp_dir)
+    if study:
+        _write_study(exp_dir / "study.db", name, {t: all_params[t] for t in objective}, objective)
+    values = {t: v for t, v in objective.items() if written[t] == "done"}
+    best = max(values, key=values.get) if values else None  # first max = lowest id, as search.best_trial
+    splits = ("val", "test_sub", *(f"test_domain:{h}" for h in held_out))
+    return Experiment(exp_dir, written, best, splits, metric=selection)
+
+
+def _write_study(path: Path, name: str, params: dict[str, dict], values: dict[str, float]) -> None:
+    """An Optuna study as OptunaSearch would store it (one COMPLETE trial per finished trial)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = {"train.lr": optuna.distributions.FloatDistribution(1e-6, 1e-3, log=True),
+             "method.alpha": optuna.distributions.FloatDistribution(0.1, 2.0),
+             "method.momentum": optuna.distributions.FloatDistribution(0.5, 0.99),
+             "model.cut": optuna.distributions.CategoricalDistribution(["layer1", "layer2", "layer3"]),
+             "method.fold": optuna.distributions.CategoricalDistribution([True, False])}
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{path}", direction="maximize")
+    trials = [optuna.trial.create_trial(params={k: p[k] for k in dists}, distributions=dists, value=values[t])
+              for t, p in params.items()]
+    study.add_trials(trials)
+
+
+def make_store(root: Path, n_trials: int = 10, *, summary: bool = True, study: bool = False) -> Store:
+    """The standard test store: a held-out-domain search and a small TALLY-vs-ERM sub-shift search."""
+    root = Path(root)
+    store = Store(root)
+    store.experiments["pacs-domain"] = make_experiment(root, "pacs-domain", n_trials, seed=0, summary=summary,
+                                                       study=study)
+    store.experiments["pacs-sub"] = make_experiment(root, "pacs-sub", 4, seed=1, setting="sub",
+                                                    summary=summary, methods=("tally", "erm"),
+                                                    statuses=["done"] * 4)
+    return store
+
+
+def strip_to_old_version(exp: Experiment) -> None:
+    """Make the store look written by an older version: no summary.parquet, no metrics.json."""
+    (exp.path / "summary.parquet").unlink(missing_ok=True)
+    for trial in exp.path.glob(f"{results.TRIALS_DIR}/*/metrics.json"):
+        trial.unlink()

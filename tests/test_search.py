@@ -1,0 +1,188 @@
+"""Searches on a local Ray (2 CPUs): early stopping, a failing trial, resume after SIGKILL, DDP
+memories, export + predict round trip, reproduction of a trial from its exported config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tally import results
+from tally.spec import load_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+BASE = {
+    "data": {"source": "embedded", "setting": "sub", "image_size": 32},
+    "model": {"arch": "resnet10", "cut": "layer2"},
+    "method": {"name": "tally"},
+    "train": {"epochs": 3, "warmup_epochs": 1, "steps_per_epoch": 6, "batch_size": 16, "lr": 1e-3,
+              "device": "cpu"},
+}
+
+
+def write_spec(path: Path, name: str, trials: int, space: dict, early_stopping: bool = False,
+               concurrency: int = 1, seed: int = 0, metric: str = "class_acc_worst", start_with=None) -> Path:
+    spec = {"name": name, "base": BASE, "space": space, "start_with": start_with,
+            "selection": {"metric": metric, "mode": "max"},
+            "budget": {"trials": trials, "concurrency": concurrency,
+                       "early_stopping": {"enabled": early_stopping, "grace_epochs": 1, "reduction_factor": 2}},
+            "resources": {"workers": 1, "cpus_per_worker": 1}, "seed": seed}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, local_ray):
+    """A 5-trial search with ASHA on, run one trial at a time so the scheduler's decisions repeat.
+
+    It starts with three given configs: lr 3e-3 learns and finishes; lr 1e-9 does not learn and
+    falls below it at ASHA's first rung (stopped early); lr 1e30 diverges (fails). TPE then
+    proposes two more.
+    """
+    from tally.search import run_search
+
+    tmp = tmp_path_factory.mktemp("search")
+    start = [{"train.lr": lr, "method.alpha": 0.5} for lr in (3.0e-3, 1.0e-9, 1.0e30)]
+    spec_path = write_spec(tmp / "spec.yaml", "asha", trials=5, early_stopping=True, metric="pair_acc_mean",
+                           start_with=start, space={
+                               "train.lr": {"type": "categorical", "choices": [3.0e-3, 1.0e-9, 1.0e30]},
+                               "method.alpha": {"type": "uniform", "low": 0.1, "high": 2.0}})
+    spec = load_spec(spec_path)
+    summary = run_search(spec, tmp / "store")
+    return spec, tmp / "store" / "asha", summary
+
+
+def test_search_completes_with_every_trial_in_the_store(searched):
+    _, exp_dir, summary = searched
+    assert len(summary) == 5
+    assert set(summary["status"]) <= {"done", "failed", "stopped"}
+    assert (summary["status"] == "done").any()
+    stored = pd.read_parquet(exp_dir / "summary.parquet")
+    assert sorted(stored["trial_id"]) == sorted(summary["trial_id"])
+    for run_dir in results.iter_trial_dirs(exp_dir):
+        run = results.read_run(run_dir)
+        assert run.status.get("params"), run_dir
+        if run.state == "done":
+            assert not run.missing and {"val", "test_sub"} <= set(run.eval_table["split"])
+
+
+def test_a_failing_trial_is_marked_failed_with_its_error(searched):
+    _, _, summary = searched
+    failed = summary[summary["status"] == "failed"]
+    assert len(failed) >= 1
+    assert all("diverged" in str(e) for e in failed["error"])
+    assert (failed["param.train.lr"] == 1.0e30).all()
+
+
+def test_optuna_study_separates_complete_pruned_and_failed(searched):
+    spec, exp_dir, summary = searched
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{exp_dir / 'study.db'}")
+    states = sorted(t.state.name for t in study.trials)
+    expected = sorted({"done": "COMPLETE", "failed": "FAIL", "stopped": "PRUNED"}[s] for s in summary["status"])
+    assert states == expected
+    # the given configs ran first, in order; early stopping stopped the lr 1e-9 one, and the
+    # search still finished (the stopped trial's workers were released)
+    first = sorted(study.trials, key=lambda t: t.number)[:3]
+    assert [t.params["train.lr"] for t in first] == [3.0e-3, 1.0e-9, 1.0e30]
+    assert [t.state.name for t in first] == ["COMPLETE", "PRUNED", "FAIL"]
+
+
+def test_export_and_predict_round_trip(searched, tmp_path):
+    _, exp_dir, summary = searched
+    bundle = tmp_path / "bundle"
+    proc = subprocess.run([sys.executable, "-m", "tally.cli", "export", str(exp_dir), "--out", str(bundle)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert {"config.yaml", "model.pt", "labels.json", "preprocessing.json", "metrics.json", "eval.parquet",
+            "MODEL_CARD.md", "manifest.json"} <= {p.name for p in bundle.iterdir()}
+    torch.load(bundle / "model.pt", weights_only=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    best_id = manifest["trial"]
+
+    # the bundle's predictions on test_sub reproduce the stored evaluation exactly
+    from tally.data import load_splits
+    from tally.export import Predictor
+
+    cfg = yaml.safe_load((bundle / "config.yaml").read_text())
+    test = load_splits(cfg["data"])["test_sub"]
+    predicted = Predictor(bundle).predict(test.samples["path"].tolist())
+    classes = test.class_names
+    correct = sum(label == classes[y] for (_, label, _), y in zip(predicted, test.samples["label"], strict=True))
+    stored = json.loads((exp_dir / "trials" / best_id / "metrics.json").read_text())
+    assert correct / len(test) == pytest.approx(stored["test_sub"]["acc"], abs=1e-12)
+
+    images = test.samples["path"].tolist()[:2]
+    proc = subprocess.run([sys.executable, "-m", "tally.cli", "predict", str(bundle), *images],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[1] in classes for line in lines)
+
+
+def test_exported_config_reproduces_the_trial(searched, tmp_path):
+    from tally.export import export_bundle
+    from tally.training import train_run
+
+    _, exp_dir, summary = searched
+    trial = summary[summary["status"] == "done"].iloc[0]["trial_id"]
+    bundle = export_bundle(exp_dir / "trials" / trial, tmp_path / "b")
+    cfg = yaml.safe_load((bundle / "config.yaml").read_text())
+    metrics = train_run(cfg, tmp_path / "again")
+    assert metrics == json.loads((exp_dir / "trials" / trial / "metrics.json").read_text())
+
+
+def test_two_workers_hold_identical_memories(local_ray, tmp_path):
+    from tally.config import validate
+    from tally.ray_train import launch_trainer
+
+    cfg = validate({**BASE, "train": {**BASE["train"], "epochs": 2}})
+    launch_trainer(cfg, tmp_path / "run", {}, {"workers": 2, "cpus_per_worker": 1}, name="ddp",
+                   storage_path=tmp_path / "ray", memory_dump_dir=tmp_path / "memories")
+    a = torch.load(tmp_path / "memories" / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "memories" / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert a["class_seen"].all() and a["prototypes"].abs().sum() > 0
+    assert results.read_run(tmp_path / "run").state == "done"
+
+
+def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
+    spec_path = write_spec(tmp_path / "spec.yaml", "killed", trials=3, space={
+        "method.alpha": {"type": "uniform", "low": 0.1, "high": 2.0}})
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "tally.cli", "search", str(spec_path), "--storage", str(store)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    exp_dir = store / "killed"
+    deadline = time.time() + 600
+    first_done = None
+    while time.time() < deadline and first_done is None:
+        time.sleep(2)
+        for run_dir in results.iter_trial_dirs(exp_dir):
+            if (results.read_json(run_dir / "status.json") or {}).get("status") == "done":
+                first_done = run_dir
+        assert driver.poll() is None, "the search ended before it could be killed"
+    assert first_done is not None
+    before = (first_done / "eval.parquet").read_bytes()
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    time.sleep(5)  # Ray's reaper takes the dead driver's processes down
+
+    proc = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=800, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    trial_dirs = list(results.iter_trial_dirs(exp_dir))
+    assert len(trial_dirs) == 3
+    assert all(results.read_run(d).state == "done" for d in trial_dirs)
+    assert (first_done / "eval.parquet").read_bytes() == before
