@@ -46,3 +46,31 @@ def test_missing_files_are_named(tmp_path):
         proc = tally(*args)
         assert proc.returncode == 2, args
         assert "nope" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_bad_data_gives_one_line_and_exit_2(tmp_path, capsys):
+    from tally.cli import main
+    from tally.data.synthetic import make_folder_dataset
+
+    root = make_folder_dataset(tmp_path / "data", per_pair=8, size=12)
+    lists = tmp_path / "lists" / "DS"
+    lists.mkdir(parents=True)
+    (lists / "a_train_sub.txt").write_text("a/x/0000.png 0\nthis line has no label\n")
+    (root / "a" / "x" / "broken.png").write_bytes(b"not an image at all")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source": "folder", "root": str(root), "n_val": 1, "n_test": 1}}))
+    cases = [
+        (["data", "show", "--source", "folder", "--root", str(tmp_path / "nowhere")], "nowhere"),
+        (["splits", "make", str(root), "--out", str(tmp_path / "o"), "--held-out", "zz"], "zz"),
+        (["data", "show", "--source", "reference", "--root", str(tmp_path / "lists"), "--dataset", "DS"],
+         "a_train_sub.txt:2"),
+        (["data", "cache", str(config), "--workers", "0", "--cache-dir", str(tmp_path / "c")], "broken.png"),
+    ]
+    for argv, culprit in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and culprit in err, (argv, err)
+    assert not (tmp_path / "o").exists()
+    # banks of splits that decoded are complete and kept; nothing half-written is left
+    cache = list((tmp_path / "c").iterdir())
+    assert all(p.name.startswith("bank-") and (p / "key.txt").is_file() for p in cache), cache
