@@ -23,7 +23,6 @@ from tally import results
 
 SHOWN_STATUSES = ("running", "done", "failed", "stopped")
 FINISHED = ("done", "stopped")  # trials with final metrics (ASHA-stopped ones have early metrics)
-BEST_FROM = ("done",)  # as tally.search.best_trial: a truncated (stopped) trial is never "the best"
 DEFAULT_METRIC = "val/pair_acc_worst"  # spec.yaml without a selection section
 NO_SPEC_METRIC = "val/pair_acc_mean"  # no spec.yaml at all (e.g. a folder of `tally train` runs)
 DEFAULT_TABLE_METRICS = ("acc", "pair_acc_mean", "pair_acc_worst", "macro_f1")
@@ -216,21 +215,8 @@ def status_counts(frame: pd.DataFrame) -> dict[str, int]:
 
 
 def best_trial(trials: TrialSet) -> pd.Series | None:
-    """The done trial with the best selection metric, ties to the first trial id (None if none).
-
-    The same rule as ``tally.search.best_trial``, so the dashboard's best trial is the one
-    ``tally export`` picks by default.
-    """
-    frame, sel = trials.frame, trials.selection
-    if sel.metric not in frame.columns:
-        return None
-    values = pd.to_numeric(frame[sel.metric], errors="coerce")
-    ok = frame["status"].isin(BEST_FROM) & values.notna()
-    if not ok.any():
-        return None
-    ranked = pd.DataFrame({"v": values[ok], "id": frame.loc[ok, "trial_id"]})
-    ranked = ranked.sort_values(["v", "id"], ascending=[sel.mode == "min", True])
-    return frame.loc[ranked.index[0]]
+    """The trial `tally export` picks by default: ``tally.results.best_trial`` on this selection."""
+    return results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)
 
 
 def experiment_overview(trials: TrialSet) -> dict:

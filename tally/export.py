@@ -101,8 +101,6 @@ def bundle_zip_bytes(run_dir: str | Path) -> bytes:
 
 def resolve_trial(exp_dir: Path, trial: str | None) -> Path:
     """The run folder of ``trial`` in an experiment, or of its best trial on validation."""
-    from tally.search import best_trial
-
     exp_dir = Path(exp_dir)
     if (exp_dir / "config.yaml").is_file() and trial is None:
         return exp_dir  # a single `tally train` run folder
@@ -115,7 +113,7 @@ def resolve_trial(exp_dir: Path, trial: str | None) -> Path:
         return run_dir
     spec = results.read_yaml(exp_dir / "spec.yaml") or {}
     selection = spec.get("selection", {"metric": "pair_acc_mean", "mode": "max"})  # as the dashboard
-    best = best_trial(results.summarise(exp_dir), selection["metric"], selection.get("mode", "max"))
+    best = results.best_trial(results.summarise(exp_dir), selection["metric"], selection.get("mode", "max"))
     if best is None:
         raise TallyError(f"{exp_dir}: no finished trial to export")
     return exp_dir / results.TRIALS_DIR / best["trial_id"]

@@ -224,3 +224,28 @@ def read_summary(exp_dir: Path) -> pd.DataFrame:
     """The stored summary when present, else one built from the trial folders."""
     df = read_parquet(Path(exp_dir) / "summary.parquet")
     return df if df is not None else summarise(exp_dir)
+
+
+def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Series | None:
+    """The best finished trial by a VALIDATION metric; test numbers never take part.
+
+    ``metric`` is a column ('val/pair_acc_worst') or a metric name ('pair_acc_worst'). Only trials
+    that ran to the end ('done') compete: a stopped trial's early numbers are not comparable. Ties go
+    to the better mean pair accuracy (also validation), then to the first trial id. One rule for
+    the search, `tally export` and the dashboard.
+    """
+    column = metric if "/" in metric else f"val/{metric}"
+    if summary.empty or column not in summary or "status" not in summary:
+        return None
+    values = pd.to_numeric(summary[column], errors="coerce")
+    keep = (summary["status"] == "done") & values.notna()
+    if not keep.any():
+        return None
+    done = summary[keep].assign(_v=values[keep])
+    tiebreak = "val/pair_acc_mean"
+    keys, ascending = ["_v"], [mode == "min"]
+    if tiebreak in done and tiebreak != column:
+        done = done.assign(_t=pd.to_numeric(done[tiebreak], errors="coerce").fillna(-1.0))
+        keys, ascending = [*keys, "_t"], [*ascending, False]
+    ordered = done.sort_values([*keys, "trial_id"], ascending=[*ascending, True], kind="stable")
+    return summary.loc[ordered.index[0]]

@@ -177,18 +177,7 @@ def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: di
 
 
 # ---------------------------------------------------------------- selection and follow-ups
-def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Series | None:
-    """The best finished trial by a VALIDATION metric; test numbers never take part."""
-    column = f"val/{metric}"
-    if summary.empty or column not in summary:
-        return None
-    done = summary[(summary["status"] == "done") & summary[column].notna()]
-    if done.empty:
-        return None
-    # ties go to the better mean pair accuracy (also validation), then the trial id
-    keys = [column] + (["val/pair_acc_mean"] if "val/pair_acc_mean" in done and column != "val/pair_acc_mean" else [])
-    ordered = done.sort_values([*keys, "trial_id"], ascending=[mode == "min"] + [False] * (len(keys) - 1) + [True])
-    return ordered.iloc[0]
+best_trial = results.best_trial  # kept here for callers that think of it as the search's
 
 
 def confirm_seeds(spec, exp_dir: Path, trial_id: str, k: int) -> pd.DataFrame:

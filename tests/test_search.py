@@ -138,7 +138,13 @@ def test_exported_config_reproduces_the_trial(searched, tmp_path):
     trial = summary[summary["status"] == "done"].iloc[0]["trial_id"]
     bundle = export_bundle(exp_dir / "trials" / trial, tmp_path / "b")
     cfg = yaml.safe_load((bundle / "config.yaml").read_text())
-    metrics = train_run(cfg, tmp_path / "again")
+    # bit-exact on CPU given the same thread count: a Ray Train worker with 1 CPU runs 1 thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = train_run(cfg, tmp_path / "again")
+    finally:
+        torch.set_num_threads(threads)
     assert metrics == json.loads((exp_dir / "trials" / trial / "metrics.json").read_text())
 
 
