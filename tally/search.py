@@ -198,29 +198,34 @@ def confirm_seeds(spec, exp_dir: Path, trial_id: str, k: int) -> pd.DataFrame:
 def robustness(spec, exp_dir: Path, trial_id: str, domain_names: list[str]) -> pd.DataFrame:
     """Score the chosen config on other settings: subpopulation shift and/or each held-out domain.
     Held-out-domain runs select their epoch on training-domain validation."""
-    base = results.read_yaml(exp_dir / results.TRIALS_DIR / trial_id / "config.yaml")
-    settings = spec.resolved.get("robustness", {}).get("settings") or []
-    configs = {}
-    if "sub" in settings:
-        cfg = _copy(base)
-        cfg["data"].update(setting="sub", held_out=[], oracle_selection=False)
-        configs["sub"] = cfg
-    if "each_domain" in settings:
-        for domain in domain_names:
-            cfg = _copy(base)
-            cfg["data"].update(setting="domain", held_out=[domain], oracle_selection=False)
-            configs[f"heldout-{domain}"] = cfg
+    params = (results.read_json(exp_dir / results.TRIALS_DIR / trial_id / "status.json") or {}).get("params", {})
+    configs = dict(robustness_configs(spec, params, domain_names))
     metrics = run_fixed(exp_dir, "robustness", configs, spec.resolved["resources"],
                         spec.resolved["budget"]["concurrency"])
-    rows = []
-    for setting, by_split in metrics.items():
-        for split, values in by_split.items():
-            if split == "val":
-                continue
-            rows.append({"setting": setting, "split": split, **values})
+    rows = [{"run": run_id, "split": split, **values}
+            for run_id, by_split in metrics.items() for split, values in by_split.items() if split != "val"]
     table = pd.DataFrame(rows)
     results.write_parquet(exp_dir / "robustness.parquet", table)
     return table
+
+
+def robustness_configs(spec, params: dict, domain_names: list[str]) -> list[tuple[str, dict]]:
+    """The re-scoring runs of the chosen trial (its params): (label, complete config) per setting and seed.
+
+    "sub" trains on all domains; "each_domain" holds out each domain in turn (domain_names come from the
+    data, which the spec never loads). Seeds are the trial's train.seed + 0 .. seeds-1.
+    """
+    rob = spec.resolved["robustness"]
+    seed0 = spec.trial_config(params)["train"]["seed"]
+    runs = []
+    for setting in rob["settings"]:
+        variants = [("sub", "sub", [])] if setting == "sub" else [
+            (f"heldout-{d}", "domain", [d]) for d in domain_names]
+        for label, data_setting, held in variants:
+            for k in range(rob["seeds"]):
+                extra = {"data.setting": data_setting, "data.held_out": held, "train.seed": seed0 + k}
+                runs.append((f"{label}-seed{seed0 + k}", spec.trial_config({**params, **extra})))
+    return runs
 
 
 def mean_and_stderr(metrics_by_run: dict[str, dict]) -> pd.DataFrame:

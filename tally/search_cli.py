@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def cmd_search(args) -> int:
-    from tally.spec import dry_run_text, load_spec
+    from tally.spec import load_spec
+    from tally.spec_text import dry_run_text
 
     spec = load_spec(args.spec, name_override=args.name)  # validated: nothing written before this
     if args.dry_run:

@@ -92,6 +92,8 @@ class Spec:
             raise TallyError(f"trial config: {e}") from None
 
     def budget_text(self) -> str:
+        from tally.spec_text import budget_text
+
         return budget_text(self)
 
     def to_yaml(self) -> str:
@@ -208,7 +210,7 @@ def _check_budget(raw, spec: dict) -> dict:
         raise TallyError(f"budget.early_stopping.enabled: expected true or false, got {es['enabled']!r}")
     es["grace_epochs"] = _int("budget.early_stopping.grace_epochs", es["grace_epochs"], 1)
     es["reduction_factor"] = _int("budget.early_stopping.reduction_factor", es["reduction_factor"], 2)
-    epochs = _upper(spec, "train.epochs")
+    epochs = upper_bound(spec, "train.epochs")
     if es["enabled"] and es["grace_epochs"] >= epochs:
         raise TallyError(f"budget.early_stopping.grace_epochs: expected < train.epochs ({epochs}) when early "
                          f"stopping is enabled (no trial could be stopped), got {es['grace_epochs']}")
@@ -435,7 +437,7 @@ def _number(path: str, value, expected: str) -> float | int:
     return value
 
 
-def _upper(spec: dict, path: str):
+def upper_bound(spec: dict, path: str):
     """The largest value a run-config field can take in this search (the base value if not searched)."""
     param = spec["space"].get(path)
     section, field = path.split(".")
@@ -444,91 +446,3 @@ def _upper(spec: dict, path: str):
     if param["type"] == "categorical":
         return max(c for c in param["choices"] if c is not None)
     return param["high"]
-
-
-# --- derived runs and text -----------------------------------------------------------------------------
-
-def robustness_configs(spec: Spec, params: dict, domain_names: list[str]) -> list[tuple[str, dict]]:
-    """The re-scoring runs of the chosen trial (its params): (label, complete config) per setting and seed.
-
-    "sub" trains on all domains; "each_domain" holds out each domain in turn (domain_names come from the
-    data, which the spec never loads). Seeds are the trial's train.seed + 0 .. seeds-1.
-    """
-    rob = spec.resolved["robustness"]
-    seed0 = spec.trial_config(params)["train"]["seed"]
-    runs = []
-    for setting in rob["settings"]:
-        variants = [("sub", "sub", [])] if setting == "sub" else [
-            (f"domain:{d}", "domain", [d]) for d in domain_names]
-        for label, data_setting, held in variants:
-            for k in range(rob["seeds"]):
-                extra = {"data.setting": data_setting, "data.held_out": held, "train.seed": seed0 + k}
-                runs.append((f"{label}/seed{seed0 + k}", spec.trial_config({**params, **extra})))
-    return runs
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def space_table(space: dict) -> str:
-    rows = [("parameter", "distribution", "range / choices", "when")]
-    for path, p in space.items():
-        if p["type"] == "categorical":
-            rng = ", ".join(_fmt(c) for c in p["choices"])
-        else:
-            rng = f"[{_fmt(p['low'])}, {_fmt(p['high'])}]"
-            if p.get("step", 1) != 1:
-                rng += f" step {p['step']}"
-        when = ", ".join(f"{k} = {_fmt(v)}" for k, v in p.get("when", {}).items())
-        rows.append((path, p["type"], rng, when))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
-def budget_text(spec: Spec) -> str:
-    """What --dry-run prints about cost: trials, epochs, resources, early stopping, the space."""
-    r = spec.resolved
-    budget, res, es, train = r["budget"], r["resources"], r["budget"]["early_stopping"], r["base"]["train"]
-    epochs, steps = _upper(r, "train.epochs"), _upper(r, "train.steps_per_epoch")
-    up_to = "up to " if "train.epochs" in r["space"] else ""
-    at_once = min(budget["concurrency"], budget["trials"])
-    if es["enabled"]:
-        rungs, t = [], es["grace_epochs"]
-        while t < epochs:
-            rungs.append(str(t))
-            t *= es["reduction_factor"]
-        stopping = (f"ASHA on {spec.metric}: trials compared after epoch(s) {', '.join(rungs)}; "
-                    f"the best 1/{es['reduction_factor']} continue")
-    else:
-        stopping = "off (every trial runs all its epochs)"
-    rob = r["robustness"]
-    robust = "none" if not rob["settings"] else (
-        ", ".join(rob["settings"]) + f" x {rob['seeds']} seed(s) after the search"
-        + (" (each_domain: one run per domain)" if "each_domain" in rob["settings"] else ""))
-    worker = f"{_fmt(res['cpus_per_worker'])} CPU, {_fmt(res['gpus_per_worker'])} GPU"
-    lines = [
-        f"experiment      {spec.name}",
-        f"selection       {spec.metric} ({spec.mode}) on validation; best epoch by {train['selection_metric']}",
-        f"trials          {budget['trials']}, at most {budget['concurrency']} at once",
-        f"per trial       {up_to}{epochs} epochs x {steps} steps (warm-up {train['warmup_epochs']}"
-        f"{', searched' if 'train.warmup_epochs' in r['space'] else ''}), batch {train['batch_size']}",
-        f"total           at most {budget['trials'] * epochs} epochs = {budget['trials'] * epochs * steps} steps",
-        f"resources       {res['workers']} worker(s) x ({worker}) per trial + 1 TRAIN_DRIVER slot; "
-        f"{at_once} at once: {_fmt(at_once * res['workers'] * res['cpus_per_worker'])} CPU, "
-        f"{_fmt(at_once * res['workers'] * res['gpus_per_worker'])} GPU",
-        f"early stopping  {stopping}",
-        f"robustness      {robust}",
-        f"sampler         Optuna TPE, seed {_fmt(r['seed'])}",
-        f"space           {len(r['space'])} parameter(s)",
-        space_table(r["space"]),
-    ]
-    return "\n".join(lines)
-
-
-def dry_run_text(spec: Spec) -> str:
-    """`tally search SPEC --dry-run`: the resolved spec, then the budget."""
-    return f"# resolved spec ({spec.source})\n{spec.to_yaml()}\n# budget\n{budget_text(spec)}\n"

@@ -23,6 +23,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from tally import dashboard_data as dd
+from tally import dashboard_search as dsearch
 from tally import evaluation as ev
 from tally import results
 from tally.dashboard_app import APP_PATH
@@ -378,23 +379,23 @@ def test_best_trial_rule_matches_search():
 
 def test_importance_fallback_and_optuna(tmp_path):
     plain = dd.load_trials(sf.make_experiment(tmp_path, "plain", 12, seed=6).path)
-    imp = dd.param_importance(plain)
+    imp = dsearch.param_importance(plain)
     assert imp.method.startswith("fallback") and abs(imp.values.sum() - 1) < 1e-9
     assert set(imp.values.index) == {c.removeprefix("param.") for c in dd.param_columns(plain.frame)}
     studied = dd.load_trials(sf.make_experiment(tmp_path, "studied", 12, seed=6, study=True).path)
-    imp = dd.param_importance(studied)
+    imp = dsearch.param_importance(studied)
     assert imp.method.startswith("Optuna") and abs(imp.values.sum() - 1) < 1e-6
     few = dd.load_trials(sf.make_experiment(tmp_path, "few", 3, seed=6, statuses=["done"] * 3).path)
-    assert dd.param_importance(few).values.empty
+    assert dsearch.param_importance(few).values.empty
 
 
 def test_parallel_dimensions_encode_categories_and_log_scale(store):
     trials = dd.load_trials(store.experiments["pacs-domain"].path)
-    dims, color = dd.parallel_dimensions(trials)
+    dims, color = dsearch.parallel_dimensions(trials)
     by_label = {d.label: d for d in dims}
     assert "log10(train.lr)" in by_label
     assert by_label["model.cut"].ticktext == sorted(set(by_label["model.cut"].ticktext))
-    assert len(color) == len(dd.finished_with_metric(trials)) == len(by_label["method.alpha"].values)
+    assert len(color) == len(dsearch.finished_with_metric(trials)) == len(by_label["method.alpha"].values)
 
 
 def test_launch_command_binds_localhost(tmp_path):

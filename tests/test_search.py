@@ -145,7 +145,8 @@ def test_exported_config_reproduces_the_trial(searched, tmp_path):
         metrics = train_run(cfg, tmp_path / "again")
     finally:
         torch.set_num_threads(threads)
-    assert metrics == json.loads((exp_dir / "trials" / trial / "metrics.json").read_text())
+    stored = json.loads((exp_dir / "trials" / trial / "metrics.json").read_text())
+    assert json.dumps(metrics, sort_keys=True) == json.dumps(stored, sort_keys=True)  # NaN-aware, exact
 
 
 def test_two_workers_hold_identical_memories(local_ray, tmp_path):

@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from tally.errors import TallyError
+from tally.search import robustness_configs
 from tally.search_space import DefineByRun, PruneAwareOptunaSearch
-from tally.spec import Spec, budget_text, dry_run_text, load_spec, robustness_configs, spec_from_raw
+from tally.spec import Spec, load_spec, spec_from_raw
+from tally.spec_text import budget_text, dry_run_text
 
 SEARCHES = Path(__file__).resolve().parents[1] / "searches"
 
@@ -242,8 +244,8 @@ def test_budget_and_dry_run_text(tmp_path, data_env):
 def test_robustness_runs(tmp_path):
     spec = load_spec(write(tmp_path, VALID + "robustness: {settings: [sub, each_domain], seeds: 2}\n"))
     runs = robustness_configs(spec, {"method.alpha": 0.7}, ["a", "b"])
-    assert [label for label, _ in runs] == ["sub/seed0", "sub/seed1", "domain:a/seed0", "domain:a/seed1",
-                                           "domain:b/seed0", "domain:b/seed1"]
+    assert [label for label, _ in runs] == ["sub-seed0", "sub-seed1", "heldout-a-seed0", "heldout-a-seed1",
+                                           "heldout-b-seed0", "heldout-b-seed1"]
     _, cfg = runs[3]
     assert cfg["data"]["setting"] == "domain" and cfg["data"]["held_out"] == ["a"]
     assert cfg["train"]["seed"] == 1 and cfg["method"]["seed"] == 1 and cfg["method"]["alpha"] == 0.7

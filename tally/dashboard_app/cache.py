@@ -12,6 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from tally import dashboard_data as dd
+from tally import dashboard_search as dsearch
 from tally import results
 
 
@@ -34,10 +35,10 @@ def run(run_dir: Path) -> results.RunRecord:
 
 
 @st.cache_data(show_spinner="Computing parameter importance ...", max_entries=16)
-def _importance(exp_dir: str, signature: str, study: tuple | None) -> dd.Importance:
-    return dd.param_importance(dd.load_trials(Path(exp_dir)))
+def _importance(exp_dir: str, signature: str, study: tuple | None) -> dsearch.Importance:
+    return dsearch.param_importance(dd.load_trials(Path(exp_dir)))
 
 
-def importance(exp_dir: Path) -> dd.Importance:
+def importance(exp_dir: Path) -> dsearch.Importance:
     study = dd.file_stamp(Path(exp_dir) / "study.db")
     return _importance(str(exp_dir), dd.experiment_signature(exp_dir), study)

@@ -15,6 +15,7 @@ import streamlit as st
 import yaml
 
 from tally import dashboard_data as dd
+from tally import dashboard_search as dsearch
 from tally import results
 from tally.dashboard_app import cache
 
@@ -214,17 +215,17 @@ def curves_view(trials: dd.TrialSet, trial_id: str) -> None:
     chosen = st.multiselect("Trials", ids, default=[trial_id] if trial_id in ids else ids[:1],
                             key=f"curve_trials:{trials.name}", max_selections=MAX_CURVE_TRIALS)
     epochs = {t: cache.run(dd.trial_dir(trials, t)).epochs for t in chosen}
-    frame = dd.curves(epochs)
+    frame = dsearch.curves(epochs)
     empty = [t for t, df in epochs.items() if df.empty]
     if empty:
         st.caption(f"No epochs.jsonl lines yet for: {', '.join(empty)}")
     if frame.empty:
         st.info("No per-epoch records for the chosen trials.")
         return
-    metrics = dd.curve_metrics(frame)
+    metrics = dsearch.curve_metrics(frame)
     vals = [m for m in metrics if m != "train_loss"]
     default = trials.selection.metric if trials.selection.metric in vals else (vals[0] if vals else None)
-    warm = dd.warmup_end(next(df for df in epochs.values() if not df.empty))
+    warm = dsearch.warmup_end(next(df for df in epochs.values() if not df.empty))
     left, right = st.columns(2)
     if "train_loss" in metrics:
         left.plotly_chart(charts.curves_figure(frame, "train_loss", warm), key="curve_loss")
@@ -237,7 +238,7 @@ def search_view(trials: dd.TrialSet) -> None:
     """How the search went: metric by trial order, parameter importance, parallel coordinates."""
     from tally.dashboard_app import charts  # plotly: imported when a chart is drawn
     metric = trials.selection.metric
-    progress = dd.search_progress(trials)
+    progress = dsearch.search_progress(trials)
     if progress.empty:
         st.info(f"No trial has {metric} yet.")
         return
@@ -251,7 +252,7 @@ def search_view(trials: dd.TrialSet) -> None:
             st.plotly_chart(charts.importance_bars(imp.values, "Parameter importance"), key="importance")
             st.caption(imp.method)
     with right:
-        dims, color = dd.parallel_dimensions(trials)
+        dims, color = dsearch.parallel_dimensions(trials)
         if len(dims) < 2:
             st.info("Parallel coordinates need searched parameters and finished trials.")
         else:

@@ -1,0 +1,108 @@
+"""Feature statistics, lambdas and the mixing formula."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from tally.method.stats import feature_stats, mix, moments, sample_lambdas
+
+
+def _maps(b=4, c=3, h=5, w=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, c, h, w, generator=g) * 3 + 2
+
+
+def test_feature_stats_match_definition():
+    z = _maps()
+    zhat, mu, sigma = feature_stats(z)
+    assert mu.shape == sigma.shape == (4, 3, 1, 1)
+    flat = z.flatten(2)
+    torch.testing.assert_close(mu.flatten(1), flat.mean(2))
+    torch.testing.assert_close(sigma.flatten(1), (flat.var(2, unbiased=False) + 1e-6).sqrt())
+    torch.testing.assert_close(zhat, (z - mu) / sigma)
+    # zhat: zero mean, (almost) unit population std per channel
+    torch.testing.assert_close(zhat.mean((2, 3)), torch.zeros(4, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(zhat.std((2, 3), unbiased=False), torch.ones(4, 3), atol=1e-4, rtol=0)
+
+
+def test_moments_is_mu_then_sigma():
+    z = torch.full((2, 2, 3, 3), 5.0) + 0.1 * torch.tensor([[-1.0, 1.0, 0.0]]).expand(3, 3)
+    mu, sigma = moments(z)
+    assert torch.allclose(mu, torch.full_like(mu, 5.0))
+    assert torch.all(sigma < 0.2) and torch.all(sigma > 0.05)
+
+
+def test_mix_with_lambda_one_returns_input_map():
+    z = _maps()
+    zhat, mu, sigma = feature_stats(z)
+    b, c = z.shape[:2]
+    junk = torch.randn_like(z) * 100
+    out = mix(
+        zhat, junk, mu, sigma, torch.randn(b, c) * 9, torch.rand(b, c) + 3, torch.ones(b), torch.ones(b)
+    )
+    torch.testing.assert_close(out, z, atol=1e-5, rtol=1e-5)
+
+
+def test_mix_formula_hand_values():
+    b, c, h, w = 2, 3, 2, 2
+    g = torch.Generator().manual_seed(1)
+    zhat, proto = torch.randn(b, c, h, w, generator=g), torch.randn(b, c, h, w, generator=g)
+    mu_n, sig_n = torch.randn(b, c, 1, 1, generator=g), torch.rand(b, c, 1, 1, generator=g) + 0.5
+    mem_mu, mem_sig = torch.randn(b, c, generator=g), torch.rand(b, c, generator=g) + 0.5
+    lam1, lam2 = torch.tensor([0.6, 0.9]), torch.tensor([0.75, 0.5])
+    out = mix(zhat, proto, mu_n, sig_n, mem_mu, mem_sig, lam1, lam2)
+    l1, l2 = lam1.view(b, 1, 1, 1), lam2.view(b, 1, 1, 1)
+    zmix = l1 * zhat + (1 - l1) * proto
+    mu_mix = l2 * mu_n + (1 - l2) * mem_mu.view(b, c, 1, 1)
+    sig_mix = l2 * sig_n + (1 - l2) * mem_sig.view(b, c, 1, 1)
+    torch.testing.assert_close(out, sig_mix * zmix + mu_mix)
+
+
+def test_mix_gradients_flow_to_inputs_not_memories():
+    z = _maps().requires_grad_()
+    zhat, mu, sigma = feature_stats(z)
+    proto = torch.randn_like(z)
+    out = mix(
+        zhat,
+        proto,
+        mu,
+        sigma,
+        torch.zeros(4, 3),
+        torch.ones(4, 3),
+        torch.full((4,), 0.7),
+        torch.full((4,), 0.7),
+    )
+    out.sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+    assert not proto.requires_grad
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_lambdas_follow_beta(fold):
+    alpha, n = 0.5, 4000
+    lam = sample_lambdas(n, alpha, fold, torch.Generator().manual_seed(3), "cpu").double().numpy()
+    assert lam.dtype == np.float64 and lam.shape == (n,)
+    if fold:
+        assert lam.min() >= 0.5 and lam.max() <= 1.0
+        cdf = lambda x: np.clip(2 * sps.beta.cdf(x, alpha, alpha) - 1, 0, 1)  # noqa: E731
+    else:
+        cdf = sps.beta(alpha, alpha).cdf
+    assert sps.kstest(lam, cdf).pvalue > 1e-3
+
+
+def test_lambdas_are_reproducible_and_checkpointable():
+    g = torch.Generator().manual_seed(7)
+    a = sample_lambdas(10, 0.2, True, g)
+    state = g.get_state()
+    b = sample_lambdas(10, 0.2, True, g)
+    assert not torch.equal(a, b)
+    g2 = torch.Generator().manual_seed(123)
+    g2.set_state(state)
+    assert torch.equal(sample_lambdas(10, 0.2, True, g2), b)
+    assert torch.equal(sample_lambdas(10, 0.2, True, torch.Generator().manual_seed(7)), a)
+
+
+def test_small_alpha_is_finite():
+    lam = sample_lambdas(2000, 0.05, False, torch.Generator().manual_seed(0))
+    assert torch.isfinite(lam).all() and lam.min() >= 0 and lam.max() <= 1
