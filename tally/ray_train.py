@@ -52,8 +52,11 @@ def train_worker(loop_config: dict) -> None:
 
 
 def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, name: str,
-                   storage_path: Path, memory_dump_dir: Path | None = None) -> None:
-    """Fit one TorchTrainer for one trial (N workers; NCCL on GPUs, gloo on CPUs)."""
+                   storage_path: Path, memory_dump_dir: Path | None = None, in_tune: bool = True) -> None:
+    """Fit one TorchTrainer for one trial (N workers; NCCL on GPUs, gloo on CPUs).
+
+    ``in_tune``: called from a Tune trial, whose reports then reach Tune; False for a plain Train run.
+    """
     gpus = resources.get("gpus_per_worker", 0)
     per_worker = {"CPU": resources.get("cpus_per_worker", 1)}
     if gpus:
@@ -67,7 +70,7 @@ def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, n
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=0, controller_failure_limit=1),
-                             callbacks=[TuneReportCallback()]),
+                             callbacks=[TuneReportCallback()] if in_tune else []),
     )
     trainer.fit()
 

@@ -155,7 +155,7 @@ def test_two_workers_hold_identical_memories(local_ray, tmp_path):
 
     cfg = validate({**BASE, "train": {**BASE["train"], "epochs": 2}})
     launch_trainer(cfg, tmp_path / "run", {}, {"workers": 2, "cpus_per_worker": 1}, name="ddp",
-                   storage_path=tmp_path / "ray", memory_dump_dir=tmp_path / "memories")
+                   storage_path=tmp_path / "ray", memory_dump_dir=tmp_path / "memories", in_tune=False)
     a = torch.load(tmp_path / "memories" / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "memories" / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys()

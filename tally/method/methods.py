@@ -231,14 +231,9 @@ class Tally(Method):
     def __init__(self, net, info, cfg=None, reduce_fn=None):
         super().__init__(net, info, cfg, reduce_fn)
         device = self._device()
-        shape = (
-            net.stem_shape(info.image_size)
-            if hasattr(net, "stem_shape")
-            else _stem_shape(net, info.image_size)
-        )
-        self.memory = FeatureMemory(info.num_classes, info.num_domains, shape, self.cfg["momentum"]).to(
-            device
-        )
+        shape = _stem_shape(net, info.image_size)
+        self.memory = FeatureMemory(info.num_classes, info.num_domains, shape, self.cfg["momentum"])
+        self.memory.to(device)
         beta = self.cfg["loss_beta"]
         w = None if beta is None else effective_number_weights(info.class_counts, beta).to(device)
         self.register_buffer("class_weight", w, persistent=False)
@@ -295,6 +290,9 @@ class Tally(Method):
 
 @torch.no_grad()
 def _stem_shape(net: nn.Module, image_size) -> tuple[int, int, int]:
+    """(C, H, W) of net.stem's output: SplitResNet.stem_shape, or one zero image in eval mode."""
+    if hasattr(net, "stem_shape"):
+        return tuple(net.stem_shape(image_size))
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     p = next(net.parameters())
     was = net.training
