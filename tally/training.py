@@ -31,6 +31,7 @@ from tally.data.bank import ImageBank, bank_for_training
 from tally.errors import TallyError
 from tally.method.backbone import SplitResNet
 from tally.method.methods import TrainInfo, build_method
+from tally.method.perf import keep_cpu_memory
 from tally.method.samplers import build_sampler
 
 CHECKPOINT_VERSION = 1
@@ -213,6 +214,8 @@ def train_run(config: dict, run_dir: str | Path, resume: bool = False, ctx: RunC
     ctx = ctx or RunContext()
     run_dir = Path(run_dir)
     device = ctx.device or resolve_device(cfg["train"]["device"])
+    if device.type == "cpu":
+        keep_cpu_memory()  # no page faults on large activations every step (bench/train_step.py)
     splits = load_splits(cfg["data"])  # bad data fail here, before anything is written
     if len(splits["train"]) == 0:
         raise TallyError("data: the training split is empty")
