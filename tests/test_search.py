@@ -193,3 +193,40 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     assert len(trial_dirs) == 3
     assert all(results.read_run(d).state == "done" for d in trial_dirs)
     assert (first_done / "eval.parquet").read_bytes() == before
+
+
+def test_dashboard_on_the_real_search_store(searched, monkeypatch):
+    from test_dashboard import check_all_views, check_grid, check_overview
+
+    _, exp_dir, _ = searched
+    root = exp_dir.parent
+    check_overview(root, monkeypatch)
+    check_grid(root, monkeypatch)
+    check_all_views(root, monkeypatch)
+
+
+def test_confirm_seeds_robustness_and_report(searched, capsys):
+    from tally.search import best_trial, confirm_seeds, robustness
+    from tally.search_cli import cmd_report
+
+    spec, exp_dir, summary = searched
+    best = best_trial(summary, spec.metric)["trial_id"]
+    confirm = confirm_seeds(spec, exp_dir, best, 2)
+    row = confirm[(confirm["split"] == "test_sub") & (confirm["metric"] == "acc")].iloc[0]
+    runs = [json.loads((exp_dir / "confirm" / f"seed{s}" / "metrics.json").read_text())["test_sub"]["acc"]
+            for s in (1, 2)]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(sum(runs) / 2)
+    assert row["stderr"] == pytest.approx(abs(runs[0] - runs[1]) / 2)
+
+    spec.resolved["robustness"] = {"settings": ["sub", "each_domain"], "seeds": 1}
+    table = robustness(spec, exp_dir, best, ["noisy"])
+    assert set(table["run"]) == {"sub-seed0", "heldout-noisy-seed0"}
+    assert set(table[table["run"] == "heldout-noisy-seed0"]["split"]) == {"test_sub", "test_domain:noisy"}
+    held = results.read_run(exp_dir / "robustness" / "heldout-noisy-seed0")
+    assert held.status["selection"]["split"] == "val" and not held.status["selection"]["oracle"]
+
+    args = type("Args", (), {"experiment": str(exp_dir), "split": None, "group": "robustness",
+                             "format": "latex"})()
+    assert cmd_report(args) == 0
+    latex = capsys.readouterr().out
+    assert "\\begin{tabular}" in latex and "noisy" in latex and "worst pair" in latex

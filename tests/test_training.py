@@ -38,6 +38,12 @@ def test_training_learns_and_writes_the_run_folder(tmp_path):
     held = run.eval_table[run.eval_table["domain"] == "noisy"]
     assert (held["n_train"] == 0).all()
 
+    # `tally evaluate` re-scores the kept checkpoint from the run folder alone: same numbers
+    from tally.evaluate_run import evaluate_run_split
+
+    table, again = evaluate_run_split(tmp_path / "run", "test_domain:noisy")
+    assert again == pytest.approx(metrics["test_domain:noisy"], nan_ok=True)
+
 
 def test_resume_ends_with_the_same_weights(tmp_path):
     cfg = tiny_config(epochs=3, steps_per_epoch=4, batch_size=16)
