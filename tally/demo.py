@@ -26,7 +26,7 @@ def run_demo(storage: Path) -> int:
     best = search.best_trial(summary, selection["metric"], selection["mode"])
     columns = ["trial_id", "status", *[c for c in summary.columns if c.startswith("param.")],
                f"val/{selection['metric']}", f"test_sub/{selection['metric']}"]
-    print(summary[[c for c in columns if c in summary]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(summary[[c for c in columns if c in summary]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if best is None:
         print("no trial finished; see the trial folders for errors")
         return 1
