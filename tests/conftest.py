@@ -35,3 +35,14 @@ def local_ray():
     connect(None, concurrency=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads slow tiny nets 10x."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

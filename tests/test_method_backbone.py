@@ -6,13 +6,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from tally.method.backbone import SplitResNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

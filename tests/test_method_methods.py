@@ -11,14 +11,7 @@ from torch import nn
 from tally.method import METHODS, SplitResNet, TrainInfo, build_method, method_defaults
 from tally.method.stats import feature_stats, mix, sample_lambdas
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads slow tiny nets 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 INFO = TrainInfo(num_classes=3, num_domains=2, class_counts=torch.tensor([20, 6, 2]), image_size=32)
