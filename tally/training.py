@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tally import evaluation, results
+from tally.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tally.config import validate
 from tally.data import load_splits
 from tally.data.augment import augment, to_float_normalized
@@ -157,41 +158,6 @@ def build_optimizer(params, train_cfg: dict, device: torch.device) -> torch.opti
     return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=train_cfg["sgd_momentum"], **fused)
 
 
-# ---------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TallyError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # a truncated or foreign file
-        raise TallyError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
-
-
 def selection_split(cfg: dict, splits: dict) -> str:
     """The split that picks the best epoch: training-domain validation unless oracle is asked for."""
     if not cfg["data"]["oracle_selection"]:
@@ -277,7 +243,7 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         source.load_state_dict(state["source"][min(ctx.rank, len(state["source"]) - 1)])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         if ctx.is_main:
             results.truncate_epochs(run_dir, state["epoch"])
@@ -320,7 +286,7 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
         if ctx.is_main:
             save_checkpoint(last_path, {
                 "version": CHECKPOINT_VERSION, "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "source": sources, "rng": _rng_state(),
+                "optimizer": optimizer.state_dict(), "source": sources, "rng": rng_state(),
                 "epoch": epoch, "best": best})
             record["seconds"] = round(time.time() - t0, 3)
             record["best_epoch"] = best["epoch"]
