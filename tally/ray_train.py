@@ -19,7 +19,6 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tally import results
-from tally.training import RunContext, train_run
 
 OBJECTIVE = "objective"  # the best-so-far validation selection metric of a trial
 FINAL = "final"          # 1 on a trial's last report: it ran to the end (not stopped early)
@@ -27,6 +26,10 @@ FINAL = "final"          # 1 on a trial's last report: it ran to the end (not st
 
 def train_worker(loop_config: dict) -> None:
     """Runs in every Train worker: the same training function as `tally train`."""
+    # imported here, not at the top: the trial actor and the Train controller unpickle this
+    # module too, and torchvision's import (torch._dynamo) costs them seconds per trial
+    from tally.training import RunContext, train_run
+
     context = ray.train.get_context()
     metric = loop_config["config"]["train"]["selection_metric"]
     best = {"value": -math.inf}

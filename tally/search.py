@@ -7,6 +7,7 @@ optuna-dashboard can open it and a resumed search continues the same study.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -36,10 +37,30 @@ def connect(address: str | None, concurrency: int, quiet: bool = True) -> None:
     if address:
         ray.init(address=address, log_to_driver=not quiet)
         return
+    # One machine: nothing preempts it, and the Train controller's default 2 s poll only delays
+    # the end of every trial (bench/search_overhead.py: teardown 4.7 s -> 1.7 s per trial).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # The dashboard process serves the State API that Train's PlacementGroupCleaner needs to free
     # the workers of a trial stopped early; without it the next trial waits forever on 2 CPUs.
     ray.init(address="local", include_dashboard=True, resources={TRAIN_DRIVER: concurrency}, log_to_driver=not quiet,
              object_store_memory=256 * 2**20, configure_logging=True, logging_level="ERROR")
+
+
+@contextlib.contextmanager
+def _console(quiet: bool):
+    """Quiet: no Tune tables on the console. Ray 2.60's new output engine prints its experiment
+    table and result paths even at verbose=0; the legacy reporter at verbose=0 prints nothing."""
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if quiet:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if quiet and previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT")
+        elif quiet:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
 
 
 def driver_resources() -> dict:
@@ -159,7 +180,8 @@ def run_search(spec, storage: str | Path, address: str | None = None, resume: bo
                                       callbacks=[StoreCallback(str(exp_dir))], verbose=0 if quiet else 1,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-    tuner.fit()
+    with _console(quiet):
+        tuner.fit()
     return results.refresh_summary(exp_dir)
 
 
@@ -172,7 +194,8 @@ def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: di
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=group, storage_path=str(exp_dir / "ray"), verbose=0,
                                   callbacks=[StoreCallback(str(exp_dir), group)]))
-    tuner.fit()
+    with _console(quiet=True):
+        tuner.fit()
     return {run_id: results.read_json(exp_dir / group / run_id / "metrics.json") or {} for run_id in configs}
 
 

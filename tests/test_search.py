@@ -189,6 +189,7 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
 
     proc = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=800, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Configuration for experiment" not in proc.stdout, "Tune's tables are not quiet"
     trial_dirs = list(results.iter_trial_dirs(exp_dir))
     assert len(trial_dirs) == 3
     assert all(results.read_run(d).state == "done" for d in trial_dirs)
@@ -230,3 +231,18 @@ def test_confirm_seeds_robustness_and_report(searched, capsys):
     assert cmd_report(args) == 0
     latex = capsys.readouterr().out
     assert "\\begin{tabular}" in latex and "noisy" in latex and "worst pair" in latex
+
+
+def test_quiet_console_sets_and_restores_the_output_switch(monkeypatch):
+    from tally.search import _console
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    with _console(quiet=True):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT")
+    with _console(quiet=True):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    with _console(quiet=False):
+        assert "RAY_AIR_NEW_OUTPUT" not in os.environ
