@@ -157,6 +157,8 @@ def run_search(spec, storage: str | Path, address: str | None = None, resume: bo
     else:
         import optuna
 
+        if quiet:  # its "new study created" line is noise next to the CLI's own output
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
         selection = spec.resolved["selection"]
         storage_url = f"sqlite:///{exp_dir / 'study.db'}"
         searcher = PruneAwareOptunaSearch(

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from tally import evaluation, results
@@ -29,6 +28,7 @@ from tally.config import validate
 from tally.data import load_splits
 from tally.data.augment import augment, to_float_normalized
 from tally.data.bank import ImageBank, bank_for_training
+from tally.distributed import DistributedSync, broadcast_object, gather_is_cheaper, gather_object
 from tally.errors import TallyError
 from tally.method.backbone import SplitResNet
 from tally.method.methods import TrainInfo, build_method
@@ -70,9 +70,11 @@ class _LossModule(nn.Module):
         return self.method.loss(batches, phase)
 
 
-def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def memory_sync(num_classes: int, world_size: int, batch_size: int) -> DistributedSync | None:
+    """None for one process; else the cheaper way to share memory updates (tally.distributed)."""
+    if world_size == 1:
+        return None
+    return DistributedSync(gather_classes=gather_is_cheaper(num_classes, world_size, batch_size))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -223,7 +225,7 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     distributed = ctx.world_size > 1
     method = build_method(cfg["method"]["name"], net, info,
                           {k: v for k, v in cfg["method"].items() if k != "name"},
-                          reduce_fn=_all_reduce_sum if distributed else None).to(device)
+                          sync=memory_sync(info.num_classes, ctx.world_size, tcfg["batch_size"])).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     loss_module: nn.Module = _LossModule(method)
@@ -281,8 +283,8 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
                 best = {"value": key[0], "tiebreak": key[1], "epoch": epoch}
                 save_checkpoint(run_dir / "checkpoints" / "best.pt",
                                 {"model": method.state_dict(), "epoch": epoch})
-        best = _broadcast_object(best, distributed)
-        sources = _gather_object(source.state_dict(), distributed)
+        best = broadcast_object(best, distributed)
+        sources = gather_object(source.state_dict(), distributed)
         if ctx.is_main:
             save_checkpoint(last_path, {
                 "version": CHECKPOINT_VERSION, "model": method.state_dict(),
@@ -344,22 +346,6 @@ def _train_epoch(loss_module, optimizer, source: BatchSource, kinds, phase, step
 
 def _finite(x: float) -> float:
     return -math.inf if x is None or math.isnan(x) else x
-
-
-def _broadcast_object(obj, distributed: bool):
-    if not distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather_object(obj, distributed: bool) -> list:
-    if not distributed:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def finalize(cfg, run_dir: Path, method, banks, splits, train_counts, device) -> dict:

@@ -64,14 +64,28 @@ def test_initial_state_is_not_noise():
     assert list(mem.parameters()) == []
 
 
+class OneWorkerSync:
+    """A MemorySync for a world of one: the DDP code paths without a process group."""
+
+    def __init__(self, gather_classes: bool):
+        self.gather_classes = gather_classes
+
+    def all_reduce_sum(self, tensors):
+        pass
+
+    def all_gather(self, tensor):
+        return tensor
+
+
 def test_updates_follow_formula_first_observation_and_absent_untouched():
-    for reduce_fn in (None, lambda sums: None):  # sparse path and dense (DDP) path
+    # sparse path, dense (DDP) path, gathered (DDP) path
+    for sync in (None, OneWorkerSync(gather_classes=False), OneWorkerSync(gather_classes=True)):
         mem = FeatureMemory(K, D, SHAPE, 0.8)
         for step, classes in enumerate([(0, 1), (0, 1, 3), (1,)]):
             batch = _batch(6, step, classes=classes)
             zhat, y, mu, sigma, d = batch
             before = _copy(mem)
-            mem.update((zhat, y), (mu, sigma, d), reduce_fn=reduce_fn)
+            mem.update((zhat, y), (mu, sigma, d), sync)
             _check(mem, *_expected(before, *batch, 0.8))
         # class 2 and domain 1 never observed: untouched and unseen
         assert torch.all(mem.prototypes[2] == 0) and not mem.class_seen[2]
@@ -104,6 +118,18 @@ def test_class_and_domain_parts_are_independent():
     assert mem.domain_seen.any()
 
 
+class AddOtherSync(OneWorkerSync):
+    """A fake all-reduce SUM between two workers: adds the other worker's local sums in place."""
+
+    def __init__(self, other_sums):
+        super().__init__(gather_classes=False)
+        self.other_sums = other_sums
+
+    def all_reduce_sum(self, tensors):
+        for t, o in zip(tensors, self.other_sums, strict=True):
+            t.add_(o)
+
+
 def test_two_workers_reduced_equal_one_big_batch():
     m = 0.8
     ref = FeatureMemory(K, D, SHAPE, m)
@@ -112,16 +138,9 @@ def test_two_workers_reduced_equal_one_big_batch():
         b1, b2 = _batch(5, 10 + step, classes=(0, 1)), _batch(7, 20 + step, classes=(1, 3))
         big = [torch.cat([u, v]) for u, v in zip(b1, b2, strict=True)]
         ref.update((big[0], big[1]), (big[2], big[3], big[4]))
-        # a fake all-reduce SUM: each worker adds the other's local sums in place
         local = [w.batch_sums(*b) for w, b in zip(workers, (b1, b2), strict=True)]
         for i, (w, b) in enumerate(zip(workers, (b1, b2), strict=True)):
-            other = local[1 - i]
-
-            def reduce_fn(sums, other=other):
-                for t, o in zip(sums, other, strict=True):
-                    t.add_(o)
-
-            w.update((b[0], b[1]), (b[2], b[3], b[4]), reduce_fn=reduce_fn)
+            w.update((b[0], b[1]), (b[2], b[3], b[4]), AddOtherSync(local[1 - i]))
         for w in workers:
             _check(w, ref.prototypes, ref.domain_mean, ref.domain_std)
             assert torch.equal(w.class_seen, ref.class_seen) and torch.equal(w.domain_seen, ref.domain_seen)

@@ -149,11 +149,14 @@ def test_exported_config_reproduces_the_trial(searched, tmp_path):
     assert json.dumps(metrics, sort_keys=True) == json.dumps(stored, sort_keys=True)  # NaN-aware, exact
 
 
-def test_two_workers_hold_identical_memories(local_ray, tmp_path):
+@pytest.mark.parametrize("batch_size", [16, 8], ids=["dense-all-reduce", "gathered-batch"])
+def test_two_workers_hold_identical_memories(local_ray, tmp_path, batch_size):
     from tally.config import validate
+    from tally.distributed import gather_is_cheaper
     from tally.ray_train import launch_trainer
 
-    cfg = validate({**BASE, "train": {**BASE["train"], "epochs": 2}})
+    cfg = validate({**BASE, "train": {**BASE["train"], "epochs": 2, "batch_size": batch_size}})
+    assert gather_is_cheaper(10, 2, batch_size) == (batch_size == 8)  # both sync paths run here
     launch_trainer(cfg, tmp_path / "run", {}, {"workers": 2, "cpus_per_worker": 1}, name="ddp",
                    storage_path=tmp_path / "ray", memory_dump_dir=tmp_path / "memories", in_tune=False)
     a = torch.load(tmp_path / "memories" / "rank0.pt", weights_only=True)

@@ -7,12 +7,22 @@ Updates are scatter ops (index_add_), with no per-class Python loop and no host 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-ReduceFn = Callable[[list[torch.Tensor]], object]
+
+class MemorySync(Protocol):
+    """How DDP workers combine their memory updates (tally.distributed implements it)."""
+
+    gather_classes: bool  # share the global batch's rows, not dense per-class sums
+
+    def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None: ...  # in place
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor: ...  # every worker's rows, rank order
 
 
 class FeatureMemory(nn.Module):
@@ -116,27 +126,59 @@ class FeatureMemory(nn.Module):
         self.class_seen.index_fill_(0, y, True)
 
     @torch.no_grad()
+    def _update_classes_gathered(self, zhat: torch.Tensor, y: torch.Tensor) -> None:
+        """The class update from the global batch (every worker's rows), bit-identical on every worker.
+
+        Per-class sums are a matmul of a one-hot (present classes x rows) with the rows rather than
+        index_add_: CUDA's atomic adds may sum in a different order on each worker, the same matmul
+        of the same inputs does not. Full float32 precision: TF32 would round the sums.
+        """
+        p = self.prototypes
+        classes, inverse = torch.unique(y, return_inverse=True)
+        onehot = F.one_hot(inverse, classes.numel()).T.to(p.dtype)
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            sums = onehot @ zhat.reshape(zhat.shape[0], -1).to(p.dtype)
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        mean = (sums / onehot.sum(1, keepdim=True)).reshape(-1, *p.shape[1:])
+        seen = self.class_seen[classes].reshape(-1, *(1,) * (p.dim() - 1))
+        p.index_copy_(0, classes, torch.where(seen, torch.lerp(mean, p[classes], self.momentum), mean))
+        self.class_seen[classes] = True
+
+    @torch.no_grad()
     def update(
         self,
         class_part: tuple[torch.Tensor, torch.Tensor] | None = None,
         domain_part: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-        reduce_fn: ReduceFn | None = None,
+        sync: MemorySync | None = None,
     ) -> None:
         """Update from class_part = (zhat, y) and domain_part = (mu, sigma, d); inputs are detached.
 
-        With reduce_fn (DDP: all-reduce SUM of a list of tensors, in place) the dense per-class and
-        per-domain sums of every worker are reduced first, so every worker applies the same global
-        update and keeps identical memories. Without it (one process) the class part takes a sparse
-        path that touches only the batch's classes. Every worker must call update in the same order.
+        Without sync (one process) the class part takes a sparse path that touches only the batch's
+        classes. With sync (DDP) every worker applies the same global update and keeps identical
+        memories: either the dense per-class and per-domain sums are all-reduced, or (gather_classes,
+        cheaper when the global batch has fewer rows than there are classes) the batch's rows are
+        all-gathered and the small domain sums all-reduced. Every worker must call update in the same
+        order with the same parts given.
         """
-        if reduce_fn is not None:
-            zhat, y = class_part if class_part is not None else (None, None)
-            mu, sigma, d = domain_part if domain_part is not None else (None, None, None)
-            sums = self.batch_sums(zhat, y, mu, sigma, d)
-            reduce_fn(sums)
-            self.apply(sums)
+        if sync is None:
+            if class_part is not None:
+                self._update_classes_sparse(*class_part)
+            if domain_part is not None:
+                self._apply_domains(*self._domain_sums(*domain_part))
             return
-        if class_part is not None:
-            self._update_classes_sparse(*class_part)
-        if domain_part is not None:
-            self._apply_domains(*self._domain_sums(*domain_part))
+        mu, sigma, d = domain_part if domain_part is not None else (None, None, None)
+        if sync.gather_classes:
+            if class_part is not None:
+                zhat, y = class_part
+                self._update_classes_gathered(sync.all_gather(zhat.detach().contiguous()), sync.all_gather(y))
+            sums = self._domain_sums(mu, sigma, d)
+            sync.all_reduce_sum(sums)
+            self._apply_domains(*sums)
+            return
+        zhat, y = class_part if class_part is not None else (None, None)
+        sums = self.batch_sums(zhat, y, mu, sigma, d)
+        sync.all_reduce_sum(sums)
+        self.apply(sums)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tally.method.losses import balanced_softmax_loss, effective_number_weights, focal_loss, log_prior
-from tally.method.memory import FeatureMemory, ReduceFn
+from tally.method.memory import FeatureMemory, MemorySync
 from tally.method.stats import mix, moments, sample_lambdas, to_device
 
 PHASES = ("warmup", "main")
@@ -70,12 +70,12 @@ class Method(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(
-        self, net: nn.Module, info: TrainInfo, cfg: dict | None = None, reduce_fn: ReduceFn | None = None
+        self, net: nn.Module, info: TrainInfo, cfg: dict | None = None, sync: MemorySync | None = None
     ):
         super().__init__()
         self.net = net
         self.info = info
-        self.reduce_fn = reduce_fn
+        self.sync = sync
         self.cfg = self.resolve_config(cfg)
         seed = self.cfg["seed"]
         if seed is None:
@@ -148,8 +148,8 @@ class Reweight(Method):
 
     defaults = {"beta": 0.999}
 
-    def __init__(self, net, info, cfg=None, reduce_fn=None):
-        super().__init__(net, info, cfg, reduce_fn)
+    def __init__(self, net, info, cfg=None, sync=None):
+        super().__init__(net, info, cfg, sync)
         w = effective_number_weights(info.class_counts, self.cfg["beta"])
         self.register_buffer("class_weight", w.to(self._device()), persistent=False)
 
@@ -162,8 +162,8 @@ class Reweight(Method):
 class BalancedSoftmax(Method):
     """Balanced softmax: CE on logits + log class prior; prediction uses the plain logits."""
 
-    def __init__(self, net, info, cfg=None, reduce_fn=None):
-        super().__init__(net, info, cfg, reduce_fn)
+    def __init__(self, net, info, cfg=None, sync=None):
+        super().__init__(net, info, cfg, sync)
         self.register_buffer("log_prior", log_prior(info.class_counts).to(self._device()), persistent=False)
 
     def loss(self, batches, phase):
@@ -228,8 +228,8 @@ class Tally(Method):
         "domain_balanced": True,
     }
 
-    def __init__(self, net, info, cfg=None, reduce_fn=None):
-        super().__init__(net, info, cfg, reduce_fn)
+    def __init__(self, net, info, cfg=None, sync=None):
+        super().__init__(net, info, cfg, sync)
         device = self._device()
         shape = _stem_shape(net, info.image_size)
         self.memory = FeatureMemory(info.num_classes, info.num_domains, shape, self.cfg["momentum"])
@@ -258,7 +258,7 @@ class Tally(Method):
         with torch.no_grad():
             zf = z.detach().float()
             mu, sigma = moments(zf)
-            self.memory.update(((zf - mu) / sigma, y), (mu, sigma, d), self.reduce_fn)
+            self.memory.update(((zf - mu) / sigma, y), (mu, sigma, d), self.sync)
         return loss
 
     def _main_loss(self, batch_a: Batch, batch_n: Batch) -> torch.Tensor:
@@ -284,7 +284,7 @@ class Tally(Method):
         z_mix = mix(zhat_a, proto, mu_n, sig_n, mem.domain_mean[dn], mem.domain_std[dn], lam1, lam2)
         loss = F.cross_entropy(self.net.head(z_mix), ya, weight=self.class_weight)
 
-        mem.update((zhat_a.detach(), ya), (mu_n.detach(), sig_n.detach(), dn), self.reduce_fn)
+        mem.update((zhat_a.detach(), ya), (mu_n.detach(), sig_n.detach(), dn), self.sync)
         return loss
 
 
@@ -311,9 +311,9 @@ def method_defaults(name: str) -> dict[str, Any]:
 
 
 def build_method(
-    name: str, net: nn.Module, info: TrainInfo, cfg: dict | None = None, reduce_fn: ReduceFn | None = None
+    name: str, net: nn.Module, info: TrainInfo, cfg: dict | None = None, sync: MemorySync | None = None
 ) -> Method:
     """Build a registered method; cfg holds method params only (a `name` key, if present, must match)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
-    return METHODS[name](net, info, cfg, reduce_fn)
+    return METHODS[name](net, info, cfg, sync)
