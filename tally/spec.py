@@ -8,9 +8,7 @@ schema by substituting it into `base`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,14 +18,10 @@ import yaml
 
 from tally import config as config_mod
 from tally.errors import TallyError
+from tally.spec_checks import check_int, check_number, section, set_dotted
+from tally.spec_space import check_space, upper_bound
 
 TOP_KEYS = ("name", "base", "space", "start_with", "selection", "budget", "resources", "seed", "robustness")
-DISTRIBUTIONS = {  # type -> (required keys, optional keys)
-    "uniform": (("low", "high"), ()),
-    "loguniform": (("low", "high"), ()),
-    "int": (("low", "high"), ("step",)),
-    "categorical": (("choices",), ()),
-}
 ROBUSTNESS_SETTINGS = ("sub", "each_domain")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -85,7 +79,7 @@ class Spec:
         for dotted, value in params.items():
             if "." not in dotted or dotted.split(".", 1)[0] not in config_mod.SECTIONS:
                 raise TallyError(f"trial params: {dotted!r} is not a SECTION.FIELD run-config path")
-            _set(raw, dotted, value)
+            set_dotted(raw, dotted, value)
         try:
             return config_mod.validate(raw, source="trial config")
         except TallyError as e:
@@ -135,7 +129,7 @@ def validate_spec(raw, source: str = "spec", *, name: str | None = None) -> dict
     out["base"] = _validate_base(raw_base)
     if "seed" in out["base"]["method"] and (raw_base.get("method") or {}).get("seed") is None:
         out["base"]["method"]["seed"] = None  # follows train.seed; filled in each trial config
-    out["space"] = _check_space(raw.get("space"), raw_base, out["base"])
+    out["space"] = check_space(raw.get("space"), raw_base, out["base"])
     out["selection"] = _check_selection(raw.get("selection"))
     # a trial's best epoch and the search's best trial are picked by the same validation metric
     given = (raw_base.get("train") or {}).get("selection_metric")
@@ -146,7 +140,7 @@ def validate_spec(raw, source: str = "spec", *, name: str | None = None) -> dict
     out["budget"] = _check_budget(raw.get("budget"), out)
     out["resources"] = _check_resources(raw.get("resources"))
     seed = raw.get("seed", 0)
-    out["seed"] = None if seed is None else _int("seed", seed, 0)
+    out["seed"] = None if seed is None else check_int("seed", seed, 0)
     out["robustness"] = _check_robustness(raw.get("robustness"), out["base"])
     out["start_with"] = _check_start_with(raw.get("start_with"), out["space"], out["budget"]["trials"])
     return out
@@ -185,7 +179,7 @@ def _validate_base(raw_base: dict) -> dict:
 
 
 def _check_selection(raw) -> dict:
-    sel = _section("selection", raw, DEFAULT_SELECTION)
+    sel = section("selection", raw, DEFAULT_SELECTION)
     if sel["metric"] not in config_mod.METRICS:
         raise TallyError(f"selection.metric: expected one of {', '.join(config_mod.METRICS)}, "
                          f"got {sel['metric']!r}")
@@ -199,17 +193,17 @@ def _check_budget(raw, spec: dict) -> dict:
         raise TallyError(f"budget: expected a mapping with trials (and concurrency, early_stopping), got {raw!r}")
     if "trials" not in raw:
         raise TallyError("budget.trials: missing (how many trials to run, an integer >= 1)")
-    budget = _section("budget", raw, {"trials": None, "concurrency": 1, "early_stopping": None})
-    budget["trials"] = _int("budget.trials", budget["trials"], 1)
-    budget["concurrency"] = _int("budget.concurrency", budget["concurrency"], 1)
+    budget = section("budget", raw, {"trials": None, "concurrency": 1, "early_stopping": None})
+    budget["trials"] = check_int("budget.trials", budget["trials"], 1)
+    budget["concurrency"] = check_int("budget.concurrency", budget["concurrency"], 1)
     es = budget["early_stopping"]
     if isinstance(es, bool):  # `early_stopping: false` as a shorthand
         es = {"enabled": es}
-    es = _section("budget.early_stopping", es, DEFAULT_EARLY_STOPPING)
+    es = section("budget.early_stopping", es, DEFAULT_EARLY_STOPPING)
     if not isinstance(es["enabled"], bool):
         raise TallyError(f"budget.early_stopping.enabled: expected true or false, got {es['enabled']!r}")
-    es["grace_epochs"] = _int("budget.early_stopping.grace_epochs", es["grace_epochs"], 1)
-    es["reduction_factor"] = _int("budget.early_stopping.reduction_factor", es["reduction_factor"], 2)
+    es["grace_epochs"] = check_int("budget.early_stopping.grace_epochs", es["grace_epochs"], 1)
+    es["reduction_factor"] = check_int("budget.early_stopping.reduction_factor", es["reduction_factor"], 2)
     epochs = upper_bound(spec, "train.epochs")
     if es["enabled"] and es["grace_epochs"] >= epochs:
         raise TallyError(f"budget.early_stopping.grace_epochs: expected < train.epochs ({epochs}) when early "
@@ -219,12 +213,12 @@ def _check_budget(raw, spec: dict) -> dict:
 
 
 def _check_resources(raw) -> dict:
-    res = _section("resources", raw, DEFAULT_RESOURCES)
-    res["workers"] = _int("resources.workers", res["workers"], 1)
-    cpus = _number("resources.cpus_per_worker", res["cpus_per_worker"], "a number > 0")
+    res = section("resources", raw, DEFAULT_RESOURCES)
+    res["workers"] = check_int("resources.workers", res["workers"], 1)
+    cpus = check_number("resources.cpus_per_worker", res["cpus_per_worker"], "a number > 0")
     if cpus <= 0:
         raise TallyError(f"resources.cpus_per_worker: expected a number > 0, got {res['cpus_per_worker']!r}")
-    gpus = _number("resources.gpus_per_worker", res["gpus_per_worker"], "a number >= 0")
+    gpus = check_number("resources.gpus_per_worker", res["gpus_per_worker"], "a number >= 0")
     if gpus < 0:
         raise TallyError(f"resources.gpus_per_worker: expected a number >= 0, got {res['gpus_per_worker']!r}")
     res["cpus_per_worker"], res["gpus_per_worker"] = cpus, gpus
@@ -257,7 +251,7 @@ def _check_start_with(raw, space: dict, trials: int) -> list[dict]:
 
 
 def _check_robustness(raw, base: dict) -> dict:
-    rob = _section("robustness", raw, {"settings": [], "seeds": 1})
+    rob = section("robustness", raw, {"settings": [], "seeds": 1})
     settings = rob["settings"]
     if isinstance(settings, str):
         settings = [settings]
@@ -273,176 +267,4 @@ def _check_robustness(raw, base: dict) -> dict:
     if "each_domain" in settings and base["data"]["source"] == "wilds":
         raise TallyError("robustness.settings: each_domain is not available for data.source 'wilds' "
                          "(iWildCam keeps the WILDS split)")
-    return {"settings": list(settings), "seeds": _int("robustness.seeds", rob["seeds"], 1)}
-
-
-# --- the space -----------------------------------------------------------------------------------------
-
-def _check_space(raw, raw_base: dict, base: dict) -> dict:
-    if not isinstance(raw, dict) or not raw:
-        raise TallyError(f"space: expected a mapping of run-config paths to distributions "
-                         f"(at least one), got {raw!r}")
-    space: dict[str, dict] = {}
-    for path, entry in raw.items():
-        _check_path(path, base)
-        space[path] = _check_param(path, entry, space)
-        for key, value in _bounds(space[path]):
-            _check_substituted(path, key, value, raw_base)
-    return space
-
-
-def _check_path(path, base: dict) -> None:
-    where = f"space.{path}"
-    if not isinstance(path, str) or path.count(".") != 1:
-        raise TallyError(f"{where}: expected a SECTION.FIELD run-config path (e.g. train.lr)")
-    section, field = path.split(".")
-    if section in config_mod.SCHEMA:
-        if field not in config_mod.SCHEMA[section]:
-            raise TallyError(f"{where}: {field!r} is not a field of {section} (expected one of "
-                             f"{', '.join(config_mod.SCHEMA[section])})")
-    elif section == "method":
-        method = base["method"]
-        if field == "name":
-            raise TallyError(f"{where}: the method itself is not searchable; write one spec per method")
-        if field not in method:
-            params = ", ".join(k for k in method if k != "name")
-            raise TallyError(f"{where}: not a parameter of method {method['name']!r} (expected one of {params})")
-    else:
-        raise TallyError(f"{where}: unknown section {section!r} (expected one of {', '.join(config_mod.SECTIONS)})")
-
-
-def _check_param(path: str, entry, earlier: dict) -> dict:
-    where = f"space.{path}"
-    if not isinstance(entry, dict):
-        raise TallyError(f"{where}: expected a mapping with a type ({', '.join(DISTRIBUTIONS)}), got {entry!r}")
-    kind = entry.get("type")
-    if kind not in DISTRIBUTIONS:
-        raise TallyError(f"{where}.type: expected one of {', '.join(DISTRIBUTIONS)}, got {kind!r}")
-    required, optional = DISTRIBUTIONS[kind]
-    allowed = ("type", *required, *optional, "when")
-    for key in entry:
-        if key not in allowed:
-            raise TallyError(f"{where}.{key}: unknown key for a {kind} distribution "
-                             f"(expected {', '.join(allowed)})")
-    for key in required:
-        if key not in entry:
-            raise TallyError(f"{where}.{key}: missing (a {kind} distribution needs {' and '.join(required)})")
-    out: dict = {"type": kind}
-    if kind == "categorical":
-        out["choices"] = _check_choices(where, entry["choices"])
-    elif kind == "int":
-        out["low"] = _int(f"{where}.low", entry["low"], None, f"an integer for an {kind} distribution")
-        out["high"] = _int(f"{where}.high", entry["high"], None, f"an integer for an {kind} distribution")
-        out["step"] = _int(f"{where}.step", entry.get("step", 1), 1)
-        if out["low"] >= out["high"]:
-            raise TallyError(f"{where}.high: expected > low ({out['low']}), got {out['high']}")
-        if (out["high"] - out["low"]) % out["step"]:
-            raise TallyError(f"{where}.high: expected low + a multiple of step ({out['step']}), got {out['high']}")
-    else:
-        out["low"] = _number(f"{where}.low", entry["low"], "a number")
-        out["high"] = _number(f"{where}.high", entry["high"], "a number")
-        if kind == "loguniform" and out["low"] <= 0:
-            raise TallyError(f"{where}.low: expected a number > 0 for a loguniform, got {entry['low']!r}")
-        if out["low"] >= out["high"]:
-            raise TallyError(f"{where}.high: expected > low ({out['low']}), got {entry['high']!r}")
-        out["low"], out["high"] = float(out["low"]), float(out["high"])
-    if entry.get("when") is not None:
-        out["when"] = _check_when(where, entry["when"], earlier)
-    return out
-
-
-def _check_choices(where: str, choices) -> list:
-    if not isinstance(choices, list) or not choices:
-        raise TallyError(f"{where}.choices: expected a non-empty list, got {choices!r}")
-    seen = set()
-    for i, c in enumerate(choices):
-        if c is not None and not isinstance(c, bool | int | float | str):
-            raise TallyError(f"{where}.choices[{i}]: expected null, true/false, a number or a string, got {c!r}")
-        if isinstance(c, float) and not math.isfinite(c):
-            raise TallyError(f"{where}.choices[{i}]: expected a finite number, got {c!r}")
-        key = (type(c).__name__, c)
-        if key in seen:
-            raise TallyError(f"{where}.choices[{i}]: {c!r} is listed twice")
-        seen.add(key)
-    return list(choices)
-
-
-def _check_when(where: str, when, earlier: dict) -> dict:
-    if not isinstance(when, dict) or not when:
-        raise TallyError(f"{where}.when: expected a mapping {{earlier categorical param: value}}, got {when!r}")
-    for ref, value in when.items():
-        parent = earlier.get(ref)
-        if parent is None:
-            raise TallyError(f"{where}.when: {ref!r} is not an earlier parameter of the space "
-                             "(a condition refers to a categorical listed above it)")
-        if parent["type"] != "categorical":
-            raise TallyError(f"{where}.when: {ref!r} is a {parent['type']} parameter; conditions need a categorical")
-        if not any(type(value) is type(c) and value == c for c in parent["choices"]):
-            raise TallyError(f"{where}.when.{ref}: expected one of {ref}'s choices {parent['choices']!r}, "
-                             f"got {value!r}")
-    return dict(when)
-
-
-def _bounds(param: dict):
-    """(key, value) pairs to try in base: both ends of a range, or each choice."""
-    if param["type"] == "categorical":
-        return [(f"choices[{i}]", c) for i, c in enumerate(param["choices"])]
-    return [("low", param["low"]), ("high", param["high"])]
-
-
-def _check_substituted(path: str, key: str, value, raw_base: dict) -> None:
-    """A bound or choice must make a valid run config on its own (e.g. warmup_epochs <= epochs)."""
-    where = f"space.{path}.{key}"
-    trial = copy.deepcopy(raw_base)
-    _set(trial, path, value)
-    try:
-        config_mod.validate(trial, source="base")
-    except TallyError as e:
-        raise TallyError(f"{where}: {value!r} gives an invalid run config ({e})") from None
-
-
-# --- small checks --------------------------------------------------------------------------------------
-
-def _section(path: str, raw, defaults: dict) -> dict:
-    if raw is None:
-        return copy.deepcopy(defaults)
-    if not isinstance(raw, dict):
-        raise TallyError(f"{path}: expected a mapping with keys {', '.join(defaults)}, got {raw!r}")
-    for key in raw:
-        if key not in defaults:
-            raise TallyError(f"{path}.{key}: unknown key (expected one of {', '.join(defaults)})")
-    return {**copy.deepcopy(defaults), **raw}
-
-
-def _set(config: dict, dotted: str, value) -> None:
-    section, _, field = dotted.partition(".")
-    if config.get(section) is None:  # `method:` left empty in YAML
-        config[section] = {}
-    config_mod.set_path(config, dotted, value)
-
-
-def _int(path: str, value, low: int | None, expected: str | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-        text = expected or (f"an integer >= {low}" if low is not None else "an integer")
-        raise TallyError(f"{path}: expected {text}, got {value!r}")
-    return value
-
-
-def _number(path: str, value, expected: str) -> float | int:
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):  # a 1e-5 that reached us as a string
-            value = float(value)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise TallyError(f"{path}: expected {expected}, got {value!r}")
-    return value
-
-
-def upper_bound(spec: dict, path: str):
-    """The largest value a run-config field can take in this search (the base value if not searched)."""
-    param = spec["space"].get(path)
-    section, field = path.split(".")
-    if param is None:
-        return spec["base"][section][field]
-    if param["type"] == "categorical":
-        return max(c for c in param["choices"] if c is not None)
-    return param["high"]
+    return {"settings": list(settings), "seeds": check_int("robustness.seeds", rob["seeds"], 1)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tally.spec import upper_bound
+from tally.spec_space import upper_bound
 
 if TYPE_CHECKING:
     from tally.spec import Spec
