@@ -43,6 +43,13 @@ class DistributedSync:
         return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
 
+def memory_sync(num_classes: int, world_size: int, batch_size: int) -> DistributedSync | None:
+    """None for one process; else the cheaper of the two ways to share memory updates."""
+    if world_size == 1:
+        return None
+    return DistributedSync(gather_classes=gather_is_cheaper(num_classes, world_size, batch_size))
+
+
 def broadcast_object(obj, distributed: bool):
     """Rank 0's obj on every worker."""
     if not distributed:

@@ -28,7 +28,7 @@ from tally.config import validate
 from tally.data import load_splits
 from tally.data.augment import augment, to_float_normalized
 from tally.data.bank import ImageBank, bank_for_training
-from tally.distributed import DistributedSync, broadcast_object, gather_is_cheaper, gather_object
+from tally.distributed import broadcast_object, gather_object, memory_sync
 from tally.errors import TallyError
 from tally.method.backbone import SplitResNet
 from tally.method.methods import TrainInfo, build_method
@@ -68,13 +68,6 @@ class _LossModule(nn.Module):
 
     def forward(self, batches, phase: str):
         return self.method.loss(batches, phase)
-
-
-def memory_sync(num_classes: int, world_size: int, batch_size: int) -> DistributedSync | None:
-    """None for one process; else the cheaper way to share memory updates (tally.distributed)."""
-    if world_size == 1:
-        return None
-    return DistributedSync(gather_classes=gather_is_cheaper(num_classes, world_size, batch_size))
 
 
 def resolve_device(name: str) -> torch.device:

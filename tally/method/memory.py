@@ -159,8 +159,8 @@ class FeatureMemory(nn.Module):
         Without sync (one process) the class part takes a sparse path that touches only the batch's
         classes. With sync (DDP) every worker applies the same global update and keeps identical
         memories: either the dense per-class and per-domain sums are all-reduced, or (gather_classes,
-        cheaper when the global batch has fewer rows than there are classes) the batch's rows are
-        all-gathered and the small domain sums all-reduced. Every worker must call update in the same
+        which moves less when the global batch has fewer rows than twice the classes) the batch's
+        rows are all-gathered and the small domain sums all-reduced. Every worker must call update in the same
         order with the same parts given.
         """
         if sync is None:
