@@ -11,6 +11,7 @@ import math
 import numbers
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -61,8 +62,14 @@ class PruneAwareOptunaSearch(OptunaSearch):
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, list) or _finite(result.get(self.metric)):
+        if not (isinstance(self.metric, list) or _finite(result.get(self.metric))):
+            return
+        try:
             super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            # the study told it before the driver died, Tune's checkpoint had not recorded it yet:
+            # the resumed trial replays its reports; the study already has its outcome
+            logger.info("optuna: trial %s already finished in the study; result not re-reported", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if isinstance(self.metric, list):

@@ -305,3 +305,19 @@ def test_prune_aware_search_tells_optuna_what_happened(tmp_path):
     again = PruneAwareOptunaSearch(space=DefineByRun(_space(tmp_path)), metric="score", mode="max")
     again.restore(str(path))
     assert len(again._ot_study.get_trials()) == 4
+
+
+def test_resumed_search_tolerates_a_trial_the_study_already_finished(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    search = PruneAwareOptunaSearch(space=DefineByRun(_space(tmp_path)), metric="score", mode="max", seed=0,
+                                    study_name="s", storage=optuna.storages.RDBStorage(url))
+    search.suggest("t1")
+    search.on_trial_result("t1", {"score": 0.25, "training_iteration": 1})
+    search.save(str(tmp_path / "searcher.pkl"))  # Tune's checkpoint, taken before the trial ended
+    search.on_trial_complete("t1", {"score": 0.75, "final": True})  # the study is told; the driver dies
+    again = PruneAwareOptunaSearch(space=DefineByRun(_space(tmp_path)), metric="score", mode="max")
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.on_trial_result("t1", {"score": 0.5, "training_iteration": 2})  # the resumed trial goes on
+    again.on_trial_complete("t1", {"score": 0.5, "final": True})
+    (trial,) = optuna.load_study(study_name="s", storage=url).trials
+    assert trial.state.name == "COMPLETE" and trial.value == 0.75
