@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test browser lint bench clean
+.PHONY: demo test test-fast browser lint bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/ruff check tally tests bench dashboard
 	$(BIN)/python -m pytest -q tests
+
+# The fast tier: no Ray, no training beyond seconds, no browser (about 2 minutes).
+test-fast: $(STAMP)
+	$(BIN)/ruff check tally tests bench dashboard
+	$(BIN)/python -m pytest -q -m "not slow and not browser" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check tally tests bench dashboard

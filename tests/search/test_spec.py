@@ -16,7 +16,7 @@ from tally.search_space import DefineByRun, PruneAwareOptunaSearch
 from tally.spec import Spec, load_spec, spec_from_raw
 from tally.spec_text import budget_text, dry_run_text
 
-SEARCHES = Path(__file__).resolve().parents[1] / "searches"
+SEARCHES = Path(__file__).resolve().parents[2] / "searches"
 
 BASE = """\
 base:

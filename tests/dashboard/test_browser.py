@@ -26,12 +26,11 @@ import pytest
 from tally import evaluation as ev
 from tally import results
 
-sys.path.insert(0, str(Path(__file__).parent))
-import store_factory as sf  # noqa: E402
+from tests import store_factory as sf  # noqa: E402
 
 CHROMIUM = Path(os.environ.get("TALLY_TEST_CHROMIUM", "/usr/bin/chromium"))
 REQUIRE_ENV = "TALLY_REQUIRE_BROWSER"  # set by .ci/run: there a missing browser fails instead of skipping
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 START_TIMEOUT_S = 90
 UI_TIMEOUT_MS = 90_000  # generous: 2 shared CPU cores; a normal load takes a few seconds
 

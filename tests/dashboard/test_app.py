@@ -29,8 +29,7 @@ from tally import results
 from tally.dashboard_app import APP_PATH
 from tally.dashboard_app.app import ROOT_ENV, TABS
 
-sys.path.insert(0, str(Path(__file__).parent))
-import store_factory as sf  # noqa: E402
+from tests import store_factory as sf  # noqa: E402
 
 TIMEOUT = 60  # seconds per AppTest run: generous for 2 shared CPU cores; typical runs take < 2 s
 
@@ -413,7 +412,7 @@ def test_checkout_entry_point_runs_the_same_app(store, monkeypatch):
     """`streamlit run dashboard/app.py -- --root R` (the documented path) renders the packaged app."""
     monkeypatch.setattr(sys, "argv", ["dashboard/app.py", "--root", str(store.root)])
     monkeypatch.delenv(ROOT_ENV, raising=False)
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"),
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py"),
                            default_timeout=TIMEOUT).run()
     assert_ok(at)
     assert str(store.root.resolve()) in at.caption[0].value
