@@ -56,7 +56,7 @@ def loop_metrics(preds, labels, domains, n_train, num_domains, num_classes, many
         support, pred_total = int(is_true.sum()), int(is_pred.sum())
         if support > 0:
             recalls.append(tp / support)
-        if support + pred_total > 0:
+        if support > 0:  # WILDS' macro F1: classes present in the true labels
             f1s.append(2 * tp / (support + pred_total))
     out["macro_recall"] = sum(recalls) / len(recalls)
     out["macro_f1"] = sum(f1s) / len(f1s)

@@ -17,7 +17,7 @@ A metric whose set of contributing pairs or classes is empty is NaN.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -152,7 +152,7 @@ def pair_table(
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics from the (D, C) count arrays
+# Arithmetic shared by every metric (and by the bootstrap's replicates)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -163,17 +163,146 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.full(np.broadcast(num, den).shape, np.nan), where=den > 0)
 
 
-def _mean_worst(values: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """Mean and minimum of ``values[mask]``; (NaN, NaN) when the mask selects nothing."""
-    v = values[mask]
-    if v.size == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.min())
+def _mean_worst(values: np.ndarray, mask: np.ndarray) -> tuple[Any, Any]:
+    """Mean and minimum of ``values[..., mask]`` over the masked trailing axes; NaN when the mask is empty.
+
+    ``values`` may carry leading (replicate) axes in front of the mask's shape: the bootstrap
+    (tally.intervals) computes every metric for all replicates at once through this same function.
+    """
+    v = values[..., mask]
+    if v.shape[-1] == 0:
+        nan = np.full(v.shape[:-1], np.nan)
+        return nan, nan
+    return v.mean(axis=-1), v.min(axis=-1)
 
 
 def pair_accuracy(n: np.ndarray, correct: np.ndarray) -> np.ndarray:
     """(D, C) pair accuracies correct / n, NaN where n = 0: the one array the pair metrics share."""
     return _ratio(correct, n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shot-bucket thresholds per dataset (the BoDA benchmark's protocol)
+# --------------------------------------------------------------------------------------------------
+
+
+class ShotThresholds(NamedTuple):
+    """many: training count > many_above; few: 1..few_at_most; zero: 0; medium: the rest."""
+
+    many_above: int = 100
+    few_at_most: int = 20
+
+
+DEFAULT_SHOT_THRESHOLDS = ShotThresholds()
+# The MDLT benchmark (Yang et al. 2022, github YyzHarry/multi-domain-imbalance) uses other thresholds
+# for datasets whose pairs are small (OfficeHome) or whose tails are longer (TerraIncognita). Keys are
+# dataset names lower-cased with everything but letters and digits removed (OfficeHome, office_home).
+DATASET_SHOT_THRESHOLDS: dict[str, ShotThresholds] = {
+    "officehome": ShotThresholds(many_above=60, few_at_most=20),
+    "terraincognita": ShotThresholds(many_above=100, few_at_most=25),
+}
+
+
+def shot_thresholds(dataset: str | None = None, many_above: int | None = None,
+                    few_at_most: int | None = None) -> ShotThresholds:
+    """The thresholds of ``dataset`` (the default for unknown or no dataset), each overridable."""
+    key = "".join(ch for ch in str(dataset or "").lower() if ch.isalnum())
+    base = DATASET_SHOT_THRESHOLDS.get(key, DEFAULT_SHOT_THRESHOLDS)
+    out = ShotThresholds(base.many_above if many_above is None else int(many_above),
+                         base.few_at_most if few_at_most is None else int(few_at_most))
+    if out.few_at_most >= out.many_above:
+        raise ValueError(f"few_at_most ({out.few_at_most}) must be below many_above ({out.many_above})")
+    return out
+
+
+def shot_thresholds_of(data_cfg: dict | None) -> ShotThresholds:
+    """The thresholds a run's ``data`` config section asks for: its dataset's, unless set explicitly
+    (``data.shot_many_above`` / ``data.shot_few_at_most``; null means the dataset's default)."""
+    data_cfg = data_cfg or {}
+    return shot_thresholds(data_cfg.get("dataset"), data_cfg.get("shot_many_above"),
+                           data_cfg.get("shot_few_at_most"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics from the (D, C) count arrays
+# --------------------------------------------------------------------------------------------------
+
+
+def metric_arrays(
+    n: np.ndarray,
+    correct: np.ndarray,
+    predicted: np.ndarray,
+    n_train: np.ndarray,
+    many_above: int = 100,
+    few_at_most: int = 20,
+) -> dict[str, np.ndarray]:
+    """Every metric as an array over the leading axes of ``correct`` / ``predicted``.
+
+    ``n`` and ``n_train`` are (D, C); ``correct`` and ``predicted`` are (..., D, C). With no leading
+    axes every value is a 0-d array (``metrics_from_counts`` turns them into floats); with a leading
+    replicate axis R every value has shape (R,). ``n`` has no replicate axis because a bootstrap
+    within pairs keeps each pair's size, so every mask below (which pairs, classes, domains and
+    buckets count) is the same for all replicates and the whole computation stays vectorised.
+    Definitions in ``metrics_from_counts``.
+    """
+    n = np.asarray(n)
+    correct = np.asarray(correct)
+    predicted = np.asarray(predicted)
+    n_train = np.asarray(n_train)
+    if not (n.shape == n_train.shape == correct.shape[-2:] == predicted.shape[-2:]) or n.ndim != 2 \
+            or correct.shape != predicted.shape:
+        raise ValueError("n, n_train must be (D, C) arrays and correct, predicted (..., D, C) of that shape")
+    if few_at_most >= many_above:
+        raise ValueError(f"few_at_most ({few_at_most}) must be below many_above ({many_above})")
+
+    out: dict[str, np.ndarray] = {}
+    total = n.sum()
+    out["acc"] = correct.sum(axis=(-2, -1)) / total if total > 0 else np.full(correct.shape[:-2], np.nan)
+
+    support = n.sum(axis=0)
+    tp = correct.sum(axis=-2)
+    pred_total = predicted.sum(axis=-2)
+    present = support > 0
+    out["macro_recall"], _ = _mean_worst(_ratio(tp, support), present)
+    # WILDS' F1: classes present in the true labels only; predictions of an absent class still count
+    # as false positives of that class, but the class itself is not averaged in.
+    out["macro_f1"], _ = _mean_worst(_ratio(2 * tp, support + pred_total), present)
+
+    valid = n > 0
+    acc = pair_accuracy(n, correct)
+    acc0 = np.where(valid, acc, 0.0)
+    out["pair_acc_mean"], out["pair_acc_worst"] = _mean_worst(acc, valid)
+    cls_count = valid.sum(axis=0)
+    out["class_acc_mean"], out["class_acc_worst"] = _mean_worst(
+        _ratio(acc0.sum(axis=-2), cls_count), cls_count > 0
+    )
+    dom_count = valid.sum(axis=1)
+    out["domain_acc_mean"], out["domain_acc_worst"] = _mean_worst(
+        _ratio(acc0.sum(axis=-1), dom_count), dom_count > 0
+    )
+
+    many = n_train > many_above
+    few = (n_train >= 1) & (n_train <= few_at_most)
+    zero = n_train <= 0
+    medium = ~(many | few | zero)
+    for name, bucket in (
+        ("shot_many", many),
+        ("shot_medium", medium),
+        ("shot_few", few),
+        ("shot_zero", zero),
+    ):
+        out[name], _ = _mean_worst(acc, bucket & valid)
+    return out
+
+
+def domain_accuracies(n: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """(..., D) accuracy of each domain (mean of its n > 0 pair accuracies; NaN for an empty domain).
+
+    The per-domain columns of a report; ``domain_acc_mean`` / ``_worst`` are their mean / minimum.
+    """
+    valid = np.asarray(n) > 0
+    acc0 = np.where(valid, pair_accuracy(n, correct), 0.0)
+    return _ratio(acc0.sum(axis=-1), valid.sum(axis=1))
 
 
 def metrics_from_counts(
@@ -189,9 +318,11 @@ def metrics_from_counts(
     - acc: micro accuracy, sum(correct) / sum(n).
     - macro_recall: mean over classes with support > 0 of TP / support (a class absent from the
       split has no defined recall, so it is left out rather than scored 0).
-    - macro_f1: sklearn's ``f1_score(average='macro', zero_division=0)``: mean over classes present
-      in the labels or the predictions of 2 TP / (support + predicted); a class predicted but never
-      true scores 0, which is how F1 penalises false positives.
+    - macro_f1: WILDS' definition (the paper's TerraIncognita and iWildCam numbers): mean over the
+      classes present in the split's true labels of 2 TP / (support + predicted), i.e. sklearn's
+      ``f1_score(y, p, labels=unique(y), average='macro')``. A class predicted but never true is not
+      averaged in (it does not lower the score); its false predictions still lower the F1 of the
+      true classes through their recall.
     - pair_acc_*: mean / minimum of correct / n over pairs with n > 0.
     - class_acc_*: a class's accuracy is the mean over domains of its pair accuracies (n > 0 pairs),
       so every domain weighs equally whatever its size; then mean / minimum over classes.
@@ -199,52 +330,13 @@ def metrics_from_counts(
     - shot_*: mean pair accuracy (n > 0 pairs) of the pairs whose TRAINING count is > many_above
       (many), in 1..few_at_most (few), 0 (zero), or in between (medium). Buckets follow the
       training count of the pair, not of the class: the point is long tails inside each domain.
+      Thresholds differ per dataset (``shot_thresholds``).
     """
     n = np.asarray(n)
-    correct = np.asarray(correct)
-    predicted = np.asarray(predicted)
-    n_train = np.asarray(n_train)
-    if not (n.shape == correct.shape == predicted.shape == n_train.shape) or n.ndim != 2:
+    if np.asarray(correct).shape != n.shape:
         raise ValueError("n, correct, predicted, n_train must be (D, C) arrays of one shape")
-    if few_at_most >= many_above:
-        raise ValueError(f"few_at_most ({few_at_most}) must be below many_above ({many_above})")
-
-    out: dict[str, float] = {}
-    total = n.sum()
-    out["acc"] = float(correct.sum() / total) if total > 0 else float("nan")
-
-    support = n.sum(axis=0)
-    tp = correct.sum(axis=0)
-    pred_total = predicted.sum(axis=0)
-    out["macro_recall"], _ = _mean_worst(_ratio(tp, support), support > 0)
-    present = (support + pred_total) > 0
-    out["macro_f1"], _ = _mean_worst(_ratio(2 * tp, support + pred_total), present)
-
-    valid = n > 0
-    acc = pair_accuracy(n, correct)
-    acc0 = np.where(valid, acc, 0.0)
-    out["pair_acc_mean"], out["pair_acc_worst"] = _mean_worst(acc, valid)
-    cls_count = valid.sum(axis=0)
-    out["class_acc_mean"], out["class_acc_worst"] = _mean_worst(
-        _ratio(acc0.sum(axis=0), cls_count), cls_count > 0
-    )
-    dom_count = valid.sum(axis=1)
-    out["domain_acc_mean"], out["domain_acc_worst"] = _mean_worst(
-        _ratio(acc0.sum(axis=1), dom_count), dom_count > 0
-    )
-
-    many = n_train > many_above
-    few = (n_train >= 1) & (n_train <= few_at_most)
-    zero = n_train <= 0
-    medium = ~(many | few | zero)
-    for name, bucket in (
-        ("shot_many", many),
-        ("shot_medium", medium),
-        ("shot_few", few),
-        ("shot_zero", zero),
-    ):
-        out[name], _ = _mean_worst(acc, bucket & valid)
-    return out
+    arrays = metric_arrays(n, correct, predicted, n_train, many_above, few_at_most)
+    return {name: float(arrays[name]) for name in METRIC_NAMES}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,9 +381,14 @@ def _names(rows: pd.DataFrame, name_col: str, idx_col: str, size: int) -> list[s
     return names.tolist()
 
 
+def count_arrays(table: pd.DataFrame, split: str | None = None) -> dict[str, np.ndarray]:
+    """(D, C) arrays ``n_train, n, correct, predicted`` of one split (of the table's only split if None)."""
+    return _counts(_one_split(table, split))
+
+
 def split_metrics(table: pd.DataFrame, many_above: int = 100, few_at_most: int = 20) -> dict[str, float]:
     """Every metric of one split's table (see ``metrics_from_counts`` for the definitions)."""
-    a = _counts(_one_split(table))
+    a = count_arrays(table)
     return metrics_from_counts(a["n"], a["correct"], a["predicted"], a["n_train"], many_above, few_at_most)
 
 

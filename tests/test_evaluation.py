@@ -18,9 +18,12 @@ from tally.evaluation import (
     accuracy_grid,
     all_metrics,
     difference_grid,
+    metric_arrays,
     metrics_from_counts,
     pair_counts,
     pair_table,
+    shot_thresholds,
+    shot_thresholds_of,
     split_metrics,
     worst_pairs,
 )
@@ -61,6 +64,61 @@ def test_hand_computed_metrics():
         "shot_zero": 1.0,  # (d1, c1) only: (d0, c2) has n_train 0 but n 0
     }
     assert m == pytest.approx(expected, abs=1e-12)
+
+
+def test_macro_f1_ignores_a_class_predicted_but_never_true():
+    """WILDS' definition: c2 below is predicted twice but never true; it must not enter the average.
+
+    c0: TP 1, support 2, predicted 1 -> 2/3; c1: TP 2, support 3, predicted 2 -> 4/5. sklearn's
+    default (every class in labels or predictions) would add c2's F1 of 0 and report (2/3 + 4/5) / 3.
+    """
+    lab = np.array([0, 0, 1, 1, 1])
+    pred = np.array([0, 2, 1, 1, 2])
+    t = pair_table("t", pred, lab, np.zeros(5, dtype=np.int64), CLASSES, ["d"], np.ones((1, 3)))
+    assert split_metrics(t)["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2, abs=1e-12)
+    # the false predictions still count: predicting the absent class less raises the score
+    better = pair_table("t", np.array([0, 0, 1, 1, 2]), lab, np.zeros(5, dtype=np.int64), CLASSES, ["d"],
+                        np.ones((1, 3)))
+    assert split_metrics(better)["macro_f1"] > split_metrics(t)["macro_f1"]
+    assert split_metrics(t)["macro_recall"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_shot_thresholds_per_dataset():
+    assert shot_thresholds() == (100, 20) == shot_thresholds("PACS")
+    assert shot_thresholds("OfficeHome") == (60, 20) == shot_thresholds("office_home")
+    assert shot_thresholds("TerraIncognita") == (100, 25) == shot_thresholds("terra_incognita")
+    assert shot_thresholds("OfficeHome", few_at_most=5) == (60, 5)
+    assert shot_thresholds_of({"dataset": "OfficeHome", "shot_many_above": None}) == (60, 20)
+    assert shot_thresholds_of({"dataset": "OfficeHome", "shot_many_above": 80}) == (80, 20)
+    assert shot_thresholds_of(None) == (100, 20)
+    with pytest.raises(ValueError):
+        shot_thresholds(many_above=20, few_at_most=20)
+    # the thresholds move pairs between buckets: training counts 70 (many only for OfficeHome), 22, 3
+    n = np.ones((1, 3), dtype=np.int64)
+    correct = np.array([[1, 0, 1]])
+    train = np.array([[70, 22, 3]])
+    default = metrics_from_counts(n, correct, n, train, *shot_thresholds("PACS"))
+    office = metrics_from_counts(n, correct, n, train, *shot_thresholds("OfficeHome"))
+    terra = metrics_from_counts(n, correct, n, train, *shot_thresholds("TerraIncognita"))
+    assert math.isnan(default["shot_many"]) and default["shot_medium"] == 0.5 and default["shot_few"] == 1.0
+    assert office["shot_many"] == 1.0 and office["shot_medium"] == 0.0
+    assert terra["shot_few"] == 0.5 and terra["shot_medium"] == 1.0 and math.isnan(terra["shot_many"])
+
+
+def test_metric_arrays_batch_over_leading_axes():
+    """The bootstrap's path: a stack of count arrays gives each slice's metrics."""
+    a = hand_table()
+    counts = {k: accuracy_grid(a, "test", k).to_numpy() for k in ("n", "correct", "predicted", "n_train")}
+    other = pair_table("test", LAB, LAB, DOM, CLASSES, DOMAINS, TRAIN)  # same n, perfect predictions
+    c2 = accuracy_grid(other, "test", "correct").to_numpy()
+    p2 = accuracy_grid(other, "test", "predicted").to_numpy()
+    stacked = metric_arrays(counts["n"], np.stack([counts["correct"], c2]),
+                            np.stack([counts["predicted"], p2]), counts["n_train"])
+    for i, table in enumerate((a, other)):
+        expected = split_metrics(table)
+        for name in METRIC_NAMES:
+            assert stacked[name].shape == (2,)
+            assert stacked[name][i] == pytest.approx(expected[name], abs=1e-12, nan_ok=True), name
 
 
 def test_empty_bucket_is_nan_and_thresholds_are_parameters():
@@ -244,7 +302,9 @@ def test_matches_sklearn_and_pair_loop(case):
     assert m["acc"] == pytest.approx(accuracy_score(lab, pred), abs=1e-12)
     rec = recall_score(lab, pred, labels=np.unique(lab), average="macro", zero_division=0)
     assert m["macro_recall"] == pytest.approx(rec, abs=1e-12)
-    assert m["macro_f1"] == pytest.approx(f1_score(lab, pred, average="macro", zero_division=0), abs=1e-12)
+    # WILDS' macro F1: averaged over the classes present in the true labels
+    f1 = f1_score(lab, pred, labels=np.unique(lab), average="macro", zero_division=0)
+    assert m["macro_f1"] == pytest.approx(f1, abs=1e-12)
     ref = loop_pair_metrics(pred, lab, dom, train, D, C)
     for name, value in ref.items():
         assert m[name] == pytest.approx(value, abs=1e-12, nan_ok=True), name
