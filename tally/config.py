@@ -85,6 +85,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "crop_padding": Field(int, 2, low=0, high=64),
         "decode_workers": Field(int, 0, low=0),
         "oracle_selection": Field(bool, False),
+        # shot buckets: many > shot_many_above, few <= shot_few_at_most training images per pair;
+        # null = the dataset's thresholds (evaluation.shot_thresholds: OfficeHome, TerraIncognita differ)
+        "shot_many_above": Field(int, None, low=1, nullable=True),
+        "shot_few_at_most": Field(int, None, low=1, nullable=True),
     },
     "model": {
         "arch": Field(str, "resnet18", choices=("resnet10", "resnet18", "resnet34", "resnet50")),
@@ -137,6 +141,12 @@ def validate(raw: dict, source: str = "config") -> dict:
     data = out["data"]
     if data["setting"] == "domain" and not data["held_out"] and data["source"] != "wilds":
         raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
+    from tally.evaluation import shot_thresholds_of
+
+    try:
+        shot_thresholds_of(data)
+    except ValueError as e:
+        raise TallyError(f"data.shot_few_at_most: {e}") from None
     if data["source"] != "embedded" and not data["root"]:
         raise TallyError(f"data.root: expected a path for data.source {data['source']!r}")
     return out

@@ -56,6 +56,30 @@ HIGHER_IS_BETTER: dict[str, bool] = dict.fromkeys(METRIC_NAMES, True)
 
 GRID_VALUES: tuple[str, ...] = ("acc", *COUNT_COLUMNS)
 
+# How a metric reads in a sentence ("TALLY - ERM on worst-class accuracy: +0.12 [0.05, 0.19]").
+METRIC_LABELS: dict[str, str] = {
+    "acc": "accuracy",
+    "macro_recall": "macro recall",
+    "macro_f1": "macro F1",
+    "pair_acc_mean": "mean pair accuracy",
+    "pair_acc_worst": "worst-pair accuracy",
+    "class_acc_mean": "mean class accuracy",
+    "class_acc_worst": "worst-class accuracy",
+    "domain_acc_mean": "mean domain accuracy",
+    "domain_acc_worst": "worst-domain accuracy",
+    "shot_many": "many-shot accuracy",
+    "shot_medium": "medium-shot accuracy",
+    "shot_few": "few-shot accuracy",
+    "shot_zero": "zero-shot accuracy",
+}
+
+
+def metric_label(name: str) -> str:
+    """The readable name of a metric (``domain_acc:<d>`` reads "accuracy on domain <d>")."""
+    if name.startswith("domain_acc:"):
+        return f"accuracy on domain {name.split(':', 1)[1]}"
+    return METRIC_LABELS.get(name, name)
+
 
 # --------------------------------------------------------------------------------------------------
 # Counting (the only O(N) step)

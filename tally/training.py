@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tally import evaluation, results
+from tally import evaluation, intervals, results
 from tally.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tally.config import validate
 from tally.data import load_splits
@@ -121,23 +121,33 @@ class BatchSource:
 
 @torch.inference_mode()
 def predict(model: nn.Module, bank: ImageBank, batch_size: int, device: torch.device,
-            autocast: bool = False) -> np.ndarray:
-    """Plain forward passes (no mixing) over a whole bank; returns predicted class indices."""
+            autocast: bool = False, confidence: bool = False):
+    """Plain forward passes (no mixing) over a whole bank; returns predicted class indices (and, with
+    ``confidence``, each prediction's softmax probability)."""
     was_training = model.training
     model.eval()
-    preds = []
+    preds, confs = [], []
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
         for start in range(0, len(bank.labels), batch_size):
             x = to_float_normalized(bank.images[start:start + batch_size].to(device, non_blocking=True))
-            preds.append(model(x).argmax(1).cpu())
+            logits = model(x).float()
+            preds.append(logits.argmax(1).cpu())
+            confs.append((logits.amax(1) - logits.logsumexp(1)).exp().cpu())  # softmax of the argmax
     model.train(was_training)
-    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    out = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    if confidence:
+        return out, (torch.cat(confs).numpy() if confs else np.zeros(0, dtype=np.float32))
+    return out
 
 
-def evaluate_split(model, name: str, bank: ImageBank, ds, train_counts, cfg, device) -> pd.DataFrame:
-    preds = predict(model, bank, cfg["train"]["eval_batch_size"], device,
-                    autocast=device.type == "cuda" and cfg["train"]["bf16"])
+def evaluate_split(model, name: str, bank: ImageBank, ds, train_counts, cfg, device,
+                   keep: list | None = None) -> pd.DataFrame:
+    """The split's long table; with ``keep``, its per-example predictions are appended to it too."""
+    preds, conf = predict(model, bank, cfg["train"]["eval_batch_size"], device,
+                          autocast=device.type == "cuda" and cfg["train"]["bf16"], confidence=True)
+    if keep is not None:
+        keep.append(intervals.prediction_frame(name, preds, bank.labels, bank.domains, conf))
     return evaluation.pair_table(name, preds, bank.labels.numpy(), bank.domains.numpy(),
                                  ds.class_names, ds.domain_names, train_counts)
 
@@ -346,12 +356,15 @@ def finalize(cfg, run_dir: Path, method, banks, splits, train_counts, device) ->
     best_path = run_dir / "checkpoints" / "best.pt"
     state = load_checkpoint(best_path)
     method.load_state_dict(state["model"])
-    tables = [evaluate_split(method.net, name, banks[name], ds, train_counts, cfg, device)
+    kept: list = []  # per-example predictions of the test splits (paired comparisons, exact F1 intervals)
+    tables = [evaluate_split(method.net, name, banks[name], ds, train_counts, cfg, device,
+                             keep=None if name == "val" else kept)
               for name, ds in splits.items() if name != "train"]
     table = pd.concat(tables, ignore_index=True)
     metric, selection = cfg["train"]["selection_metric"], selection_split(cfg, splits)
-    metrics = evaluation.all_metrics(table)
+    metrics = evaluation.all_metrics(table, *evaluation.shot_thresholds_of(cfg["data"]))
     results.write_parquet(run_dir / "eval.parquet", table)
+    intervals.write_predictions(run_dir, kept)
     results.write_json(run_dir / "metrics.json", metrics)
     results.write_status(run_dir, "done", ended=time.time(), best_epoch=state["epoch"],
                          selection={"split": selection, "metric": metric, "value": metrics[selection][metric],

@@ -24,7 +24,8 @@ FOLDER_DEFAULTS = {"imbalance": "exp", "imbalance_factor": 20.0, "max_per_class"
                    "n_test": 20}
 # keys read here, and keys of the run config's data section that belong to the training run
 DATA_KEYS = ("source", "root", "dataset", "setting", "held_out", "split_seed", *GENERATOR_KEYS)
-RUN_KEYS = ("image_size", "flip", "crop_padding", "decode_workers", "oracle_selection")
+RUN_KEYS = ("image_size", "flip", "crop_padding", "decode_workers", "oracle_selection", "shot_many_above",
+            "shot_few_at_most")
 
 
 def resolve_data_cfg(data_cfg: dict) -> dict:
