@@ -54,6 +54,42 @@ def cmd_dashboard(args) -> int:
     return launch(Path(args.root), port=args.port, address=args.address)
 
 
+def cmd_compare(args) -> int:
+    from tally.evaluation import METRIC_NAMES
+    from tally.intervals import compare_runs, format_difference
+
+    wanted = args.metric or list(METRIC_NAMES)
+    unknown = [m for m in wanted if m not in METRIC_NAMES and not m.startswith("domain_acc:")]
+    if unknown:
+        raise TallyError(f"--metric: unknown metric {unknown[0]!r} (expected one of {', '.join(METRIC_NAMES)})")
+    frame, (name_a, name_b) = compare_runs(args.run_a, args.run_b, splits=args.split or None,
+                                           replicates=args.replicates, seed=args.bootstrap_seed)
+    print(f"paired bootstrap, {args.replicates} replicates, 95% percentile intervals")
+    for split, rows in frame.groupby("split", sort=False):
+        print(f"{split}:")
+        for metric in wanted:
+            row = rows[rows["metric"] == metric]
+            if row.empty:
+                raise TallyError(f"--metric: {metric!r} not computed on split {split!r}")
+            print("  " + format_difference(row.iloc[0], name_a, name_b))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tally.report import experiment_table, format_table, seed_table
+
+    frame = experiment_table(Path(args.experiment), args.split, args.group, replicates=args.replicates,
+                             seed=args.bootstrap_seed, many_above=args.many_above, few_at_most=args.few_at_most)
+    print(format_table(seed_table(frame) if args.seeds else frame, args.format))
+    return 0
+
+
+def _add_interval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicates", type=int, default=1000, metavar="R",
+                   help="bootstrap replicates for the 95%% intervals (default 1000)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+
+
 def _print_metrics(metrics: dict) -> None:
     for split, values in metrics.items():
         shown = "  ".join(f"{k} {v:.3f}" for k, v in values.items() if v == v)
@@ -83,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
     p.set_defaults(func=cmd_dashboard)
 
+    p = sub.add_parser("compare", help="paired difference of two runs on the same test set, with intervals")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--metric", action="append", help="a metric (repeatable; default: every metric)")
+    p.add_argument("--split", action="append", help="a test split (repeatable; default: every test split)")
+    _add_interval_flags(p)
+    p.set_defaults(func=cmd_compare)
+
     from tally.data.cli import add_commands as add_data_commands
 
     add_data_commands(sub)
@@ -92,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as e:
             if e.name != module:
                 raise
+    report = sub.choices.get("report")
+    if report is not None:  # intervals, seeds and shot thresholds of `tally report`
+        _add_interval_flags(report)
+        report.add_argument("--seeds", action="store_true",
+                            help="fold runs that differ only in seed: mean ± standard error and each seed")
+        report.add_argument("--many-above", type=int, help="many-shot: > N training images per pair "
+                            "(default: the dataset's, e.g. 100; OfficeHome 60)")
+        report.add_argument("--few-at-most", type=int, help="few-shot: <= N training images per pair "
+                            "(default: the dataset's, e.g. 20; TerraIncognita 25)")
+        report.set_defaults(func=cmd_report)
     return parser
 
 

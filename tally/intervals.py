@@ -215,7 +215,7 @@ def replicate_counts(
             hit = key >= 0
             fps[j][r0:r0 + rows] += np.bincount(rep[hit] * (D * C) + key[hit],
                                                 minlength=rows * D * C).reshape(rows, D * C)
-    return [(cr, cr + fp.reshape(replicates, D, C)) for cr, fp in zip(corrects, fps)]
+    return [(cr, cr + fp.reshape(replicates, D, C)) for cr, fp in zip(corrects, fps, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ class _Split:
                 self.examples = _example_arrays(mine, D, C, what)
                 got = evaluation.pair_counts(self.examples[2], self.examples[0], self.examples[1], D, C)
                 want = (self.counts["n"], self.counts["correct"], self.counts["predicted"])
-                if not all(np.array_equal(a, b) for a, b in zip(got, want)):
+                if not all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)):
                     raise TallyError(f"{what}: {PREDICTIONS_FILE} disagrees with eval.parquet on split {split!r}")
 
     def point(self, thresholds) -> dict[str, np.ndarray]:

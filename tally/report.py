@@ -1,55 +1,144 @@
-"""DomainBed-style tables of an experiment: rows trials (or settings), columns domains and summaries.
+"""DomainBed-style tables of an experiment: rows runs (or configs over seeds), columns domains and summaries.
 
-Every number comes from the stored per-(domain, class) tables through tally.evaluation.
+Every number comes from the stored per-(domain, class) tables through tally.evaluation, and every
+number is shown with its uncertainty: a run's metric with its 95% bootstrap interval (tally.intervals:
+within-pair resampling of the test images), or, over seeds, the mean ± standard error with the
+seed-level values. A metric column ``m`` of a table frame has companions ``m:low`` / ``m:high``
+(interval) or ``m:se`` / ``m:values`` (seeds), which ``format_table`` folds into one cell.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pandas as pd
 
-from tally import evaluation, results
+from tally import evaluation, intervals, results
 from tally.errors import TallyError
 
-SUMMARY_COLUMNS = {"pair_acc_mean": "avg pair", "pair_acc_worst": "worst pair", "shot_many": "many",
-                   "shot_medium": "medium", "shot_few": "few", "shot_zero": "zero"}
+SUMMARY_COLUMNS = {"pair_acc_mean": "avg pair", "domain_acc_worst": "worst domain",
+                   "class_acc_worst": "worst class", "pair_acc_worst": "worst pair", "shot_many": "many",
+                   "shot_medium": "medium", "shot_few": "few", "shot_zero": "zero", "macro_f1": "macro F1"}
+ID_COLUMNS = ("run", "method", "split", "seeds")
+LOW, HIGH, SE, VALUES = ":low", ":high", ":se", ":values"
+# seeds of one config: runs whose configs differ only in these fields are the same config
+SEED_FIELDS = (("train", "seed"), ("method", "seed"))
 
 
-def run_row(table: pd.DataFrame, split: str) -> dict:
-    """Per-domain accuracy (mean pair accuracy within the domain) plus summary metrics of a split."""
-    grid = evaluation.accuracy_grid(table, split)
-    row = {f"{domain}": value for domain, value in grid.mean(axis=1, skipna=True).items()}
-    metrics = evaluation.split_metrics(table[table["split"] == split])
-    row.update({label: metrics[key] for key, label in SUMMARY_COLUMNS.items()})
+def _columns(estimates: pd.DataFrame, interval: bool) -> dict:
+    """Report columns of one run and split from ``intervals.bootstrap`` rows (domains, then summaries)."""
+    by_metric = estimates.set_index("metric")
+    row = {}
+    names = [m for m in by_metric.index if m.startswith(intervals.DOMAIN_PREFIX)]
+    labels = {m: m[len(intervals.DOMAIN_PREFIX):] for m in names}
+    labels.update(SUMMARY_COLUMNS)
+    for metric, label in labels.items():
+        row[label] = by_metric.at[metric, "value"]
+        if interval:
+            row[label + LOW], row[label + HIGH] = by_metric.at[metric, "low"], by_metric.at[metric, "high"]
     return row
 
 
-def experiment_table(exp_dir: Path, split: str | None = None, group: str = results.TRIALS_DIR) -> pd.DataFrame:
-    """One row per finished run of ``group`` (trials, confirm, robustness) on each test split."""
+def run_row(table: pd.DataFrame, split: str, thresholds=evaluation.DEFAULT_SHOT_THRESHOLDS,
+            predictions: pd.DataFrame | None = None, replicates: int = intervals.REPLICATES,
+            seed: int = intervals.SEED) -> dict:
+    """Per-domain accuracy (mean pair accuracy within the domain) plus summary metrics of a split,
+    each with its bootstrap interval (``replicates`` 0: point values only)."""
+    estimates = intervals.bootstrap(table, predictions, splits=[split], replicates=max(replicates, 1),
+                                    seed=seed, thresholds=thresholds)
+    return _columns(estimates, interval=replicates > 0)
+
+
+def _config_key(cfg: dict) -> str:
+    """The config without its seeds: runs sharing it are seeds of one config."""
+    cfg = json.loads(json.dumps(cfg, default=str))
+    for section, field in SEED_FIELDS:
+        (cfg.get(section) or {}).pop(field, None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def experiment_table(exp_dir: Path, split: str | None = None, group: str = results.TRIALS_DIR, *,
+                     replicates: int = intervals.REPLICATES, seed: int = intervals.SEED,
+                     many_above: int | None = None, few_at_most: int | None = None) -> pd.DataFrame:
+    """One row per finished run of ``group`` (trials, confirm, robustness) on each test split.
+
+    Shot thresholds: each run's config (its dataset's, ``evaluation.shot_thresholds``) unless
+    ``many_above`` / ``few_at_most`` are given. Intervals: ``replicates`` bootstrap replicates
+    (0 = none); exact for macro F1 where the run kept its per-example predictions.
+    """
     rows = []
-    for run_dir in sorted((Path(exp_dir) / group).glob("*/eval.parquet")):
-        table = pd.read_parquet(run_dir)
-        name = run_dir.parent.name
-        method = (results.read_yaml(run_dir.parent / "config.yaml") or {}).get("method", {}).get("name", "?")
+    for path in sorted((Path(exp_dir) / group).glob("*/eval.parquet")):
+        run_dir = path.parent
+        table = pd.read_parquet(path)
+        cfg = results.read_yaml(run_dir / "config.yaml") or {}
+        data = {**(cfg.get("data") or {}), **{k: v for k, v in (("shot_many_above", many_above),
+                                                                 ("shot_few_at_most", few_at_most)) if v is not None}}
+        try:
+            thresholds = evaluation.shot_thresholds_of(data)
+        except ValueError as e:
+            raise TallyError(f"{run_dir}: shot thresholds: {e}") from None
+        predictions = intervals.read_predictions(run_dir)
         splits = [split] if split else sorted(s for s in table["split"].unique() if s != "val")
         for s in splits:
             if s not in set(table["split"]):
                 continue
-            rows.append({"run": name, "method": method, "split": s, **run_row(table, s)})
+            rows.append({"run": run_dir.name, "method": (cfg.get("method") or {}).get("name", "?"), "split": s,
+                         "_config": _config_key(cfg), "_seed": (cfg.get("train") or {}).get("seed"),
+                         **run_row(table, s, thresholds, predictions, replicates, seed)})
     if not rows:
         raise TallyError(f"{exp_dir}: no finished runs with evaluation tables under {group}/")
     return pd.DataFrame(rows)
 
 
+def seed_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one config (differing only in seeds) folded into one row per split: each metric's mean,
+    standard error and seed-level values (``intervals.seed_summary``); ``seeds`` counts the runs."""
+    metrics = [c for c in frame.columns if c not in ID_COLUMNS and not c.startswith("_") and ":" not in c]
+    rows = []
+    for (_, split), runs in frame.groupby(["_config", "split"], sort=False):
+        by_seed = {str(r["run"]): {m: r[m] for m in metrics} for _, r in runs.iterrows()}
+        summary = intervals.seed_summary(by_seed).set_index("metric")
+        row = {"run": ", ".join(by_seed), "method": runs["method"].iloc[0], "split": split, "seeds": len(runs)}
+        for m in metrics:
+            row[m], row[m + SE], row[m + VALUES] = summary.at[m, "mean"], summary.at[m, "stderr"], \
+                summary.at[m, "values"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _percent(value, digits: int = 1) -> str:
+    return "--" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}"
+
+
 def format_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
-    shown = df.copy()
-    numeric = shown.select_dtypes("number").columns
-    shown[numeric] = (shown[numeric] * 100).round(1)  # percent, as DomainBed tables print them
+    """Markdown or LaTeX, in percent as DomainBed prints: ``85.3 [82.1, 88.0]`` (a run's 95% interval)
+    or ``85.3 ± 1.2 (84.1, 86.5)`` (mean ± standard error over seeds, then each seed's value)."""
+    pm = r"$\pm$" if fmt == "latex" else "±"
+    shown = {}
+    for col in df.columns:
+        if col.startswith("_") or ":" in col:
+            continue
+        values = df[col]
+        if col in ID_COLUMNS or not pd.api.types.is_numeric_dtype(values):
+            shown[col] = values.astype(str)
+            continue
+        cells = []
+        for i, v in enumerate(values):
+            cell = _percent(v)
+            if col + LOW in df and not math.isnan(df[col + LOW].iat[i]):
+                cell += f" [{_percent(df[col + LOW].iat[i])}, {_percent(df[col + HIGH].iat[i])}]"
+            if col + SE in df and cell != "--":
+                se = df[col + SE].iat[i]
+                cell += f" {pm} {_percent(se)}" if not math.isnan(se) else ""
+                cell += " (" + ", ".join(_percent(x) for x in df[col + VALUES].iat[i]) + ")"
+            cells.append(cell)
+        shown[col] = cells
+    shown = pd.DataFrame(shown)
     if fmt == "latex":
-        return shown.to_latex(index=False, float_format="%.1f", na_rep="--")
+        return shown.to_latex(index=False, na_rep="--")
     header = "| " + " | ".join(map(str, shown.columns)) + " |"
     rule = "|" + "|".join("---" for _ in shown.columns) + "|"
-    body = ["| " + " | ".join("--" if pd.isna(v) else (f"{v:.1f}" if isinstance(v, float) else str(v))
-                              for v in row) + " |" for row in shown.itertuples(index=False)]
+    body = ["| " + " | ".join(map(str, row)) + " |" for row in shown.itertuples(index=False)]
     return "\n".join([header, rule, *body])
