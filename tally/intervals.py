@@ -25,8 +25,10 @@ confusions, which the table does not keep. So:
   domain's redrawn wrong count over the domain's observed false-positive profile (predicted - correct
   per class), as if a wrong image's predicted class did not depend on its true class within a domain.
   It keeps every count consistent (a domain's false positives sum to its wrong images) and is exact
-  whenever each domain's errors go to one class; otherwise its F1 intervals are only approximate.
-  Results say which was used (column ``f1``: ``exact`` or ``pooled``).
+  whenever each domain's errors go to one class; otherwise its F1 intervals are approximate (on
+  simulated 3 x 20 data with uniform errors, one confuser per class, or two sink classes, its
+  endpoints matched the exact ones within 0.001). Results say which was used (column ``f1``:
+  ``exact`` or ``pooled``).
 
 Caveat: the bootstrap of a minimum (worst pair / class / domain) is a known weak spot (non-smooth
 statistic; the replicate minima sit below the observed one when several pairs are near the worst),
@@ -195,27 +197,30 @@ def replicate_counts(
     # Exact false positives: every draw from a cell where some run is wrong picks one of the cell's
     # images uniformly; each run that is wrong on it adds a false positive (domain, its prediction).
     order = np.argsort(group, kind="stable")
-    start = np.concatenate([[0], np.cumsum(m.ravel())[:-1]])
-    wrong_groups = np.flatnonzero((m.ravel() > 0) & (np.arange(P * K) % K != K - 1))
-    counts = draws.reshape(replicates, P * K)[:, wrong_groups]  # (R, G)
-    key_of = np.where(right, -1, domains * C + preds)[:, order]  # (k, N) sorted by group, -1 if right
-    fps = [np.zeros((replicates, D * C), dtype=np.int64) for _ in range(runs)]
-    G = len(wrong_groups)
     sizes = m.ravel()
-    block = max(1, _PICKS_PER_BLOCK // max(1, int(sizes[wrong_groups].sum())))
+    start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    wrong_groups = np.flatnonzero((sizes > 0) & (np.arange(P * K) % K != K - 1))
+    G, bins = len(wrong_groups), P + 1  # bin P of each replicate collects the runs that were right
+    g_start, g_size = start[wrong_groups], sizes[wrong_groups].astype(np.float64)
+    counts = draws.reshape(replicates, P * K)[:, wrong_groups]  # (R, G)
+    key_of = np.where(right, P, domains * C + preds)[:, order]  # (k, N) in group order
+    fps = np.zeros((runs, replicates, bins), dtype=np.int64)
+    block = max(1, _PICKS_PER_BLOCK // max(1, int(g_size.sum())))
     for r0 in range(0, replicates if G else 0, block):  # blocks of replicates only bound memory
         c = counts[r0:r0 + block]
         rows = c.shape[0]
-        flat = np.repeat(np.arange(c.size), c.ravel())  # one entry per wrong-cell draw
-        g = wrong_groups[flat % G]
-        pick = start[g] + (rng.random(flat.size) * sizes[g]).astype(np.int64)
-        rep = flat // G
+        # one entry per draw: its cell and its replicate's offset in the flat (rows, bins) counts
+        g = np.repeat(np.tile(np.arange(G), rows), c.ravel())
+        base = np.repeat(np.repeat(np.arange(rows) * bins, G), c.ravel())
+        u = rng.random(g.size)
+        u *= g_size[g]  # float64: floor(u * size) is uniform over the cell's images
+        pick = u.astype(np.intp)
+        pick += g_start[g]
         for j in range(runs):
-            key = key_of[j, pick]
-            hit = key >= 0
-            fps[j][r0:r0 + rows] += np.bincount(rep[hit] * (D * C) + key[hit],
-                                                minlength=rows * D * C).reshape(rows, D * C)
-    return [(cr, cr + fp.reshape(replicates, D, C)) for cr, fp in zip(corrects, fps, strict=True)]
+            key = key_of[j][pick]
+            key += base
+            fps[j, r0:r0 + rows] = np.bincount(key, minlength=rows * bins).reshape(rows, bins)
+    return [(cr, cr + fp[:, :P].reshape(replicates, D, C)) for cr, fp in zip(corrects, fps, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
