@@ -345,8 +345,9 @@ def paired_difference(
         a = _Split(table_a, split, predictions_a, names[0])
         b = _Split(table_b, split, predictions_b, names[1])
         _check_same_test_set(a, b, split, names)
-        if a.examples is None:
-            raise TallyError(f"{names[0]}: no per-example predictions for split {split!r}")
+        for part, name in ((a, names[0]), (b, names[1])):
+            if part.examples is None:
+                raise TallyError(f"{name}: no per-example predictions for split {split!r}")
         c = a.counts
         (ca, pa), (cb, pb) = replicate_counts(c["n"], c["correct"], c["predicted"], replicates, rng,
                                               [a.examples, b.examples])

@@ -317,3 +317,16 @@ def test_parquet_round_trip_keeps_metrics(tmp_path):
     back = pd.read_parquet(tmp_path / "eval.parquet")
     assert all_metrics(back) == all_metrics(table)
     pd.testing.assert_frame_equal(accuracy_grid(back, "val"), accuracy_grid(table, "val"))
+
+
+def test_config_shot_threshold_fields_are_checked_before_a_run():
+    from tally.config import validate
+    from tally.errors import TallyError
+
+    cfg = validate({"data": {"source": "embedded"}})
+    assert cfg["data"]["shot_many_above"] is None and cfg["data"]["shot_few_at_most"] is None
+    assert shot_thresholds_of(validate({"data": {"dataset": "OfficeHome", "shot_few_at_most": 10}})["data"]) == (60, 10)
+    with pytest.raises(TallyError, match="data.shot_few_at_most"):
+        validate({"data": {"dataset": "OfficeHome", "shot_few_at_most": 60}})  # not below OfficeHome's 60
+    with pytest.raises(TallyError, match="data.shot_many_above"):
+        validate({"data": {"shot_many_above": 0}})

@@ -212,6 +212,9 @@ def test_refuses_runs_on_different_test_sets():
         paired_difference(t, t3, e, e3)
     with pytest.raises(TallyError, match="predictions"):
         paired_difference(t, t, e, None)
+    val_only = prediction_frame("val", pred, lab, dom, np.ones(100))
+    with pytest.raises(TallyError, match="no per-example predictions for split 'test'"):
+        paired_difference(t, t, e, val_only, splits=["test"])
     other = prediction_frame("test", (pred + 1) % 4, lab, dom, np.ones(100))
     with pytest.raises(TallyError, match="disagrees"):  # predictions that do not match the table
         bootstrap(t, other)
