@@ -1,24 +1,23 @@
-"""`tally` command line: thin argument parsing over the library; errors are one line, exit 2."""
+"""`tally` command line: one table of commands, each a thin handler over the library.
+
+Every handler returns an exit code; user mistakes raise TallyError, printed here on one line with
+exit code 2. Handlers import what they need when they run, so `tally search --dry-run` or
+`tally report` never pay for torch, Ray or Streamlit they do not use.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from tally.errors import TallyError
 
 
-def _parse_override(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or "." not in key:
-        raise TallyError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. train.epochs=3")
-    return key, yaml.safe_load(value)
-
-
+# ---------------------------------------------------------------- one run
 def cmd_train(args) -> int:
     from tally import config as config_mod
     from tally.training import train_run
@@ -48,51 +47,187 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- many runs
+def cmd_search(args) -> int:
+    from tally import results
+    from tally.search import dry_run_text, load_spec
+
+    spec = load_spec(args.spec, name_override=args.name)  # validated: nothing written before this
+    if args.dry_run:
+        print(dry_run_text(spec))
+        return 0
+    from tally import search
+
+    started = time.time()
+    summary = search.run_search(spec, args.storage, address=args.address, resume=args.resume,
+                                quiet=not args.verbose)
+    exp_dir = results.experiment_dir(args.storage, spec.name)
+    counts = summary["status"].value_counts().to_dict() if not summary.empty else {}
+    print(f"search {spec.name}: {len(summary)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}) "
+          f"in {time.time() - started:.0f}s")
+    best, selection = results.best_of_experiment(exp_dir, summary)
+    if best is None:
+        print("no trial finished: nothing to select")
+        return 1
+    metric = selection.metric.split("/", 1)[1]
+    print(f"best trial on validation {metric}: {best['trial_id']}  val {best[selection.metric]:.3f}")
+    for column in sorted(c for c in summary.columns if c.startswith("test_") and c.endswith(f"/{metric}")):
+        print(f"  {column}: {best[column]:.3f}")
+    if args.confirm_seeds:
+        table = search.confirm_seeds(spec, exp_dir, best["trial_id"], args.confirm_seeds)
+        print(f"\nbest config re-run with {args.confirm_seeds} seeds (mean +- standard error):")
+        for row in table.itertuples():
+            print(f"  {row.split:>22s} {row.metric:>16s} {row.mean:.3f} +- {row.stderr:.3f}")
+    if spec.resolved.get("robustness", {}).get("settings"):
+        from tally.data import load_splits
+
+        domains = load_splits(spec.base["data"])["train"].domain_names
+        table = search.robustness(spec, exp_dir, best["trial_id"], domains)
+        print("\nrobustness of the chosen config (held-out runs selected on training-domain validation):")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nresults: {exp_dir}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tally.report import experiment_table, format_table
+
+    print(format_table(experiment_table(Path(args.experiment), args.split, args.group), args.format))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tally.demo import run_demo
+
+    return run_demo(Path(args.storage))
+
+
+# ---------------------------------------------------------------- ship
+def cmd_export(args) -> int:
+    from tally.export import export_bundle, resolve_trial
+
+    run_dir = resolve_trial(Path(args.experiment), args.trial)
+    out = export_bundle(run_dir, Path(args.out))
+    print(f"exported {run_dir.name} to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from tally.export import Predictor
+
+    predictor = Predictor(args.bundle)
+    for path, label, confidence in predictor.predict(args.images):
+        print(f"{path}\t{label}\t{confidence:.3f}")
+    return 0
+
+
+# ---------------------------------------------------------------- look
 def cmd_dashboard(args) -> int:
-    from tally.dashboard_launch import launch
+    from tally.dashboard.launch import launch
 
     return launch(Path(args.root), port=args.port, address=args.address)
+
+
+# ---------------------------------------------------------------- arguments
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    p.add_argument("--out", help="run folder (default results/runs/<config>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="val", help="val, test_sub or test_domain:<name>")
+    p.add_argument("--out", help="write the long (domain, class) table as CSV")
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--storage", default="results", help="results store root (shared storage on a cluster)")
+    p.add_argument("--name", help="experiment name (default: the spec's name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved spec and budget")
+    p.add_argument("--confirm-seeds", type=int, default=0, metavar="K",
+                   help="re-run the best config with K more seeds")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own progress output")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment")
+    p.add_argument("--format", choices=("markdown", "latex"), default="markdown")
+    p.add_argument("--split", help="one split (default: every test split)")
+    p.add_argument("--group", default="trials", choices=("trials", "confirm", "robustness"))
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default="results")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment")
+    p.add_argument("--trial")
+    p.add_argument("--out", required=True)
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle")
+    p.add_argument("images", nargs="+")
+
+
+def _dashboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", nargs="?", default="results")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Callable[[argparse.Namespace], int]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(cmd_train, "one training run from a config YAML", _train_args),
+    "evaluate": Command(cmd_evaluate, "evaluate a run's kept checkpoint on one split", _evaluate_args),
+    "search": Command(cmd_search, "run a hyperparameter search from a spec YAML on Ray", _search_args),
+    "report": Command(cmd_report, "DomainBed-style tables of an experiment", _report_args),
+    "export": Command(cmd_export, "write a deployable bundle of a trial (default: the best)", _export_args),
+    "predict": Command(cmd_predict, "classify images with an exported bundle", _predict_args),
+    "dashboard": Command(cmd_dashboard, "browse a results store in the browser", _dashboard_args),
+    "demo": Command(cmd_demo, "the quickstart search on the embedded data, then export the best", _demo_args),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tally", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help)
+        command.arguments(p)
+        p.set_defaults(func=command.handler)
+    # `tally data ...` and `tally splits ...`: command groups of the data package, kept beside it
+    from tally.data.cli import add_commands as add_data_commands
+
+    add_data_commands(sub)
+    return parser
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    from tally.config import parse_yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise TallyError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. train.epochs=3")
+    return key, parse_yaml(value)
 
 
 def _print_metrics(metrics: dict) -> None:
     for split, values in metrics.items():
         shown = "  ".join(f"{k} {v:.3f}" for k, v in values.items() if v == v)
         print(f"{split:>24s}: {shown}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tally", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="one training run from a config YAML")
-    p.add_argument("config")
-    p.add_argument("--out", help="run folder (default results/runs/<config>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="evaluate a run's kept checkpoint on one split")
-    p.add_argument("run_dir")
-    p.add_argument("--split", default="val", help="val, test_sub or test_domain:<name>")
-    p.add_argument("--out", help="write the long (domain, class) table as CSV")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("dashboard", help="browse a results store in the browser")
-    p.add_argument("root", nargs="?", default="results")
-    p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
-    p.set_defaults(func=cmd_dashboard)
-
-    from tally.data.cli import add_commands as add_data_commands
-
-    add_data_commands(sub)
-    for module in ("tally.search_cli",):
-        try:
-            __import__(module, fromlist=["add_commands"]).add_commands(sub)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

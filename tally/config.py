@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,9 @@ class Field:
             if self.nullable:
                 return None
             raise TallyError(f"{path}: expected {self._expected()}, got null")
-        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if self.kind is float and isinstance(value, str):
-            with contextlib.suppress(ValueError):  # YAML reads 1e-5 (no dot) as a string
+        if self.kind is float:
+            value = as_number(value)
+            if isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
         ok = isinstance(value, self.kind) and not (self.kind is not bool and isinstance(value, bool))
         if ok and self.kind is float and not math.isfinite(value):
@@ -176,11 +176,25 @@ def _validate_method(given: dict, train_seed: int) -> dict:
     return out
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-5 (no dot) as a string; configs and specs are full of learning rates."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def parse_yaml(text: str):
+    """The one YAML reader of run configs, specs and --set values: safe, and 1e-5 is a float."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no tags, no objects
+
+
 def read_yaml_file(path: str | Path, what: str = "config") -> dict:
-    """A YAML mapping from a file (safe_load), or a one-line error naming the file."""
+    """A YAML mapping from a file, or a one-line error naming the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except (FileNotFoundError, IsADirectoryError):
         raise TallyError(f"{path}: {what} file not found") from None
     except yaml.YAMLError as e:
@@ -196,6 +210,43 @@ def load(path: str | Path) -> dict:
 
 
 def set_path(config: dict, dotted: str, value) -> None:
-    """config['a']['b'] = value for dotted 'a.b' (used by searches and overrides)."""
+    """config['a']['b'] = value for dotted 'a.b' (searches and --set); an empty section becomes {}."""
     section, _, key = dotted.partition(".")
-    config.setdefault(section, {})[key] = value
+    if config.get(section) is None:  # `method:` left empty in YAML
+        config[section] = {}
+    config[section][key] = value
+
+
+# ---------------------------------------------------------------- checks shared with search specs
+def as_number(value):
+    """A number given as a string (a 1e-5 that reached us through JSON or a dict) becomes a float."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def check_int(path: str, value, low: int | None, expected: str | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        text = expected or (f"an integer >= {low}" if low is not None else "an integer")
+        raise TallyError(f"{path}: expected {text}, got {value!r}")
+    return value
+
+
+def check_number(path: str, value, expected: str) -> float | int:
+    value = as_number(value)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise TallyError(f"{path}: expected {expected}, got {value!r}")
+    return value
+
+
+def check_section(path: str, raw, defaults: dict) -> dict:
+    """A mapping with only known keys, defaults filled (null means all defaults)."""
+    if raw is None:
+        return copy.deepcopy(defaults)
+    if not isinstance(raw, dict):
+        raise TallyError(f"{path}: expected a mapping with keys {', '.join(defaults)}, got {raw!r}")
+    for key in raw:
+        if key not in defaults:
+            raise TallyError(f"{path}.{key}: unknown key (expected one of {', '.join(defaults)})")
+    return {**copy.deepcopy(defaults), **raw}

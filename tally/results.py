@@ -22,6 +22,8 @@ import yaml
 
 STATUSES = ("pending", "running", "done", "failed", "stopped")
 TRIALS_DIR = "trials"
+DEFAULT_SELECTION = {"metric": "pair_acc_worst", "mode": "max"}  # a spec without `selection:`
+NO_SPEC_METRIC = "pair_acc_mean"  # a folder of `tally train` runs: no spec says what to select on
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -91,6 +93,17 @@ def truncate_epochs(run_dir: Path, keep_through: int) -> None:
     path = Path(run_dir) / "epochs.jsonl"
     kept = [r for r in read_jsonl(path) if r.get("epoch", 0) <= keep_through]
     write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def experiment_dir(storage: str | Path, name: str) -> Path:
+    """Where experiment ``name`` lives under a store root; a name may never leave the root."""
+    from tally.errors import TallyError
+
+    root = Path(storage).expanduser().resolve()
+    exp = (root / name).resolve()
+    if root not in exp.parents:
+        raise TallyError(f"--name: {name!r} would write outside the storage folder {root}")
+    return exp
 
 
 # ---------------------------------------------------------------- readers
@@ -224,6 +237,42 @@ def read_summary(exp_dir: Path) -> pd.DataFrame:
     """The stored summary when present, else one built from the trial folders."""
     df = read_parquet(Path(exp_dir) / "summary.parquet")
     return df if df is not None else summarise(exp_dir)
+
+
+# ---------------------------------------------------------------- model selection
+# One rule (as DomainBed's model_selection.py), used by the search, `tally export`, the report and the
+# dashboard: the spec says which validation metric; only finished trials compete; ties go to the
+# better validation mean pair accuracy, then to the first trial id. Test numbers never take part.
+@dataclass(frozen=True)
+class Selection:
+    """How the best trial is chosen: a validation metric column, a direction, and where that came from."""
+
+    metric: str
+    mode: str
+    source: str
+
+
+def selection_of(spec: dict | None) -> Selection:
+    """An experiment's selection from its (resolved or stored) spec, with the documented defaults."""
+    if not isinstance(spec, dict):
+        return Selection(f"val/{NO_SPEC_METRIC}", "max", f"no spec.yaml: default {NO_SPEC_METRIC}")
+    sel = spec.get("selection")
+    sel = sel if isinstance(sel, dict) else {}
+    metric = str(sel.get("metric") or DEFAULT_SELECTION["metric"])
+    if "/" not in metric:
+        metric = f"val/{metric}"
+    mode = str(sel.get("mode") or "max").lower()
+    if mode not in ("max", "min"):
+        mode = "max"
+    source = "spec.yaml selection" if sel.get("metric") else f"spec.yaml without selection: default {metric}"
+    return Selection(metric, mode, source)
+
+
+def best_of_experiment(exp_dir: Path, summary: pd.DataFrame | None = None) -> tuple[pd.Series | None, Selection]:
+    """The best trial of an experiment by its spec's selection, and that selection."""
+    selection = selection_of(read_yaml(Path(exp_dir) / "spec.yaml"))
+    summary = summarise(exp_dir) if summary is None else summary
+    return best_trial(summary, selection.metric, selection.mode), selection
 
 
 def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Series | None:

@@ -10,8 +10,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from tally.dashboard_data import Grid
-from tally.dashboard_search import Dimension
+from tally.dashboard.data import Grid
+from tally.dashboard.search_data import Dimension
 
 _CELL = 54  # pixels per grid row: room for two lines of cell text
 

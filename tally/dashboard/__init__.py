@@ -2,7 +2,7 @@
 
 ``app.py`` is the Streamlit script (``streamlit run``); ``views`` lays out each section, ``charts``
 builds the plotly figures and ``cache`` memoises store reads keyed on file mtimes. The data they show
-comes from ``tally.dashboard_data``.
+comes from ``tally.dashboard.data``.
 """
 
 from pathlib import Path
