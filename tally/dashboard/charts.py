@@ -1,4 +1,4 @@
-"""Plotly figures of the dashboard: pure functions from dashboard_data values to figures.
+"""Plotly figures of the dashboard: pure functions from tally.dashboard.data values to figures.
 
 Kept apart from the Streamlit views so figures can be built and checked in tests without a server.
 """

@@ -1,5 +1,6 @@
-"""Dashboard data for how a search went: learning curves, metric by trial order, parameter
-importance and parallel coordinates. Plain pandas on the results store, like tally.dashboard.data."""
+"""Dashboard data of how a search went: learning curves, progress, importance, parallel coordinates.
+
+Plain pandas on the results store, like tally.dashboard.data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Many runs: a validated spec -> Ray Tune (OptunaSearch, optional ASHA) -> the results store.
+"""A search on Ray Tune: the Tuner, its store callback, and follow-ups (confirmation seeds, robustness).
 
 The driver writes nothing before the spec is valid. Trials are Tune functions that launch a
 TorchTrainer (tally.search.trial). The Optuna study lives in <experiment>/study.db (SQLite) so
