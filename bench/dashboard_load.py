@@ -36,10 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the store factory of the tests
 
-from tests import store_factory as sf  # noqa: E402
-
 from tally.dashboard import APP_PATH  # noqa: E402
 from tally.dashboard import data as dd  # noqa: E402
+from tests import store_factory as sf  # noqa: E402
 
 GOAL_S = 3.0
 
