@@ -149,7 +149,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="experiment name (default: the spec's name)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved spec and budget")
-    p.add_argument("--confirm-seeds", type=int, default=0, metavar="K",
+    p.add_argument("--confirm-seeds", type=_ranged_int(0), default=0, metavar="K",
                    help="re-run the best config with K more seeds")
     p.add_argument("--verbose", action="store_true", help="show Ray's own progress output")
 
@@ -178,7 +178,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 def _dashboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", nargs="?", default="results")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=_ranged_int(1, 65535), default=8501)
     p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
 
 
@@ -201,9 +201,18 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line and exit 2 like every other user error (`tally CMD -h` shows usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tally", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="tally", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", dest="show_traceback", action="store_true",
+                        help="with an error, print its traceback too (tally --verbose COMMAND ...)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help)
         command.arguments(p)
@@ -216,12 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_override(text: str) -> tuple[str, object]:
+    import yaml
+
     from tally.config import parse_yaml
 
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
         raise TallyError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. train.epochs=3")
-    return key, parse_yaml(value)
+    try:
+        return key, parse_yaml(value)
+    except yaml.YAMLError as e:
+        raise TallyError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _ranged_int(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], or argparse's own one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {value}")
+        return value
+    return parse
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -230,16 +258,49 @@ def _print_metrics(metrics: dict) -> None:
         print(f"{split:>24s}: {shown}")
 
 
+def user_error(exc: BaseException) -> str | None:
+    """The one line to print for an error the user caused (their file, value or flag); None for a bug.
+
+    TallyError already names the culprit. The others are content the library met while reading a
+    user's file deep inside a parser (an encoding, a YAML or pickle stream, an image bomb): named by
+    type and message, since the place that raised them knows no better.
+    """
+    import pickle
+
+    import yaml
+
+    if isinstance(exc, TallyError):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, yaml.YAMLError):
+        return f"not valid YAML ({str(exc).splitlines()[0]})"
+    if isinstance(exc, pickle.UnpicklingError):
+        return f"refused to load: not a safe checkpoint ({str(exc).splitlines()[0][:200]})"
+    if type(exc).__name__ == "DecompressionBombError":  # PIL's, without importing PIL here
+        return f"image too large: {exc}"
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except TallyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        line = user_error(e)
+        if line is None:
+            raise  # a bug: the traceback is what a report needs
+        if args.show_traceback:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -134,6 +134,11 @@ def validate(raw: dict, source: str = "config") -> dict:
     if train["warmup_epochs"] > train["epochs"]:
         raise TallyError(f"train.warmup_epochs: expected <= train.epochs ({train['epochs']}), "
                          f"got {train['warmup_epochs']}")
+    pretrained = out["model"]["pretrained"]
+    if pretrained not in (None, "imagenet") and not Path(pretrained).expanduser().is_file():
+        raise TallyError(f"model.pretrained: no weights file at {pretrained!r} (or use 'imagenet' or null)")
+    if pretrained == "imagenet" and out["model"]["arch"] == "resnet10":
+        raise TallyError("model.pretrained: 'imagenet' weights do not exist for resnet10")
     data = out["data"]
     if data["setting"] == "domain" and not data["held_out"] and data["source"] != "wilds":
         raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
@@ -149,7 +154,7 @@ def _validate_method(given: dict, train_seed: int) -> dict:
     if not isinstance(given, dict):
         raise TallyError(f"method: expected a mapping, got {given!r}")
     name = given.get("name", "tally")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise TallyError(f"method.name: expected one of {', '.join(sorted(METHODS))}, got {name!r}")
     defaults = METHODS[name].resolve_config({})
     out = {"name": name}
@@ -194,9 +199,11 @@ def read_yaml_file(path: str | Path, what: str = "config") -> dict:
     """A YAML mapping from a file, or a one-line error naming the file."""
     path = Path(path)
     try:
-        raw = parse_yaml(path.read_text())
+        raw = parse_yaml(path.read_bytes().decode("utf-8"))
     except (FileNotFoundError, IsADirectoryError):
         raise TallyError(f"{path}: {what} file not found") from None
+    except UnicodeDecodeError as e:
+        raise TallyError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise TallyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):

@@ -124,10 +124,25 @@ def _tuner_path(exp_dir: Path) -> Path:
 
 def run_search(spec, storage: str | Path, address: str | None = None, resume: bool = False,
                quiet: bool = True) -> pd.DataFrame:
-    """Run (or resume) the search of a validated spec; returns the summary table."""
+    """Run (or resume) the search of a validated spec; returns the summary table.
+
+    The experiment folder is held exclusively for the whole search: a second `tally search` of the same
+    experiment (or a --resume while the first still runs) fails at once, naming the holder.
+    """
     exp_dir = results.experiment_dir(storage, spec.name)
+    existed = exp_dir.exists()
+    try:
+        with results.exclusive(exp_dir, "experiment"):
+            return _run_search(spec, exp_dir, address, resume, quiet)
+    finally:
+        if not existed and not any(p.name != ".lock" for p in exp_dir.iterdir()):
+            (exp_dir / ".lock").unlink(missing_ok=True)  # a refused search leaves nothing behind
+            exp_dir.rmdir()
+
+
+def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: bool) -> pd.DataFrame:
     tuner_path = _tuner_path(exp_dir)
-    if exp_dir.exists() and not resume and any(exp_dir.iterdir()):
+    if not resume and any(p.name != ".lock" for p in exp_dir.iterdir()):
         raise TallyError(f"{exp_dir}: experiment exists; pass --resume to continue it or --name for a new one")
     if resume:
         stored = results.read_yaml(exp_dir / "spec.yaml")
@@ -181,6 +196,11 @@ def run_search(spec, storage: str | Path, address: str | None = None, resume: bo
 
 def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:
     """Run fixed configs (no search) as Tune trials under <exp>/<group>/<id>; returns metrics by id."""
+    with results.exclusive(exp_dir, "experiment"):
+        return _run_fixed(exp_dir, group, configs, resources, concurrency)
+
+
+def _run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:
     plan = {"exp_dir": str(exp_dir), "group": group, "configs": configs, "resources": resources}
     trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
     tuner = tune.Tuner(
