@@ -22,16 +22,16 @@ browser:
 	  echo "chromium not installed: the real-browser test will be skipped"; }
 
 test: $(STAMP) browser
-	$(BIN)/ruff check tally tests bench dashboard
+	$(BIN)/ruff check tally tests bench dashboard docs
 	$(BIN)/python -m pytest -q tests
 
 # The fast tier: no Ray, no training beyond seconds, no browser (about 2 minutes).
 test-fast: $(STAMP)
-	$(BIN)/ruff check tally tests bench dashboard
+	$(BIN)/ruff check tally tests bench dashboard docs
 	$(BIN)/python -m pytest -q -m "not slow and not browser" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check tally tests bench dashboard
+	$(BIN)/ruff check tally tests bench dashboard docs
 
 bench: $(STAMP)
 	$(BIN)/python bench/evaluator.py

@@ -9,7 +9,7 @@ running, failed, stopped). What is measured, each printed on its own line:
    streamlit, pandas and the app included; interpreter start-up excluded) until the trials
    table is built; then a warm rerun (cache hit, what auto-refresh costs);
 3. real browser (if /usr/bin/chromium and playwright exist): a server started by
-   ``tally.dashboard_launch``, headless chromium from navigation until the trials table is in the DOM,
+   ``tally.dashboard.launch``, headless chromium from navigation until the trials table is in the DOM,
    first load (cold server) and a reload (warm cache). This includes the frontend's own JavaScript.
    Next to it: the CPU seconds the server and the browser used meanwhile (from /proc), and the same
    for a one-table Streamlit page served the same way (the framework's floor).
@@ -34,12 +34,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # the store factory of the tests
 
-import store_factory as sf  # noqa: E402
-
-from tally import dashboard_data as dd  # noqa: E402
-from tally.dashboard_app import APP_PATH  # noqa: E402
+from tally.dashboard import APP_PATH  # noqa: E402
+from tally.dashboard import data as dd  # noqa: E402
+from tests import store_factory as sf  # noqa: E402
 
 GOAL_S = 3.0
 
@@ -144,7 +143,7 @@ def browser(root: Path) -> None:
     if not chromium.exists():
         print("browser: skipped (no /usr/bin/chromium)")
         return
-    from test_dashboard_browser import dashboard_server
+    from tests.dashboard.test_browser import dashboard_server
 
     args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
     with sync_playwright() as p:
@@ -181,7 +180,7 @@ def _plain_streamlit():
     """A minimal Streamlit app served exactly like the dashboard (same flags), always stopped."""
     from test_dashboard_browser import free_port, wait_healthy
 
-    from tally.dashboard_launch import command
+    from tally.dashboard.launch import command
 
     folder = Path(tempfile.mkdtemp())
     (folder / "app.py").write_text(EMPTY_APP)

@@ -1,24 +1,23 @@
-"""`tally` command line: thin argument parsing over the library; errors are one line, exit 2."""
+"""`tally` command line: one table of commands, each a thin handler over the library.
+
+Every handler returns an exit code; user mistakes raise TallyError, printed here on one line with
+exit code 2. Handlers import what they need when they run, so `tally search --dry-run` or
+`tally report` never pay for torch, Ray or Streamlit they do not use.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from tally.errors import TallyError
 
 
-def _parse_override(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or "." not in key:
-        raise TallyError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. train.epochs=3")
-    return key, yaml.safe_load(value)
-
-
+# ---------------------------------------------------------------- one run
 def cmd_train(args) -> int:
     from tally import config as config_mod
     from tally.training import train_run
@@ -48,10 +47,55 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_dashboard(args) -> int:
-    from tally.dashboard_launch import launch
+# ---------------------------------------------------------------- many runs
+def cmd_search(args) -> int:
+    from tally import results
+    from tally.search import dry_run_text, load_spec
 
-    return launch(Path(args.root), port=args.port, address=args.address)
+    spec = load_spec(args.spec, name_override=args.name)  # validated: nothing written before this
+    if args.dry_run:
+        print(dry_run_text(spec))
+        return 0
+    from tally import search
+
+    started = time.time()
+    summary = search.run_search(spec, args.storage, address=args.address, resume=args.resume,
+                                quiet=not args.verbose)
+    exp_dir = results.experiment_dir(args.storage, spec.name)
+    counts = summary["status"].value_counts().to_dict() if not summary.empty else {}
+    print(f"search {spec.name}: {len(summary)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}) "
+          f"in {time.time() - started:.0f}s")
+    best, selection = results.best_of_experiment(exp_dir, summary)
+    if best is None:
+        print("no trial finished: nothing to select")
+        return 1
+    metric = selection.metric.split("/", 1)[1]
+    print(f"best trial on validation {metric}: {best['trial_id']}  val {best[selection.metric]:.3f}")
+    for column in sorted(c for c in summary.columns if c.startswith("test_") and c.endswith(f"/{metric}")):
+        print(f"  {column}: {best[column]:.3f}")
+    if args.confirm_seeds:
+        table = search.confirm_seeds(spec, exp_dir, best["trial_id"], args.confirm_seeds)
+        print(f"\nbest config re-run with {args.confirm_seeds} seeds (mean +- standard error):")
+        for row in table.itertuples():
+            print(f"  {row.split:>22s} {row.metric:>16s} {row.mean:.3f} +- {row.stderr:.3f}")
+    if spec.resolved.get("robustness", {}).get("settings"):
+        from tally.data import load_splits
+
+        domains = load_splits(spec.base["data"])["train"].domain_names
+        table = search.robustness(spec, exp_dir, best["trial_id"], domains)
+        print("\nrobustness of the chosen config (held-out runs selected on training-domain validation):")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nresults: {exp_dir}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tally.report import experiment_table, format_table, seed_table
+
+    frame = experiment_table(Path(args.experiment), args.split, args.group, replicates=args.replicates,
+                             seed=args.bootstrap_seed, many_above=args.many_above, few_at_most=args.few_at_most)
+    print(format_table(seed_table(frame) if args.seeds else frame, args.format))
+    return 0
 
 
 def cmd_compare(args) -> int:
@@ -75,19 +119,183 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
-    from tally.report import experiment_table, format_table, seed_table
+def cmd_demo(args) -> int:
+    from tally.demo import run_demo
 
-    frame = experiment_table(Path(args.experiment), args.split, args.group, replicates=args.replicates,
-                             seed=args.bootstrap_seed, many_above=args.many_above, few_at_most=args.few_at_most)
-    print(format_table(seed_table(frame) if args.seeds else frame, args.format))
+    return run_demo(Path(args.storage))
+
+
+# ---------------------------------------------------------------- ship
+def cmd_export(args) -> int:
+    from tally.export import export_bundle, resolve_trial
+
+    run_dir = resolve_trial(Path(args.experiment), args.trial)
+    out = export_bundle(run_dir, Path(args.out))
+    print(f"exported {run_dir.name} to {out}")
     return 0
 
 
-def _add_interval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--replicates", type=int, default=1000, metavar="R",
+def cmd_predict(args) -> int:
+    from tally.export import Predictor
+
+    predictor = Predictor(args.bundle)
+    for path, label, confidence in predictor.predict(args.images):
+        print(f"{path}\t{label}\t{confidence:.3f}")
+    return 0
+
+
+# ---------------------------------------------------------------- look
+def cmd_dashboard(args) -> int:
+    from tally.dashboard.launch import launch
+
+    return launch(Path(args.root), port=args.port, address=args.address)
+
+
+# ---------------------------------------------------------------- arguments
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    p.add_argument("--out", help="run folder (default results/runs/<config>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="val", help="val, test_sub or test_domain:<name>")
+    p.add_argument("--out", help="write the long (domain, class) table as CSV")
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--storage", default="results", help="results store root (shared storage on a cluster)")
+    p.add_argument("--name", help="experiment name (default: the spec's name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved spec and budget")
+    p.add_argument("--confirm-seeds", type=_ranged_int(0), default=0, metavar="K",
+                   help="re-run the best config with K more seeds")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own progress output")
+
+
+def _interval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicates", type=_ranged_int(1), default=1000, metavar="R",
                    help="bootstrap replicates for the 95%% intervals (default 1000)")
-    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--bootstrap-seed", type=_ranged_int(0), default=0, help="seed of the bootstrap (default 0)")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment")
+    p.add_argument("--format", choices=("markdown", "latex"), default="markdown")
+    p.add_argument("--split", help="one split (default: every test split)")
+    p.add_argument("--group", default="trials", choices=("trials", "confirm", "robustness"))
+    _interval_args(p)
+    p.add_argument("--seeds", action="store_true",
+                   help="fold runs that differ only in seed: mean ± standard error and each seed's value")
+    p.add_argument("--many-above", type=_ranged_int(1), metavar="N",
+                   help="many-shot: > N training images per pair (default: the dataset's; 100, OfficeHome 60)")
+    p.add_argument("--few-at-most", type=_ranged_int(1), metavar="N",
+                   help="few-shot: <= N training images per pair (default: the dataset's; 20, TerraIncognita 25)")
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--metric", action="append", help="a metric (repeatable; default: every metric)")
+    p.add_argument("--split", action="append", help="a test split (repeatable; default: every test split)")
+    _interval_args(p)
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default="results")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment")
+    p.add_argument("--trial")
+    p.add_argument("--out", required=True)
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle")
+    p.add_argument("images", nargs="+")
+
+
+def _dashboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", nargs="?", default="results")
+    p.add_argument("--port", type=_ranged_int(1, 65535), default=8501)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Callable[[argparse.Namespace], int]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(cmd_train, "one training run from a config YAML", _train_args),
+    "evaluate": Command(cmd_evaluate, "evaluate a run's kept checkpoint on one split", _evaluate_args),
+    "search": Command(cmd_search, "run a hyperparameter search from a spec YAML on Ray", _search_args),
+    "report": Command(cmd_report, "DomainBed-style tables of an experiment, with intervals", _report_args),
+    "compare": Command(cmd_compare, "paired difference of two runs on the same test set, with intervals",
+                       _compare_args),
+    "export": Command(cmd_export, "write a deployable bundle of a trial (default: the best)", _export_args),
+    "predict": Command(cmd_predict, "classify images with an exported bundle", _predict_args),
+    "dashboard": Command(cmd_dashboard, "browse a results store in the browser", _dashboard_args),
+    "demo": Command(cmd_demo, "the quickstart search on the embedded data, then export the best", _demo_args),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line and exit 2 like every other user error (`tally CMD -h` shows usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tally", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", dest="show_traceback", action="store_true",
+                        help="with an error, print its traceback too (tally --verbose COMMAND ...)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help)
+        command.arguments(p)
+        p.set_defaults(func=command.handler)
+    # `tally data ...` and `tally splits ...`: command groups of the data package, kept beside it
+    from tally.data.cli import add_commands as add_data_commands
+
+    add_data_commands(sub)
+    return parser
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    import yaml
+
+    from tally.config import parse_yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise TallyError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. train.epochs=3")
+    try:
+        return key, parse_yaml(value)
+    except yaml.YAMLError as e:
+        raise TallyError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _ranged_int(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], or argparse's own one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {value}")
+        return value
+    return parse
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -96,69 +304,49 @@ def _print_metrics(metrics: dict) -> None:
         print(f"{split:>24s}: {shown}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tally", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def user_error(exc: BaseException) -> str | None:
+    """The one line to print for an error the user caused (their file, value or flag); None for a bug.
 
-    p = sub.add_parser("train", help="one training run from a config YAML")
-    p.add_argument("config")
-    p.add_argument("--out", help="run folder (default results/runs/<config>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
-    p.set_defaults(func=cmd_train)
+    TallyError already names the culprit. The others are content the library met while reading a
+    user's file deep inside a parser (an encoding, a YAML or pickle stream, an image bomb): named by
+    type and message, since the place that raised them knows no better.
+    """
+    import pickle
 
-    p = sub.add_parser("evaluate", help="evaluate a run's kept checkpoint on one split")
-    p.add_argument("run_dir")
-    p.add_argument("--split", default="val", help="val, test_sub or test_domain:<name>")
-    p.add_argument("--out", help="write the long (domain, class) table as CSV")
-    p.set_defaults(func=cmd_evaluate)
+    import yaml
 
-    p = sub.add_parser("dashboard", help="browse a results store in the browser")
-    p.add_argument("root", nargs="?", default="results")
-    p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
-    p.set_defaults(func=cmd_dashboard)
-
-    p = sub.add_parser("compare", help="paired difference of two runs on the same test set, with intervals")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("--metric", action="append", help="a metric (repeatable; default: every metric)")
-    p.add_argument("--split", action="append", help="a test split (repeatable; default: every test split)")
-    _add_interval_flags(p)
-    p.set_defaults(func=cmd_compare)
-
-    from tally.data.cli import add_commands as add_data_commands
-
-    add_data_commands(sub)
-    for module in ("tally.search_cli",):
-        try:
-            __import__(module, fromlist=["add_commands"]).add_commands(sub)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-    report = sub.choices.get("report")
-    if report is not None:  # intervals, seeds and shot thresholds of `tally report`
-        _add_interval_flags(report)
-        report.add_argument("--seeds", action="store_true",
-                            help="fold runs that differ only in seed: mean ± standard error and each seed")
-        report.add_argument("--many-above", type=int, help="many-shot: > N training images per pair "
-                            "(default: the dataset's, e.g. 100; OfficeHome 60)")
-        report.add_argument("--few-at-most", type=int, help="few-shot: <= N training images per pair "
-                            "(default: the dataset's, e.g. 20; TerraIncognita 25)")
-        report.set_defaults(func=cmd_report)
-    return parser
+    if isinstance(exc, TallyError):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, yaml.YAMLError):
+        return f"not valid YAML ({str(exc).splitlines()[0]})"
+    if isinstance(exc, pickle.UnpicklingError):
+        return f"refused to load: not a safe checkpoint ({str(exc).splitlines()[0][:200]})"
+    if type(exc).__name__ == "DecompressionBombError":  # PIL's, without importing PIL here
+        return f"image too large: {exc}"
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except TallyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        line = user_error(e)
+        if line is None:
+            raise  # a bug: the traceback is what a report needs
+        if args.show_traceback:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,9 @@ class Field:
             if self.nullable:
                 return None
             raise TallyError(f"{path}: expected {self._expected()}, got null")
-        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if self.kind is float and isinstance(value, str):
-            with contextlib.suppress(ValueError):  # YAML reads 1e-5 (no dot) as a string
+        if self.kind is float:
+            value = as_number(value)
+            if isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
         ok = isinstance(value, self.kind) and not (self.kind is not bool and isinstance(value, bool))
         if ok and self.kind is float and not math.isfinite(value):
@@ -138,6 +138,11 @@ def validate(raw: dict, source: str = "config") -> dict:
     if train["warmup_epochs"] > train["epochs"]:
         raise TallyError(f"train.warmup_epochs: expected <= train.epochs ({train['epochs']}), "
                          f"got {train['warmup_epochs']}")
+    pretrained = out["model"]["pretrained"]
+    if pretrained not in (None, "imagenet") and not Path(pretrained).expanduser().is_file():
+        raise TallyError(f"model.pretrained: no weights file at {pretrained!r} (or use 'imagenet' or null)")
+    if pretrained == "imagenet" and out["model"]["arch"] == "resnet10":
+        raise TallyError("model.pretrained: 'imagenet' weights do not exist for resnet10")
     data = out["data"]
     if data["setting"] == "domain" and not data["held_out"] and data["source"] != "wilds":
         raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
@@ -159,7 +164,7 @@ def _validate_method(given: dict, train_seed: int) -> dict:
     if not isinstance(given, dict):
         raise TallyError(f"method: expected a mapping, got {given!r}")
     name = given.get("name", "tally")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise TallyError(f"method.name: expected one of {', '.join(sorted(METHODS))}, got {name!r}")
     defaults = METHODS[name].resolve_config({})
     out = {"name": name}
@@ -186,13 +191,29 @@ def _validate_method(given: dict, train_seed: int) -> dict:
     return out
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-5 (no dot) as a string; configs and specs are full of learning rates."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def parse_yaml(text: str):
+    """The one YAML reader of run configs, specs and --set values: safe, and 1e-5 is a float."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no tags, no objects
+
+
 def read_yaml_file(path: str | Path, what: str = "config") -> dict:
-    """A YAML mapping from a file (safe_load), or a one-line error naming the file."""
+    """A YAML mapping from a file, or a one-line error naming the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_bytes().decode("utf-8"))
     except (FileNotFoundError, IsADirectoryError):
         raise TallyError(f"{path}: {what} file not found") from None
+    except UnicodeDecodeError as e:
+        raise TallyError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise TallyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -206,6 +227,43 @@ def load(path: str | Path) -> dict:
 
 
 def set_path(config: dict, dotted: str, value) -> None:
-    """config['a']['b'] = value for dotted 'a.b' (used by searches and overrides)."""
+    """config['a']['b'] = value for dotted 'a.b' (searches and --set); an empty section becomes {}."""
     section, _, key = dotted.partition(".")
-    config.setdefault(section, {})[key] = value
+    if config.get(section) is None:  # `method:` left empty in YAML
+        config[section] = {}
+    config[section][key] = value
+
+
+# ---------------------------------------------------------------- checks shared with search specs
+def as_number(value):
+    """A number given as a string (a 1e-5 that reached us through JSON or a dict) becomes a float."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def check_int(path: str, value, low: int | None, expected: str | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        text = expected or (f"an integer >= {low}" if low is not None else "an integer")
+        raise TallyError(f"{path}: expected {text}, got {value!r}")
+    return value
+
+
+def check_number(path: str, value, expected: str) -> float | int:
+    value = as_number(value)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise TallyError(f"{path}: expected {expected}, got {value!r}")
+    return value
+
+
+def check_section(path: str, raw, defaults: dict) -> dict:
+    """A mapping with only known keys, defaults filled (null means all defaults)."""
+    if raw is None:
+        return copy.deepcopy(defaults)
+    if not isinstance(raw, dict):
+        raise TallyError(f"{path}: expected a mapping with keys {', '.join(defaults)}, got {raw!r}")
+    for key in raw:
+        if key not in defaults:
+            raise TallyError(f"{path}.{key}: unknown key (expected one of {', '.join(defaults)})")
+    return {**copy.deepcopy(defaults), **raw}

@@ -111,9 +111,7 @@ def resolve_trial(exp_dir: Path, trial: str | None) -> Path:
         if not run_dir.is_dir():
             raise TallyError(f"--trial: no trial {trial!r} in {exp_dir}")
         return run_dir
-    spec = results.read_yaml(exp_dir / "spec.yaml") or {}
-    selection = spec.get("selection", {"metric": "pair_acc_mean", "mode": "max"})  # as the dashboard
-    best = results.best_trial(results.summarise(exp_dir), selection["metric"], selection.get("mode", "max"))
+    best, _ = results.best_of_experiment(exp_dir)
     if best is None:
         raise TallyError(f"{exp_dir}: no finished trial to export")
     return exp_dir / results.TRIALS_DIR / best["trial_id"]

@@ -9,9 +9,14 @@ tolerate missing files: a running or failed trial shows what it has.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +27,8 @@ import yaml
 
 STATUSES = ("pending", "running", "done", "failed", "stopped")
 TRIALS_DIR = "trials"
+DEFAULT_SELECTION = {"metric": "pair_acc_worst", "mode": "max"}  # a spec without `selection:`
+NO_SPEC_METRIC = "pair_acc_mean"  # a folder of `tally train` runs: no spec says what to select on
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -81,6 +88,8 @@ def write_status(run_dir: Path, status: str, **fields) -> dict:
     if status not in STATUSES:
         raise ValueError(f"unknown status {status!r}")
     current = read_json(Path(run_dir) / "status.json") or {}
+    if status == "running":  # who owns it: readers show "lost" once that process is gone
+        fields.setdefault("owner", {"host": socket.gethostname(), "pid": os.getpid()})
     current.update(fields, status=status, updated=time.time())
     write_json(Path(run_dir) / "status.json", current)
     return current
@@ -93,45 +102,99 @@ def truncate_epochs(run_dir: Path, keep_through: int) -> None:
     write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
+def experiment_dir(storage: str | Path, name: str) -> Path:
+    """Where experiment ``name`` lives under a store root; a name may never leave the root."""
+    from tally.errors import TallyError
+
+    root = Path(storage).expanduser().resolve()
+    exp = (root / name).resolve()
+    if root not in exp.parents:
+        raise TallyError(f"--name: {name!r} would write outside the storage folder {root}")
+    return exp
+
+
 # ---------------------------------------------------------------- readers
-def read_json(path: Path):
+# Readers never raise on content: a store is written by many processes over months, and one torn,
+# hand-edited or foreign file must not take down the dashboard, the report or an export of every
+# other trial. A missing file reads as None; a file that exists but cannot be used reads as None too,
+# and `problem()` says why ("unreadable: ..."), for the views that list what they could not show.
+def _load(path: Path, parse, expect: type | None) -> tuple[object | None, str | None]:
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def read_yaml(path: Path):
-    try:
-        return yaml.safe_load(Path(path).read_text())
+        data = Path(path).read_bytes()
     except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    try:
+        value = parse(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "unreadable: not UTF-8 text"
+    except (ValueError, yaml.YAMLError) as e:
+        return None, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if expect is not None and not isinstance(value, expect):
+        return None, f"unreadable: expected a {expect.__name__}, got {type(value).__name__}"
+    return value, None
+
+
+def read_json(path: Path, expect: type | None = dict):
+    """The JSON value of a file, or None (missing, torn, not UTF-8, or not of the expected type)."""
+    return _load(path, json.loads, expect)[0]
+
+
+def read_yaml(path: Path, expect: type | None = dict):
+    """The YAML value of a file (safe_load), or None like read_json."""
+    return _load(path, yaml.safe_load, expect)[0]
+
+
+def problem(path: Path) -> str | None:
+    """Why a store file that exists cannot be read ("unreadable: ..."); None if fine or missing."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        if not path.exists():
+            return None
+        try:
+            pd.read_parquet(path)
+        except Exception as e:  # pyarrow raises its own types for foreign or torn files
+            return f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
         return None
+    parse = yaml.safe_load if path.suffix in (".yaml", ".yml") else json.loads
+    return _load(path, parse, dict)[1]
 
 
 def read_jsonl(path: Path) -> list[dict]:
     try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
+        lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
+    except (FileNotFoundError, OSError):
         return []
     out = []
     for line in lines:
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line from a killed writer
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 
 def read_parquet(path: Path) -> pd.DataFrame | None:
     try:
         return pd.read_parquet(path)
-    except (FileNotFoundError, OSError, ValueError):
+    except FileNotFoundError:
         return None
+    except Exception:  # torn or foreign: pyarrow's own error types; problem() says which
+        return None
+
+
+RUN_FILES = ("config.yaml", "status.json", "eval.parquet", "metrics.json")
+HEARTBEAT = ".heartbeat"  # touched every HEARTBEAT_S by a running run's owner
+HEARTBEAT_S = 30.0
+LOST_AFTER_S = 600.0  # a running run on another host whose heartbeat is older than this is "lost"
 
 
 @dataclass
 class RunRecord:
-    """Everything a run folder holds; missing parts are None/empty, never an exception."""
+    """Everything a run folder holds; missing or unreadable parts are None/empty, never an exception."""
 
     path: Path
     config: dict | None
@@ -140,10 +203,11 @@ class RunRecord:
     eval_table: pd.DataFrame | None
     metrics: dict | None
     missing: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # file -> "unreadable: why"
 
     @property
     def state(self) -> str:
-        return self.status.get("status", "pending")
+        return run_state(self.path, self.status)
 
 
 def read_run(run_dir: Path) -> RunRecord:
@@ -152,11 +216,128 @@ def read_run(run_dir: Path) -> RunRecord:
     status = read_json(run_dir / "status.json") or {}
     epochs = pd.DataFrame(read_jsonl(run_dir / "epochs.jsonl"))
     table = read_parquet(run_dir / "eval.parquet")
-    metrics = read_json(run_dir / "metrics.json")
-    missing = [name for name, value in (("config.yaml", config), ("status.json", status or None),
-                                        ("eval.parquet", table), ("metrics.json", metrics))
-               if value is None]
-    return RunRecord(run_dir, config, status, epochs, table, metrics, missing)
+    metrics = clean_metrics(read_json(run_dir / "metrics.json"))
+    values = dict(zip(RUN_FILES, (config, status or None, table, metrics), strict=True))
+    missing = [name for name, value in values.items() if value is None]
+    unreadable = {name: why for name in missing if (why := problem(run_dir / name))}
+    return RunRecord(run_dir, config, status, epochs, table, metrics,
+                     [m for m in missing if m not in unreadable], unreadable)
+
+
+def clean_metrics(raw) -> dict | None:
+    """metrics.json as {split: {metric: float}}; anything else in it is dropped, not raised on."""
+    if not isinstance(raw, dict):
+        return None
+    return {str(split): {str(k): float(v) for k, v in values.items()
+                         if isinstance(v, int | float) and not isinstance(v, bool)}
+            for split, values in raw.items() if isinstance(values, dict)}
+
+
+def run_state(run_dir: Path, status: dict) -> str:
+    """The status a reader should show: the stored one, or "lost" for a "running" run whose owner is
+    gone (same host: its pid is dead; another host: no heartbeat for LOST_AFTER_S)."""
+    state = status.get("status", "pending")
+    if state != "running" or not isinstance(state, str):
+        return state if isinstance(state, str) else "pending"
+    owner = status.get("owner")
+    if isinstance(owner, dict) and owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+        return "running" if _pid_alive(owner["pid"]) else "lost"
+    beat = Path(run_dir) / HEARTBEAT
+    try:
+        age = time.time() - beat.stat().st_mtime
+    except OSError:  # older runs have no heartbeat: fall back on the last status write
+        updated = status.get("updated")
+        age = time.time() - updated if isinstance(updated, int | float) else 0.0
+    return "lost" if age > LOST_AFTER_S else "running"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def heartbeat(run_dir: Path, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """Touch <run>/.heartbeat every few seconds while the body runs (a daemon thread), so readers on
+    other hosts can tell a long epoch from a dead owner."""
+    path = Path(run_dir) / HEARTBEAT
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                path.touch()
+            if stop.wait(every_s):
+                return
+
+    thread = threading.Thread(target=beat, name="tally-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------- exclusive writers
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str) -> Iterator[None]:
+    """Hold <folder>/.lock while writing a run or an experiment: a second writer gets a one-line error
+    naming the holder (host, pid, start time).
+
+    The lock is the operating system's (flock: per open file, so even a second writer in the same
+    process is refused; Linux maps it to NFS locks across hosts), so it dies with its process: a holder killed by SIGKILL leaves no stale lock. Where the file system has no locks,
+    the recorded pid is checked instead (same host) and a lock older than LOST_AFTER_S without a live
+    holder is taken over.
+    """
+    from tally.errors import TallyError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK):
+                _check_lock_file(path, what)  # no OS locks here: judge by the recorded holder
+            else:
+                raise TallyError(f"{folder}: {what} is in use by {_holder(path)}; "
+                                 "wait for it or pick another folder") from None
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the OS lock
+
+
+def _holder(path: Path) -> str:
+    info = read_json(path) or {}
+    started = info.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, int | float) else "?"
+    return f"host {info.get('host', '?')} pid {info.get('pid', '?')} (since {when})"
+
+
+def _check_lock_file(path: Path, what: str) -> None:
+    from tally.errors import TallyError
+
+    info = read_json(path) or {}
+    if not info:
+        return
+    same_host = info.get("host") == socket.gethostname()
+    alive = _pid_alive(info["pid"]) if same_host and isinstance(info.get("pid"), int) else None
+    fresh = isinstance(info.get("started"), int | float) and time.time() - info["started"] < LOST_AFTER_S
+    if alive or (alive is None and fresh):
+        raise TallyError(f"{path.parent}: {what} is in use by {_holder(path)}; wait for it or pick another folder")
 
 
 def iter_trial_dirs(exp_dir: Path) -> Iterator[Path]:
@@ -187,18 +368,29 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def trial_row(run_dir: Path) -> dict:
-    """One summary row from a trial folder: id, status, params, metrics, timing."""
+    """One summary row from a trial folder: id, status, params, metrics, timing, and which files are
+    unreadable (the row is still made: one bad file hides only what it holds)."""
     run_dir = Path(run_dir)
     status = read_json(run_dir / "status.json") or {}
     config = read_yaml(run_dir / "config.yaml") or {}
-    metrics = read_json(run_dir / "metrics.json") or {}
-    row = {"trial_id": run_dir.name, "status": status.get("status", "pending"),
-           "error": status.get("error"), "epoch": status.get("epoch"),
-           "best_epoch": status.get("best_epoch"), "started": status.get("started"),
-           "ended": status.get("ended"), "node": status.get("node"), "ray_node_id": status.get("ray_node_id")}
+    metrics = clean_metrics(read_json(run_dir / "metrics.json")) or {}
+    unreadable = {name: why for name in ("status.json", "config.yaml", "metrics.json")
+                  if (why := problem(run_dir / name))}
+
+    def number(key):
+        value = status.get(key)
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    row = {"trial_id": run_dir.name, "status": run_state(run_dir, status),
+           "error": _text(status.get("error")), "epoch": number("epoch"),
+           "best_epoch": number("best_epoch"), "started": number("started"),
+           "ended": number("ended"), "node": _text(status.get("node")),
+           "ray_node_id": _text(status.get("ray_node_id")),
+           "unreadable": "; ".join(f"{k}: {v}" for k, v in unreadable.items()) or None}
     if row["started"] is not None:
-        row["duration_s"] = (row["ended"] or status.get("updated") or time.time()) - row["started"]
-    for key, value in (status.get("params") or {}).items():
+        row["duration_s"] = (row["ended"] or number("updated") or time.time()) - row["started"]
+    params = status.get("params")
+    for key, value in (params if isinstance(params, dict) else {}).items():
         row[f"param.{key}"] = value
     for key, value in flatten(config).items():
         row[f"config.{key}"] = value if not isinstance(value, list) else json.dumps(value)
@@ -206,6 +398,10 @@ def trial_row(run_dir: Path) -> dict:
         for name, value in values.items():
             row[f"{split}/{name}"] = value
     return row
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
 
 
 def summarise(exp_dir: Path) -> pd.DataFrame:
@@ -224,6 +420,42 @@ def read_summary(exp_dir: Path) -> pd.DataFrame:
     """The stored summary when present, else one built from the trial folders."""
     df = read_parquet(Path(exp_dir) / "summary.parquet")
     return df if df is not None else summarise(exp_dir)
+
+
+# ---------------------------------------------------------------- model selection
+# One rule (as DomainBed's model_selection.py), used by the search, `tally export`, the report and the
+# dashboard: the spec says which validation metric; only finished trials compete; ties go to the
+# better validation mean pair accuracy, then to the first trial id. Test numbers never take part.
+@dataclass(frozen=True)
+class Selection:
+    """How the best trial is chosen: a validation metric column, a direction, and where that came from."""
+
+    metric: str
+    mode: str
+    source: str
+
+
+def selection_of(spec: dict | None) -> Selection:
+    """An experiment's selection from its (resolved or stored) spec, with the documented defaults."""
+    if not isinstance(spec, dict):
+        return Selection(f"val/{NO_SPEC_METRIC}", "max", f"no spec.yaml: default {NO_SPEC_METRIC}")
+    sel = spec.get("selection")
+    sel = sel if isinstance(sel, dict) else {}
+    metric = str(sel.get("metric") or DEFAULT_SELECTION["metric"])
+    if "/" not in metric:
+        metric = f"val/{metric}"
+    mode = str(sel.get("mode") or "max").lower()
+    if mode not in ("max", "min"):
+        mode = "max"
+    source = "spec.yaml selection" if sel.get("metric") else f"spec.yaml without selection: default {metric}"
+    return Selection(metric, mode, source)
+
+
+def best_of_experiment(exp_dir: Path, summary: pd.DataFrame | None = None) -> tuple[pd.Series | None, Selection]:
+    """The best trial of an experiment by its spec's selection, and that selection."""
+    selection = selection_of(read_yaml(Path(exp_dir) / "spec.yaml"))
+    summary = summarise(exp_dir) if summary is None else summary
+    return best_trial(summary, selection.metric, selection.mode), selection
 
 
 def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Series | None:

@@ -224,7 +224,7 @@ def make_experiment(root: Path, name: str = "pacs-domain", n_trials: int = 10, *
     if study:
         _write_study(exp_dir / "study.db", name, {t: all_params[t] for t in objective}, objective)
     values = {t: v for t, v in objective.items() if written[t] == "done"}
-    best = max(values, key=values.get) if values else None  # first max = lowest id, as search.best_trial
+    best = max(values, key=values.get) if values else None  # first max = lowest id, as results.best_trial
     splits = ("val", "test_sub", *(f"test_domain:{h}" for h in held_out))
     return Experiment(exp_dir, written, best, splits, metric=selection)
 

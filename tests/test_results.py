@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from tally import results
+from tally.errors import TallyError
+from tally.results import write_json
 
 
 def test_best_trial_uses_validation_only_and_breaks_ties_by_mean():
@@ -44,3 +47,111 @@ def test_truncate_epochs_for_resume(tmp_path):
         results.append_jsonl(tmp_path / "epochs.jsonl", {"epoch": epoch})
     results.truncate_epochs(tmp_path, 1)
     assert [r["epoch"] for r in results.read_jsonl(tmp_path / "epochs.jsonl")] == [0, 1]
+
+
+def test_selection_of_spec_variants():
+    assert results.selection_of(None).metric == "val/pair_acc_mean"  # a folder of `tally train` runs
+    assert results.selection_of({}).metric == "val/pair_acc_worst"  # the spec default
+    sel = results.selection_of({"selection": {"metric": "macro_f1", "mode": "min"}})
+    assert (sel.metric, sel.mode) == ("val/macro_f1", "min")
+    assert results.selection_of({"selection": {"metric": "val/acc"}}).metric == "val/acc"
+
+
+def test_export_and_dashboard_pick_the_same_trial(tmp_path):
+    """One rule: a spec without `selection:` selects on worst pair everywhere (export once used the mean)."""
+    from tally.dashboard import data as dd
+    from tally.export import resolve_trial
+
+    exp = tmp_path / "exp"
+    for trial, worst, mean in (("a", 0.2, 0.9), ("b", 0.4, 0.5)):
+        write_json(exp / "trials" / trial / "status.json", {"status": "done"})
+        write_json(exp / "trials" / trial / "metrics.json",
+                   {"val": {"pair_acc_worst": worst, "pair_acc_mean": mean}})
+    results.write_yaml(exp / "spec.yaml", {"name": "exp"})
+    trials = dd.load_trials(exp)
+    shown = results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)["trial_id"]
+    assert shown == resolve_trial(exp, None).name == results.best_of_experiment(exp)[0]["trial_id"] == "b"
+
+
+def test_experiment_dir_stays_inside_the_store(tmp_path):
+    assert results.experiment_dir(tmp_path, "x") == (tmp_path / "x").resolve()
+    with pytest.raises(TallyError, match="outside the storage folder"):
+        results.experiment_dir(tmp_path, "../elsewhere")
+
+
+def test_one_bad_file_hides_only_what_it_holds(tmp_path):
+    run = tmp_path / "trials" / "t1"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text("[1, 2]")  # valid JSON, wrong shape
+    (run / "config.yaml").write_bytes(b"\xff\xfe not utf-8")
+    (run / "metrics.json").write_text('{"val": {"acc": 0.5, "bad": "x"}, "junk": 3}')
+    (run / "eval.parquet").write_text("not parquet")
+    row = results.trial_row(run)
+    assert row["status"] == "pending" and row["val/acc"] == 0.5 and "val/bad" not in row
+    assert "status.json: unreadable: expected a dict, got list" in row["unreadable"]
+    assert "config.yaml: unreadable: not UTF-8 text" in row["unreadable"]
+    record = results.read_run(run)
+    assert record.metrics == {"val": {"acc": 0.5}}
+    assert set(record.unreadable) == {"status.json", "config.yaml", "eval.parquet"}
+    assert record.unreadable["eval.parquet"].startswith("unreadable: ")
+    (run / "spec.yaml").write_text("!!python/object:os.system {}\n")  # tags are refused, not run
+    assert results.read_yaml(run / "spec.yaml") is None
+    assert results.problem(run / "spec.yaml").startswith("unreadable: ")
+    assert results.problem(run / "absent.json") is None
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
+    import os
+
+    held = rf"run folder is in use by host \S+ pid {os.getpid()} "
+    with results.exclusive(tmp_path / "run", "run folder"), pytest.raises(TallyError, match=held), \
+            results.exclusive(tmp_path / "run", "run folder"):
+        pass
+    with results.exclusive(tmp_path / "run", "run folder"):  # released on exit
+        pass
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from tally import results\n"
+            "with results.exclusive(sys.argv[1], 'experiment'):\n"
+            "    print('held', flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "exp")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(TallyError, match=f"pid {child.pid}"), results.exclusive(tmp_path / "exp", "experiment"):
+            pass
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    with results.exclusive(tmp_path / "exp", "experiment"):
+        pass
+
+
+def test_running_runs_whose_owner_is_gone_read_as_lost(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    here = socket.gethostname()
+    assert results.run_state(tmp_path, {"status": "running", "owner": {"host": here, "pid": os.getpid()}}) == "running"
+    assert results.run_state(tmp_path, {"status": "running",
+                                        "owner": {"host": here, "pid": int(dead.stdout)}}) == "lost"
+    elsewhere = {"status": "running", "owner": {"host": "another-node", "pid": 1}}
+    (tmp_path / results.HEARTBEAT).touch()
+    assert results.run_state(tmp_path, elsewhere) == "running"
+    old = time.time() - results.LOST_AFTER_S - 5
+    os.utime(tmp_path / results.HEARTBEAT, (old, old))
+    assert results.run_state(tmp_path, elsewhere) == "lost"
+    assert results.run_state(tmp_path, {"status": "done"}) == "done"
+    with results.heartbeat(tmp_path / "beat", every_s=0.05):
+        (tmp_path / "beat").mkdir()
+        time.sleep(0.3)
+    assert (tmp_path / "beat" / results.HEARTBEAT).exists()

@@ -22,13 +22,12 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tally import dashboard_data as dd
-from tally import dashboard_search as dsearch
 from tally import evaluation as ev
 from tally import results
-from tally.dashboard_app import APP_PATH
-from tally.dashboard_app.app import ROOT_ENV, TABS
-
+from tally.dashboard import APP_PATH
+from tally.dashboard import data as dd
+from tally.dashboard import search_data as dsearch
+from tally.dashboard.app import ROOT_ENV, TABS
 from tests import store_factory as sf  # noqa: E402
 
 TIMEOUT = 60  # seconds per AppTest run: generous for 2 shared CPU cores; typical runs take < 2 s
@@ -359,23 +358,6 @@ def test_summary_is_refreshed_for_trials_written_after_it(tmp_path):
     assert dd.experiment_signature(exp.path) != dd.experiment_signature(tmp_path / "nothing")
 
 
-def test_selection_of_spec_variants():
-    assert dd.selection_of(None).metric == "val/pair_acc_mean"
-    assert dd.selection_of({}).metric == "val/pair_acc_worst"
-    sel = dd.selection_of({"selection": {"metric": "macro_f1", "mode": "min"}})
-    assert (sel.metric, sel.mode) == ("val/macro_f1", "min")
-    assert dd.selection_of({"selection": {"metric": "val/acc"}}).metric == "val/acc"
-
-
-def test_best_trial_rule_matches_search():
-    frame = pd.DataFrame({"trial_id": ["b", "a", "c", "d"], "status": ["done", "done", "stopped", "running"],
-                          "val/acc": [0.5, 0.5, 0.9, np.nan]})
-    trials = dd.TrialSet(Path("."), dd._normalise(frame), None, dd.Selection("val/acc", "max", "test"))
-    assert dd.best_trial(trials)["trial_id"] == "a"  # ties to the first id; stopped never best
-    trials.selection = dd.Selection("val/acc", "min", "test")
-    assert dd.best_trial(trials)["trial_id"] == "a"
-
-
 def test_importance_fallback_and_optuna(tmp_path):
     plain = dd.load_trials(sf.make_experiment(tmp_path, "plain", 12, seed=6).path)
     imp = dsearch.param_importance(plain)
@@ -398,9 +380,9 @@ def test_parallel_dimensions_encode_categories_and_log_scale(store):
 
 
 def test_launch_command_binds_localhost(tmp_path):
-    from tally import dashboard_launch
+    from tally.dashboard import launch
 
-    cmd = dashboard_launch.command(tmp_path, port=8765)
+    cmd = launch.command(tmp_path, port=8765)
     assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]).is_file()
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--server.port") + 1] == "8765"

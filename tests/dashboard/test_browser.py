@@ -1,7 +1,7 @@
 """The dashboard in a real browser: Debian's chromium, headless, driven by Playwright.
 
 Why besides AppTest: AppTest runs the script but not the frontend; this test proves the server starts
-through ``tally.dashboard_launch`` on localhost, the page loads, a trial can be picked with the mouse
+through ``tally.dashboard.launch`` on localhost, the page loads, a trial can be picked with the mouse
 and keyboard, and plotly draws the grid (values read back from the DOM). No browser is downloaded:
 Playwright drives /usr/bin/chromium (apt package ``chromium``; TALLY_TEST_CHROMIUM overrides the path).
 Without it the test skips, unless TALLY_REQUIRE_BROWSER is set (CI), where it fails.
@@ -25,7 +25,6 @@ import pytest
 
 from tally import evaluation as ev
 from tally import results
-
 from tests import store_factory as sf  # noqa: E402
 
 CHROMIUM = Path(os.environ.get("TALLY_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -61,10 +60,11 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: str = "its output") -> s
 
 @contextmanager
 def dashboard_server(root: Path) -> Iterator[str]:
-    """``tally.dashboard_launch.launch`` in a subprocess (own process group, always killed)."""
+    """``tally.dashboard.launch.launch`` in a subprocess (own process group, always killed)."""
     port = free_port()
-    code = ("import sys; from tally.dashboard_launch import launch; "
+    code = ("import sys; from tally.dashboard.launch import launch; "
             "sys.exit(launch(sys.argv[1], int(sys.argv[2])))")
+    ARTIFACTS.mkdir(exist_ok=True)  # the bench calls this from a fresh checkout too
     log = open(ARTIFACTS / "dashboard-server.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(port)], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

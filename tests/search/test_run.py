@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from tally import results
-from tally.spec import load_spec
+from tally.search import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -153,7 +153,7 @@ def test_exported_config_reproduces_the_trial(searched, tmp_path):
 def test_two_workers_hold_identical_memories(local_ray, tmp_path, batch_size):
     from tally.config import validate
     from tally.distributed import gather_is_cheaper
-    from tally.ray_train import launch_trainer
+    from tally.search.trial import launch_trainer
 
     cfg = validate({**BASE, "train": {**BASE["train"], "epochs": 2, "batch_size": batch_size}})
     assert gather_is_cheaper(10, 2, batch_size) == (batch_size == 8)  # both sync paths run here
@@ -210,8 +210,9 @@ def test_dashboard_on_the_real_search_store(searched, monkeypatch):
 
 
 def test_confirm_seeds_robustness_and_report(searched, capsys):
-    from tally.search import best_trial, confirm_seeds, robustness
-    from tally.search_cli import cmd_report
+    from tally.cli import cmd_report
+    from tally.results import best_trial
+    from tally.search import confirm_seeds, robustness
 
     spec, exp_dir, summary = searched
     best = best_trial(summary, spec.metric)["trial_id"]

@@ -11,10 +11,9 @@ import pytest
 import yaml
 
 from tally.errors import TallyError
-from tally.search import robustness_configs
-from tally.search_space import DefineByRun, PruneAwareOptunaSearch
-from tally.spec import Spec, load_spec, spec_from_raw
-from tally.spec_text import budget_text, dry_run_text
+from tally.search import Spec, budget_text, dry_run_text, load_spec, spec_from_raw
+from tally.search.searcher import PruneAwareOptunaSearch
+from tally.search.space import DefineByRun
 
 SEARCHES = Path(__file__).resolve().parents[2] / "searches"
 
@@ -187,7 +186,7 @@ def test_file_problems_are_one_line(tmp_path):
         load_spec(tmp_path / "missing.yaml")
     with pytest.raises(TallyError, match="not valid YAML"):
         load_spec(write(tmp_path, "base: {data: [\n"))
-    with pytest.raises(TallyError, match="expected a mapping"):
+    with pytest.raises(TallyError, match="t.yaml: expected a YAML mapping, got list"):
         load_spec(write(tmp_path, "- 1\n"))
 
 
@@ -243,7 +242,7 @@ def test_budget_and_dry_run_text(tmp_path, data_env):
 
 def test_robustness_runs(tmp_path):
     spec = load_spec(write(tmp_path, VALID + "robustness: {settings: [sub, each_domain], seeds: 2}\n"))
-    runs = robustness_configs(spec, {"method.alpha": 0.7}, ["a", "b"])
+    runs = spec.robustness_configs({"method.alpha": 0.7}, ["a", "b"])
     assert [label for label, _ in runs] == ["sub-seed0", "sub-seed1", "heldout-a-seed0", "heldout-a-seed1",
                                            "heldout-b-seed0", "heldout-b-seed1"]
     _, cfg = runs[3]

@@ -1,8 +1,4 @@
-"""The Optuna side of a search: the define-by-run space and a searcher that tells Optuna the truth.
-
-Kept in an importable module because Ray pickles the searcher state with the space function by reference
-(a function defined in __main__ would not unpickle on restore).
-"""
+"""The Optuna searcher of a search: it tells Optuna which trials completed, were pruned or failed."""
 
 from __future__ import annotations
 
@@ -10,45 +6,13 @@ import logging
 import math
 import numbers
 
-import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from tally.search.trial import FINAL
+
 logger = logging.getLogger(__name__)
-FINAL_KEY = "final"  # the trainable sets result["final"] = True on the report after its last epoch
-
-
-class DefineByRun:
-    """Suggest each param of a resolved spec space, in order; skip a param whose `when` is not met.
-
-    Param names are the dotted run-config paths; a skipped param keeps the base config's value.
-    """
-
-    def __init__(self, space: dict):
-        self.space = dict(space)
-
-    def __call__(self, trial: optuna.Trial) -> None:
-        chosen: dict = {}
-        for name, p in self.space.items():
-            if not _met(p.get("when"), chosen):
-                continue
-            kind = p["type"]
-            if kind == "categorical":
-                value = trial.suggest_categorical(name, p["choices"])
-            elif kind == "int":
-                value = trial.suggest_int(name, p["low"], p["high"], step=p.get("step", 1))
-            else:
-                value = trial.suggest_float(name, p["low"], p["high"], log=kind == "loguniform")
-            chosen[name] = value
-        return None
-
-
-def _met(when: dict | None, chosen: dict) -> bool:
-    """Every referenced param was suggested (its own condition held) and took exactly that value."""
-    return not when or all(
-        ref in chosen and type(chosen[ref]) is type(v) and chosen[ref] == v for ref, v in when.items()
-    )
 
 
 class PruneAwareOptunaSearch(OptunaSearch):
@@ -80,7 +44,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
         value = result.get(self.metric)
         if error:
             state, value = TrialState.FAIL, None
-        elif not result.get(FINAL_KEY):
+        elif not result.get(FINAL):
             state, value = TrialState.PRUNED, None
         elif _finite(value):
             state, value = TrialState.COMPLETE, float(value)

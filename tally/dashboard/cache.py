@@ -11,9 +11,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from tally import dashboard_data as dd
-from tally import dashboard_search as dsearch
 from tally import results
+from tally.dashboard import data as dd
+from tally.dashboard import search_data as dsearch
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from tally import dashboard_data as dd
-from tally.dashboard_app import cache, views
+from tally import results
+from tally.dashboard import cache, views
+from tally.dashboard import data as dd
 
 ROOT_ENV = "TALLY_RESULTS_ROOT"
 TABS = ("Trials", "Accuracy grid", "Compare", "Curves", "Search", "Export")
@@ -40,7 +41,7 @@ def body(exp_dir: Path) -> None:
     if trials.frame.empty:
         st.info(f"{trials.name} has no trials yet (no folders under {exp_dir / 'trials'}).")
         return
-    best = dd.best_trial(trials)
+    best = results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)
     best_id = None if best is None else str(best["trial_id"])
     trial_id = views.trial_picker(trials, "Trial", f"trial:{trials.name}", best_id)
     tabs = st.tabs(list(TABS), key="view", on_change="rerun")

@@ -1,7 +1,7 @@
-"""Many runs: a validated spec -> Ray Tune (OptunaSearch, optional ASHA) -> the results store.
+"""A search on Ray Tune: the Tuner, its store callback, and follow-ups (confirmation seeds, robustness).
 
 The driver writes nothing before the spec is valid. Trials are Tune functions that launch a
-TorchTrainer (tally.ray_train). The Optuna study lives in <experiment>/study.db (SQLite) so
+TorchTrainer (tally.search.trial). The Optuna study lives in <experiment>/study.db (SQLite) so
 optuna-dashboard can open it and a resumed search continues the same study.
 """
 
@@ -22,7 +22,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from tally import results
 from tally.errors import TallyError
-from tally.ray_train import OBJECTIVE, trial_function
+from tally.search.searcher import PruneAwareOptunaSearch
+from tally.search.space import DefineByRun
+from tally.search.trial import OBJECTIVE, trial_function
 
 TRAIN_DRIVER = "TRAIN_DRIVER"  # custom resource a trial's driver function takes (see RAY_NOTES)
 
@@ -116,26 +118,31 @@ def _first_line(text: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------- the search
-def experiment_dir(storage: str | Path, name: str) -> Path:
-    root = Path(storage).expanduser().resolve()
-    exp = (root / name).resolve()
-    if root not in exp.parents:
-        raise TallyError(f"--name: {name!r} would write outside the storage folder {root}")
-    return exp
-
-
 def _tuner_path(exp_dir: Path) -> Path:
     return exp_dir / "ray" / "tune"
 
 
 def run_search(spec, storage: str | Path, address: str | None = None, resume: bool = False,
                quiet: bool = True) -> pd.DataFrame:
-    """Run (or resume) the search of a validated spec; returns the summary table."""
-    from tally.search_space import DefineByRun, PruneAwareOptunaSearch
+    """Run (or resume) the search of a validated spec; returns the summary table.
 
-    exp_dir = experiment_dir(storage, spec.name)
+    The experiment folder is held exclusively for the whole search: a second `tally search` of the same
+    experiment (or a --resume while the first still runs) fails at once, naming the holder.
+    """
+    exp_dir = results.experiment_dir(storage, spec.name)
+    existed = exp_dir.exists()
+    try:
+        with results.exclusive(exp_dir, "experiment"):
+            return _run_search(spec, exp_dir, address, resume, quiet)
+    finally:
+        if not existed and not any(p.name != ".lock" for p in exp_dir.iterdir()):
+            (exp_dir / ".lock").unlink(missing_ok=True)  # a refused search leaves nothing behind
+            exp_dir.rmdir()
+
+
+def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: bool) -> pd.DataFrame:
     tuner_path = _tuner_path(exp_dir)
-    if exp_dir.exists() and not resume and any(exp_dir.iterdir()):
+    if not resume and any(p.name != ".lock" for p in exp_dir.iterdir()):
         raise TallyError(f"{exp_dir}: experiment exists; pass --resume to continue it or --name for a new one")
     if resume:
         stored = results.read_yaml(exp_dir / "spec.yaml")
@@ -189,6 +196,11 @@ def run_search(spec, storage: str | Path, address: str | None = None, resume: bo
 
 def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:
     """Run fixed configs (no search) as Tune trials under <exp>/<group>/<id>; returns metrics by id."""
+    with results.exclusive(exp_dir, "experiment"):
+        return _run_fixed(exp_dir, group, configs, resources, concurrency)
+
+
+def _run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:
     plan = {"exp_dir": str(exp_dir), "group": group, "configs": configs, "resources": resources}
     trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
     tuner = tune.Tuner(
@@ -201,10 +213,7 @@ def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: di
     return {run_id: results.read_json(exp_dir / group / run_id / "metrics.json") or {} for run_id in configs}
 
 
-# ---------------------------------------------------------------- selection and follow-ups
-best_trial = results.best_trial  # kept here for callers that think of it as the search's
-
-
+# ---------------------------------------------------------------- follow-ups of a finished search
 def confirm_seeds(spec, exp_dir: Path, trial_id: str, k: int) -> pd.DataFrame:
     """Re-run the chosen config with K new seeds; mean and standard error of every metric."""
     base = results.read_yaml(exp_dir / results.TRIALS_DIR / trial_id / "config.yaml")
@@ -224,7 +233,7 @@ def robustness(spec, exp_dir: Path, trial_id: str, domain_names: list[str]) -> p
     """Score the chosen config on other settings: subpopulation shift and/or each held-out domain.
     Held-out-domain runs select their epoch on training-domain validation."""
     params = (results.read_json(exp_dir / results.TRIALS_DIR / trial_id / "status.json") or {}).get("params", {})
-    configs = dict(robustness_configs(spec, params, domain_names))
+    configs = dict(spec.robustness_configs(params, domain_names))
     metrics = run_fixed(exp_dir, "robustness", configs, spec.resolved["resources"],
                         spec.resolved["budget"]["concurrency"])
     rows = [{"run": run_id, "split": split, **values}
@@ -232,25 +241,6 @@ def robustness(spec, exp_dir: Path, trial_id: str, domain_names: list[str]) -> p
     table = pd.DataFrame(rows)
     results.write_parquet(exp_dir / "robustness.parquet", table)
     return table
-
-
-def robustness_configs(spec, params: dict, domain_names: list[str]) -> list[tuple[str, dict]]:
-    """The re-scoring runs of the chosen trial (its params): (label, complete config) per setting and seed.
-
-    "sub" trains on all domains; "each_domain" holds out each domain in turn (domain_names come from the
-    data, which the spec never loads). Seeds are the trial's train.seed + 0 .. seeds-1.
-    """
-    rob = spec.resolved["robustness"]
-    seed0 = spec.trial_config(params)["train"]["seed"]
-    runs = []
-    for setting in rob["settings"]:
-        variants = [("sub", "sub", [])] if setting == "sub" else [
-            (f"heldout-{d}", "domain", [d]) for d in domain_names]
-        for label, data_setting, held in variants:
-            for k in range(rob["seeds"]):
-                extra = {"data.setting": data_setting, "data.held_out": held, "train.seed": seed0 + k}
-                runs.append((f"{label}-seed{seed0 + k}", spec.trial_config({**params, **extra})))
-    return runs
 
 
 def mean_and_stderr(metrics_by_run: dict[str, dict]) -> pd.DataFrame:

@@ -23,8 +23,6 @@ from tally import results
 
 SHOWN_STATUSES = ("running", "done", "failed", "stopped")
 FINISHED = ("done", "stopped")  # trials with final metrics (ASHA-stopped ones have early metrics)
-DEFAULT_METRIC = "val/pair_acc_worst"  # spec.yaml without a selection section
-NO_SPEC_METRIC = "val/pair_acc_mean"  # no spec.yaml at all (e.g. a folder of `tally train` runs)
 DEFAULT_TABLE_METRICS = ("acc", "pair_acc_mean", "pair_acc_worst", "macro_f1")
 SHOT_METRICS = ("shot_many", "shot_medium", "shot_few", "shot_zero")
 CURVE_BASE_COLUMNS = ("epoch", "phase", "train_loss", "seconds")
@@ -78,31 +76,6 @@ def experiments_under(root: Path) -> list[Path]:
     return [root, *results.list_experiments(root)] if own else results.list_experiments(root)
 
 
-@dataclass(frozen=True)
-class Selection:
-    """How the best trial is chosen: a validation metric column and a direction."""
-
-    metric: str
-    mode: str
-    source: str
-
-
-def selection_of(spec: dict | None) -> Selection:
-    """The spec's ``selection: {metric, mode}``; defaults documented in the module constants."""
-    if not isinstance(spec, dict):
-        return Selection(NO_SPEC_METRIC, "max", f"no spec.yaml: default {NO_SPEC_METRIC}")
-    sel = spec.get("selection")
-    sel = sel if isinstance(sel, dict) else {}
-    metric = str(sel.get("metric") or DEFAULT_METRIC)
-    if "/" not in metric:
-        metric = f"val/{metric}"
-    mode = str(sel.get("mode") or "max").lower()
-    if mode not in ("max", "min"):
-        mode = "max"
-    source = "spec.yaml selection" if sel.get("metric") else f"spec.yaml without selection: default {metric}"
-    return Selection(metric, mode, source)
-
-
 @dataclass
 class TrialSet:
     """An experiment's trials as one table plus notes on what the store lacked."""
@@ -110,7 +83,7 @@ class TrialSet:
     exp_dir: Path
     frame: pd.DataFrame
     spec: dict | None
-    selection: Selection
+    selection: results.Selection
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -134,7 +107,7 @@ def load_trials(exp_dir: Path) -> TrialSet:
     frame = _fresh_summary(exp_dir, notes)
     frame = _backfill_metrics(exp_dir, frame, notes)
     frame = _normalise(frame)
-    return TrialSet(exp_dir, frame, spec if isinstance(spec, dict) else None, selection_of(spec), notes)
+    return TrialSet(exp_dir, frame, spec if isinstance(spec, dict) else None, results.selection_of(spec), notes)
 
 
 def _fresh_summary(exp_dir: Path, notes: list[str]) -> pd.DataFrame:
@@ -214,14 +187,9 @@ def status_counts(frame: pd.DataFrame) -> dict[str, int]:
     return counts
 
 
-def best_trial(trials: TrialSet) -> pd.Series | None:
-    """The trial `tally export` picks by default: ``tally.results.best_trial`` on this selection."""
-    return results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)
-
-
 def experiment_overview(trials: TrialSet) -> dict:
     """One row of the experiment list: name, counts, best trial and its value."""
-    best = best_trial(trials)
+    best = results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)
     row = {"experiment": trials.name, "trials": len(trials.frame), **status_counts(trials.frame),
            "selection": f"{trials.selection.metric} ({trials.selection.mode})",
            "best_trial": None if best is None else best["trial_id"],

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tally.spec_space import upper_bound
+from tally.search.space import upper_bound
 
 if TYPE_CHECKING:
-    from tally.spec import Spec
+    from tally.search.spec import Spec
 
 
 def _fmt(value) -> str:

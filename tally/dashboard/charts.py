@@ -1,4 +1,4 @@
-"""Plotly figures of the dashboard: pure functions from dashboard_data values to figures.
+"""Plotly figures of the dashboard: pure functions from tally.dashboard.data values to figures.
 
 Kept apart from the Streamlit views so figures can be built and checked in tests without a server.
 """
@@ -10,8 +10,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from tally.dashboard_data import Grid
-from tally.dashboard_search import Dimension
+from tally.dashboard.data import Grid
+from tally.dashboard.search_data import Dimension
 
 _CELL = 54  # pixels per grid row: room for two lines of cell text
 

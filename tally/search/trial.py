@@ -19,9 +19,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tally import results
+from tally.search.spec import Spec
 
 OBJECTIVE = "objective"  # the best-so-far validation selection metric of a trial
-FINAL = "final"          # 1 on a trial's last report: it ran to the end (not stopped early)
+FINAL = "final"          # 1 on a trial's last report: it ran to the end (the searcher reads it)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -81,8 +82,6 @@ def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, n
 def trial_function(params: dict, *, plan: dict) -> None:
     """One Tune trial. ``plan``: exp_dir, group, resources, and either the spec (searched params)
     or fixed configs keyed by run id (confirmation seeds, robustness settings)."""
-    from tally.spec import Spec
-
     exp_dir = Path(plan["exp_dir"])
     if "fixed_id" in params:
         run_id = params["fixed_id"]

@@ -1,5 +1,6 @@
-"""Dashboard data for how a search went: learning curves, metric by trial order, parameter
-importance and parallel coordinates. Plain pandas on the results store, like tally.dashboard_data."""
+"""Dashboard data of how a search went: learning curves, progress, importance, parallel coordinates.
+
+Plain pandas on the results store, like tally.dashboard.data."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tally.dashboard_data import CURVE_BASE_COLUMNS, FINISHED, TrialSet, param_columns
+from tally.dashboard.data import CURVE_BASE_COLUMNS, FINISHED, TrialSet, param_columns
 
 
 def curves(epochs_by_trial: dict[str, pd.DataFrame]) -> pd.DataFrame:

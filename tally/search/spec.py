@@ -17,26 +17,17 @@ from pathlib import Path
 import yaml
 
 from tally import config as config_mod
+from tally.config import check_int, check_number, check_section, set_path
 from tally.errors import TallyError
-from tally.spec_checks import check_int, check_number, section, set_dotted
-from tally.spec_space import check_space, upper_bound
+from tally.results import DEFAULT_SELECTION
+from tally.search.space import check_space, upper_bound
 
 TOP_KEYS = ("name", "base", "space", "start_with", "selection", "budget", "resources", "seed", "robustness")
 ROBUSTNESS_SETTINGS = ("sub", "each_domain")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-DEFAULT_SELECTION = {"metric": "pair_acc_worst", "mode": "max"}
 DEFAULT_EARLY_STOPPING = {"enabled": False, "grace_epochs": 1, "reduction_factor": 2}
 DEFAULT_RESOURCES = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """YAML 1.1 reads 1e-5 (no dot) as a string; specs are full of learning rates, so read it as a float."""
-
-
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
-)
 
 
 @dataclass
@@ -79,16 +70,29 @@ class Spec:
         for dotted, value in params.items():
             if "." not in dotted or dotted.split(".", 1)[0] not in config_mod.SECTIONS:
                 raise TallyError(f"trial params: {dotted!r} is not a SECTION.FIELD run-config path")
-            set_dotted(raw, dotted, value)
+            set_path(raw, dotted, value)
         try:
             return config_mod.validate(raw, source="trial config")
         except TallyError as e:
             raise TallyError(f"trial config: {e}") from None
 
-    def budget_text(self) -> str:
-        from tally.spec_text import budget_text
+    def robustness_configs(self, params: dict, domain_names: list[str]) -> list[tuple[str, dict]]:
+        """The re-scoring runs of a chosen trial (its params): (label, complete config) per setting and seed.
 
-        return budget_text(self)
+        "sub" trains on all domains; "each_domain" holds out each domain in turn (domain_names come from
+        the data, which the spec never loads). Seeds are the trial's train.seed + 0 .. seeds-1.
+        """
+        rob = self.resolved["robustness"]
+        seed0 = self.trial_config(params)["train"]["seed"]
+        runs = []
+        for setting in rob["settings"]:
+            variants = [("sub", "sub", [])] if setting == "sub" else [
+                (f"heldout-{d}", "domain", [d]) for d in domain_names]
+            for label, data_setting, held in variants:
+                for k in range(rob["seeds"]):
+                    extra = {"data.setting": data_setting, "data.held_out": held, "train.seed": seed0 + k}
+                    runs.append((f"{label}-seed{seed0 + k}", self.trial_config({**params, **extra})))
+        return runs
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.resolved, sort_keys=False)
@@ -96,13 +100,7 @@ class Spec:
 
 def load_spec(path: str | Path, name_override: str | None = None) -> Spec:
     """Read and validate a spec file; the experiment name is --name, else `name:`, else the file stem."""
-    path = Path(path)
-    try:
-        raw = yaml.load(path.read_text(), Loader=_SpecLoader)  # a SafeLoader subclass
-    except (FileNotFoundError, IsADirectoryError):
-        raise TallyError(f"{path}: search spec file not found") from None
-    except yaml.YAMLError as e:
-        raise TallyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = config_mod.read_yaml_file(path, what="search spec")
     return spec_from_raw(raw, str(path), name_override)
 
 
@@ -179,7 +177,7 @@ def _validate_base(raw_base: dict) -> dict:
 
 
 def _check_selection(raw) -> dict:
-    sel = section("selection", raw, DEFAULT_SELECTION)
+    sel = check_section("selection", raw, DEFAULT_SELECTION)
     if sel["metric"] not in config_mod.METRICS:
         raise TallyError(f"selection.metric: expected one of {', '.join(config_mod.METRICS)}, "
                          f"got {sel['metric']!r}")
@@ -193,13 +191,13 @@ def _check_budget(raw, spec: dict) -> dict:
         raise TallyError(f"budget: expected a mapping with trials (and concurrency, early_stopping), got {raw!r}")
     if "trials" not in raw:
         raise TallyError("budget.trials: missing (how many trials to run, an integer >= 1)")
-    budget = section("budget", raw, {"trials": None, "concurrency": 1, "early_stopping": None})
+    budget = check_section("budget", raw, {"trials": None, "concurrency": 1, "early_stopping": None})
     budget["trials"] = check_int("budget.trials", budget["trials"], 1)
     budget["concurrency"] = check_int("budget.concurrency", budget["concurrency"], 1)
     es = budget["early_stopping"]
     if isinstance(es, bool):  # `early_stopping: false` as a shorthand
         es = {"enabled": es}
-    es = section("budget.early_stopping", es, DEFAULT_EARLY_STOPPING)
+    es = check_section("budget.early_stopping", es, DEFAULT_EARLY_STOPPING)
     if not isinstance(es["enabled"], bool):
         raise TallyError(f"budget.early_stopping.enabled: expected true or false, got {es['enabled']!r}")
     es["grace_epochs"] = check_int("budget.early_stopping.grace_epochs", es["grace_epochs"], 1)
@@ -213,7 +211,7 @@ def _check_budget(raw, spec: dict) -> dict:
 
 
 def _check_resources(raw) -> dict:
-    res = section("resources", raw, DEFAULT_RESOURCES)
+    res = check_section("resources", raw, DEFAULT_RESOURCES)
     res["workers"] = check_int("resources.workers", res["workers"], 1)
     cpus = check_number("resources.cpus_per_worker", res["cpus_per_worker"], "a number > 0")
     if cpus <= 0:
@@ -251,7 +249,7 @@ def _check_start_with(raw, space: dict, trials: int) -> list[dict]:
 
 
 def _check_robustness(raw, base: dict) -> dict:
-    rob = section("robustness", raw, {"settings": [], "seeds": 1})
+    rob = check_section("robustness", raw, {"settings": [], "seeds": 1})
     settings = rob["settings"]
     if isinstance(settings, str):
         settings = [settings]

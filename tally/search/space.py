@@ -1,14 +1,23 @@
-"""A spec's search space: run-config paths -> distributions, conditions, and bounds that must
-each make a valid run config on their own."""
+"""A spec's search space: run-config paths -> distributions and conditions.
+
+Checked when the spec loads (each bound and choice must make a valid run config on its own), and
+sampled define-by-run by Optuna (`DefineByRun`). Kept in an importable module because Ray pickles the
+searcher state with the space function by reference (one defined in __main__ would not unpickle on
+restore).
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 from tally import config as config_mod
 from tally.errors import TallyError
-from tally.spec_checks import check_int, check_number, set_dotted
+
+if TYPE_CHECKING:  # Optuna is imported by the searcher, not by loading a spec
+    import optuna
+from tally.config import check_int, check_number, set_path
 
 DISTRIBUTIONS = {  # type -> (required keys, optional keys)
     "uniform": (("low", "high"), ()),
@@ -134,7 +143,7 @@ def _check_substituted(path: str, key: str, value, raw_base: dict) -> None:
     """A bound or choice must make a valid run config on its own (e.g. warmup_epochs <= epochs)."""
     where = f"space.{path}.{key}"
     trial = copy.deepcopy(raw_base)
-    set_dotted(trial, path, value)
+    set_path(trial, path, value)
     try:
         config_mod.validate(trial, source="base")
     except TallyError as e:
@@ -150,3 +159,36 @@ def upper_bound(spec: dict, path: str):
     if param["type"] == "categorical":
         return max(c for c in param["choices"] if c is not None)
     return param["high"]
+
+
+# ---------------------------------------------------------------- sampling
+class DefineByRun:
+    """Suggest each param of a resolved spec space, in order; skip a param whose `when` is not met.
+
+    Param names are the dotted run-config paths; a skipped param keeps the base config's value.
+    """
+
+    def __init__(self, space: dict):
+        self.space = dict(space)
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        chosen: dict = {}
+        for name, p in self.space.items():
+            if not _met(p.get("when"), chosen):
+                continue
+            kind = p["type"]
+            if kind == "categorical":
+                value = trial.suggest_categorical(name, p["choices"])
+            elif kind == "int":
+                value = trial.suggest_int(name, p["low"], p["high"], step=p.get("step", 1))
+            else:
+                value = trial.suggest_float(name, p["low"], p["high"], log=kind == "loguniform")
+            chosen[name] = value
+        return None
+
+
+def _met(when: dict | None, chosen: dict) -> bool:
+    """Every referenced param was suggested (its own condition held) and took exactly that value."""
+    return not when or all(
+        ref in chosen and type(chosen[ref]) is type(v) and chosen[ref] == v for ref, v in when.items()
+    )

@@ -1,6 +1,6 @@
 """The dashboard's sections: each function lays out one view with Streamlit.
 
-Numbers come from ``tally.dashboard_data`` (hence from the evaluator's long table) and figures from
+Numbers come from ``tally.dashboard.data`` (hence from the evaluator's long table) and figures from
 ``charts``; this module only arranges them and explains what is missing, never raises on partial data.
 """
 
@@ -14,10 +14,10 @@ import pandas as pd
 import streamlit as st
 import yaml
 
-from tally import dashboard_data as dd
-from tally import dashboard_search as dsearch
 from tally import results
-from tally.dashboard_app import cache
+from tally.dashboard import cache
+from tally.dashboard import data as dd
+from tally.dashboard import search_data as dsearch
 
 MAX_CURVE_TRIALS = 12
 
@@ -55,7 +55,7 @@ def header(trials: dd.TrialSet) -> None:
     for col, status in zip(cols[1:], shown, strict=True):
         col.metric(status, counts[status])
     sel = trials.selection
-    best = dd.best_trial(trials)
+    best = results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)
     if best is None:
         st.info(f"No finished trial has {sel.metric} yet: the best trial appears when one finishes.")
     else:
@@ -132,7 +132,7 @@ def _missing(run, trial_id: str, what: str) -> None:
 
 def grid_view(trials: dd.TrialSet, trial_id: str) -> None:
     """Accuracy grids (test_sub and held-out domains side by side), metrics and worst pairs."""
-    from tally.dashboard_app import charts  # plotly: imported when a chart is drawn
+    from tally.dashboard import charts  # plotly: imported when a chart is drawn
     run = cache.run(dd.trial_dir(trials, trial_id))
     table = run.eval_table
     if table is None or table.empty:
@@ -171,7 +171,7 @@ def grid_view(trials: dd.TrialSet, trial_id: str) -> None:
 
 def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
     """Difference grid of two trials and their shot-bucket accuracies."""
-    from tally.dashboard_app import charts  # plotly: imported when a chart is drawn
+    from tally.dashboard import charts  # plotly: imported when a chart is drawn
     c1, c2, c3 = st.columns(3)
     with c1:
         a = trial_picker(trials, "Trial A", f"cmp_a:{trials.name}", default_a, only_with_results=True)
@@ -210,7 +210,7 @@ def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
 
 def curves_view(trials: dd.TrialSet, trial_id: str) -> None:
     """Per-epoch learning curves (train loss, validation metrics) of chosen trials."""
-    from tally.dashboard_app import charts  # plotly: imported when a chart is drawn
+    from tally.dashboard import charts  # plotly: imported when a chart is drawn
     ids = trials.frame["trial_id"].tolist()
     chosen = st.multiselect("Trials", ids, default=[trial_id] if trial_id in ids else ids[:1],
                             key=f"curve_trials:{trials.name}", max_selections=MAX_CURVE_TRIALS)
@@ -236,7 +236,7 @@ def curves_view(trials: dd.TrialSet, trial_id: str) -> None:
 
 def search_view(trials: dd.TrialSet) -> None:
     """How the search went: metric by trial order, parameter importance, parallel coordinates."""
-    from tally.dashboard_app import charts  # plotly: imported when a chart is drawn
+    from tally.dashboard import charts  # plotly: imported when a chart is drawn
     metric = trials.selection.metric
     progress = dsearch.search_progress(trials)
     if progress.empty:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tally.dashboard_app import APP_PATH
+from tally.dashboard import APP_PATH
 
 
 def command(root: Path | str, port: int = 8501, address: str = "127.0.0.1") -> list[str]:
