@@ -8,6 +8,7 @@ optuna-dashboard can open it and a resumed search continues the same study.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -54,11 +55,17 @@ def _console(quiet: bool):
     """Quiet: no Tune tables on the console. Ray 2.60's new output engine prints its experiment
     table and result paths even at verbose=0; the legacy reporter at verbose=0 prints nothing."""
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    # Tune logs a failed trial's whole Ray traceback (about 60 lines) at ERROR; the store callback
+    # prints one line instead and the trial's status.json keeps the error
+    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+    level = controller_log.level
     if quiet:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        controller_log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        controller_log.setLevel(level)
         if quiet and previous is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT")
         elif quiet:
@@ -98,8 +105,9 @@ class StoreCallback(Callback):
         run_dir = self._run_dir(trial)
         status = results.read_json(run_dir / "status.json") or {}
         if status.get("status") != "failed":
-            results.write_status(run_dir, "failed", ended=time.time(),
-                                 error=_first_line(getattr(trial, "error_msg", None)) or "trial errored")
+            status = results.write_status(run_dir, "failed", ended=time.time(),
+                                          error=_first_line(getattr(trial, "error_msg", None)) or "trial errored")
+        print(f"trial {run_dir.name} failed: {status.get('error')} (details: {run_dir / 'status.json'})", flush=True)
         self._refresh()
 
     def on_trial_start(self, iteration, trials, trial, **info):
