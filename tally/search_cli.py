@@ -50,21 +50,22 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tally.export import export_bundle, resolve_trial
+    from tally.export import export_bundle, export_config, resolve_trial
 
     run_dir = resolve_trial(Path(args.experiment), args.trial)
-    out = export_bundle(run_dir, Path(args.out))
+    if args.config_only:
+        print(f"config of {run_dir.name} written to {export_config(run_dir, Path(args.out), force=args.force)}")
+        return 0
+    out = export_bundle(run_dir, Path(args.out), force=args.force, onnx=args.onnx)
     print(f"exported {run_dir.name} to {out}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from tally.export import Predictor
+    from tally.export import run_predict
 
-    predictor = Predictor(args.bundle)
-    for path, label, confidence in predictor.predict(args.images):
-        print(f"{path}\t{label}\t{confidence:.3f}")
-    return 0
+    return run_predict(args.bundle, args.images, labels=args.labels, root=args.root, out=args.out,
+                       top_k=args.top_k, batch_size=args.batch_size, device=args.device, workers=args.workers)
 
 
 def cmd_report(args) -> int:
@@ -96,12 +97,22 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="write a deployable bundle of a trial (default: the best)")
     p.add_argument("experiment")
     p.add_argument("--trial")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="bundle folder (with --config-only: the config file)")
+    p.add_argument("--force", action="store_true", help="replace a different bundle already at --out")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx extra)")
+    p.add_argument("--config-only", action="store_true", help="write only the trial's complete run config")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("predict", help="classify images with an exported bundle")
+    p = sub.add_parser("predict", help="classify images (files, folders, list files) with an exported bundle")
     p.add_argument("bundle")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="*", help="image files, folders, or .txt lists of paths")
+    p.add_argument("--labels", help="a split list '<domain>/<class>/<file> <label>': predict and score it")
+    p.add_argument("--root", help="folder the --labels paths are relative to (default: the list's folder)")
+    p.add_argument("--out", help="write predictions to a .csv or .parquet file (default: print them)")
+    p.add_argument("--top-k", type=int, default=1, help="also write the k most probable classes")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (bounds memory)")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="DomainBed-style tables of an experiment")
