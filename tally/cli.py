@@ -54,6 +54,14 @@ def cmd_dashboard(args) -> int:
     return launch(Path(args.root), port=args.port, address=args.address)
 
 
+def cmd_serve(args) -> int:
+    from tally.serve import serve_forever
+
+    return serve_forever(args.bundle, host=args.host, port=args.port, address=args.address,
+                         replicas=args.replicas, gpus=args.gpus, cpus=args.cpus, top_k=args.top_k,
+                         max_batch_size=args.max_batch_size, max_bytes=args.max_bytes, max_pixels=args.max_pixels)
+
+
 def _print_metrics(metrics: dict) -> None:
     for split, values in metrics.items():
         shown = "  ".join(f"{k} {v:.3f}" for k, v in values.items() if v == v)
@@ -82,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("serve", help="serve a bundle over HTTP on Ray Serve (POST /predict, GET /health)")
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (fractions share a GPU)")
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--max-batch-size", type=int, default=32, help="images per batched forward pass")
+    p.add_argument("--max-bytes", type=int, default=16 * 2**20, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (width x height)")
+    p.set_defaults(func=cmd_serve)
 
     from tally.data.cli import add_commands as add_data_commands
 
