@@ -216,11 +216,24 @@ def start(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, address
 
 
 def serve_forever(bundle: str | Path, **kwargs) -> int:
-    """`tally serve`: start, then wait until Ctrl-C; Serve is shut down on the way out."""
+    """`tally serve`: start, then wait until Ctrl-C or SIGTERM (what Kubernetes sends); Serve, and the
+    local Ray this command started, are shut down on the way out."""
+    import signal
+
+    import ray
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    own_ray = not ray.is_initialized() and not kwargs.get("address")
     url = start(bundle, **kwargs)
     print(f"serving {bundle} at {url}/predict (health: {url}/health); Ctrl-C stops", flush=True)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
+        if own_ray:
+            ray.shutdown()
