@@ -193,3 +193,11 @@ def test_serve_refuses_a_changed_bundle_before_starting_ray(bundle, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert "labels.json" in err and err.count("\n") == 0
     assert ray.is_initialized() == was_running
+
+
+def test_serve_binds_loopback_unless_told():
+    from tally.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "bundle"])
+    assert args.host == "127.0.0.1" and args.replicas == 1 and args.gpus == 0
+    assert build_parser().parse_args(["serve", "bundle", "--host", "0.0.0.0", "--gpus", "0.5"]).gpus == 0.5
