@@ -127,21 +127,30 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- ship
 def cmd_export(args) -> int:
-    from tally.export import export_bundle, resolve_trial
+    from tally.export import export_bundle, export_config, resolve_trial
 
     run_dir = resolve_trial(Path(args.experiment), args.trial)
-    out = export_bundle(run_dir, Path(args.out))
+    if args.config_only:
+        print(f"config of {run_dir.name} written to {export_config(run_dir, Path(args.out), force=args.force)}")
+        return 0
+    out = export_bundle(run_dir, Path(args.out), force=args.force, onnx=args.onnx)
     print(f"exported {run_dir.name} to {out}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from tally.export import Predictor
+    from tally.export import run_predict
 
-    predictor = Predictor(args.bundle)
-    for path, label, confidence in predictor.predict(args.images):
-        print(f"{path}\t{label}\t{confidence:.3f}")
-    return 0
+    return run_predict(args.bundle, args.images, labels=args.labels, root=args.root, out=args.out,
+                       top_k=args.top_k, batch_size=args.batch_size, device=args.device, workers=args.workers)
+
+
+def cmd_serve(args) -> int:
+    from tally.serve import serve_forever
+
+    return serve_forever(args.bundle, host=args.host, port=args.port, address=args.address,
+                         replicas=args.replicas, gpus=args.gpus, cpus=args.cpus, top_k=args.top_k,
+                         max_batch_size=args.max_batch_size, max_bytes=args.max_bytes, max_pixels=args.max_pixels)
 
 
 # ---------------------------------------------------------------- look
@@ -212,12 +221,38 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment")
     p.add_argument("--trial")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="bundle folder (with --config-only: the config file)")
+    p.add_argument("--force", action="store_true", help="replace a different bundle already at --out")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx extra)")
+    p.add_argument("--config-only", action="store_true", help="write only the trial's complete run config")
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="*", help="image files, folders, or .txt lists of paths")
+    p.add_argument("--labels", help="a split list '<domain>/<class>/<file> <label>': predict and score it")
+    p.add_argument("--root", help="folder the --labels paths are relative to (default: the list's folder)")
+    p.add_argument("--out", help="write predictions to a .csv or .parquet file (default: print them)")
+    p.add_argument("--top-k", type=_ranged_int(1), default=1, help="also write the k most probable classes")
+    p.add_argument("--batch-size", type=_ranged_int(1, 4096), default=64,
+                   help="images per forward pass (bounds memory)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: the GPU when there is one")
+    p.add_argument("--workers", type=_ranged_int(0), default=0, help="decoding processes")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    p.add_argument("--port", type=_ranged_int(1, 65535), default=8000)
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--replicas", type=_ranged_int(1), default=1)
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (fractions share a GPU)")
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--top-k", type=_ranged_int(1), default=5)
+    p.add_argument("--max-batch-size", type=_ranged_int(1, 4096), default=32, help="images per batched forward pass")
+    p.add_argument("--max-bytes", type=_ranged_int(1), default=16 * 2**20, help="largest request body")
+    p.add_argument("--max-pixels", type=_ranged_int(1), default=40_000_000, help="largest image (width x height)")
 
 
 def _dashboard_args(p: argparse.ArgumentParser) -> None:
@@ -241,7 +276,8 @@ COMMANDS: dict[str, Command] = {
     "compare": Command(cmd_compare, "paired difference of two runs on the same test set, with intervals",
                        _compare_args),
     "export": Command(cmd_export, "write a deployable bundle of a trial (default: the best)", _export_args),
-    "predict": Command(cmd_predict, "classify images with an exported bundle", _predict_args),
+    "predict": Command(cmd_predict, "classify images (files, folders, list files) with a bundle", _predict_args),
+    "serve": Command(cmd_serve, "serve a bundle over HTTP on Ray Serve (POST /predict, GET /health)", _serve_args),
     "dashboard": Command(cmd_dashboard, "browse a results store in the browser", _dashboard_args),
     "demo": Command(cmd_demo, "the quickstart search on the embedded data, then export the best", _demo_args),
 }

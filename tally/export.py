@@ -1,35 +1,112 @@
-"""Deployable bundles (ARCHITECTURE.md contract 5) and predictions from them.
+"""Deployable bundles (ARCHITECTURE.md contract 5), exported programs, and predictions from bundles.
 
-A bundle is a folder: config.yaml (re-trainable with `tally train`), model.pt (the network's
-weights, loadable with torch.load(weights_only=True)), labels.json, preprocessing.json,
-metrics.json, eval.parquet, MODEL_CARD.md and a manifest of file hashes.
+A bundle is a folder a serving team can use without this package:
+
+- model.pt2: a torch.export program, uint8 RGB images (N, 3, H, W) -> logits (N, C), with the
+  resize to the training size and the normalisation inside the graph (see ``ProgramInput``);
+- model.onnx (optional, ``--onnx``): the same program for onnxruntime;
+- model.pt: the network's weights (torch.load(weights_only=True)), for this package's own loader;
+- config.yaml: the complete run config (`tally train config.yaml` retrains it); labels.json;
+  preprocessing.json (what the program does, exactly); metrics.json, eval.parquet, MODEL_CARD.md;
+- provenance.json: the source checkpoint's hash, the code version, the seeds and the data split
+  fingerprints, so the model can be rebuilt;
+- manifest.json: the sha256 of every other file, checked whenever the bundle is loaded.
+
+Files are 0644 and the folder 0755 whatever the umask, so a service user can read them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import json
+import os
+import shutil
+import subprocess
 import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
 
-from tally import results
+from tally import evaluation, results
 from tally.data.augment import IMAGENET_MEAN, IMAGENET_STD, to_float_normalized
 from tally.errors import TallyError
 
-BUNDLE_FORMAT = "tally-bundle-v1"
+BUNDLE_FORMAT = "tally-bundle-v2"
+MANIFEST = "manifest.json"
+PROVENANCE = "provenance.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# the exported programs accept any batch and any image side in this range (one size per batch)
+MAX_SIDE = 16384
 
 
+# ---------------------------------------------------------------- the exported program
+class ProgramInput(nn.Module):
+    """uint8 RGB (N, 3, H, W) -> logits: resize to S x S, scale to [0, 1], normalise, the network.
+
+    The resize is the very op the training decoder applies (torchvision's resize of a uint8 image on
+    the CPU is F.interpolate(bilinear, antialias) on uint8), so on the CPU the program's logits equal
+    the eager pipeline's (tests/test_export.py); an image already S x S passes through unchanged.
+    """
+
+    def __init__(self, net: nn.Module, image_size: int, mean, std):
+        super().__init__()
+        self.net, self.image_size = net, int(image_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        x = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return self.net((x.to(torch.float32) / 255.0 - self.mean) / self.std)
+
+
+def _program_example(image_size: int) -> tuple[tuple[torch.Tensor], tuple[dict]]:
+    # sizes that differ from each other and from S, so tracing does not specialise on them
+    example = torch.zeros((2, 3, image_size + 5, image_size + 7), dtype=torch.uint8)
+    dims = {0: torch.export.Dim("batch", min=1, max=65536),
+            2: torch.export.Dim("height", min=2, max=MAX_SIDE),
+            3: torch.export.Dim("width", min=2, max=MAX_SIDE)}
+    return (example,), (dims,)
+
+
+def export_program(net: nn.Module, pre: dict, path: Path) -> None:
+    """Write model.pt2 (torch.export, CPU, eval mode)."""
+    module = ProgramInput(net, pre["image_size"], pre["mean"], pre["std"]).eval()
+    args, dynamic = _program_example(pre["image_size"])
+    program = torch.export.export(module, args, dynamic_shapes=dynamic)
+    torch.export.save(program, path)
+
+
+def export_onnx(net: nn.Module, pre: dict, path: Path) -> None:
+    """Write model.onnx through torch.onnx's dynamo exporter (needs the onnx extra)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise TallyError("--onnx needs the onnx extra: pip install 'tally-platform[onnx]'") from None
+    module = ProgramInput(net, pre["image_size"], pre["mean"], pre["std"]).eval()
+    args, dynamic = _program_example(pre["image_size"])
+    program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, input_names=["images"],
+                                output_names=["logits"], verbose=False)
+    program.save(str(path))
+
+
+# ---------------------------------------------------------------- writing a bundle
 def _names(table: pd.DataFrame, idx_col: str, name_col: str) -> list[str]:
     pairs = table[[idx_col, name_col]].drop_duplicates().sort_values(idx_col)
     return pairs[name_col].astype(str).tolist()
 
 
-def _model_card(config: dict, metrics: dict, trial: str, labels: dict) -> str:
+def _model_card(config: dict, metrics: dict, trial: str, labels: dict, provenance: dict) -> str:
+    code = provenance["code"]
     lines = [f"# Model card: {trial}", "",
              f"- method: {config['method']['name']}; backbone {config['model']['arch']} "
              f"cut after {config['model']['cut']}; input {config['data']['image_size']} px",
@@ -38,7 +115,11 @@ def _model_card(config: dict, metrics: dict, trial: str, labels: dict) -> str:
              f"- classes ({len(labels['classes'])}): {', '.join(labels['classes'])}",
              f"- domains ({len(labels['domains'])}): {', '.join(labels['domains'])}",
              f"- kept checkpoint selected on validation by {config['train']['selection_metric']}"
-             + (" (ORACLE: test-domain selection)" if config["data"]["oracle_selection"] else ""), "",
+             + (" (ORACLE: test-domain selection)" if config["data"]["oracle_selection"] else ""),
+             f"- rebuild: `tally train config.yaml` (seed {provenance['seeds']['train']}, split seed "
+             f"{provenance['seeds']['split']}); code {code['package']} {code['version']}"
+             + (f", git {code['git_commit']}" + (" (uncommitted changes)" if code.get("git_dirty") else "")
+                if code.get("git_commit") else ""), "",
              "| split | acc | pair mean | pair worst | class worst | domain worst | macro F1 |",
              "|---|---|---|---|---|---|---|"]
     for split, m in metrics.items():
@@ -49,43 +130,164 @@ def _model_card(config: dict, metrics: dict, trial: str, labels: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_bundle(run_dir: Path, out: Path) -> None:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_version() -> dict:
+    """The package version and, when this code is a git checkout, its commit."""
+    try:
+        version = importlib.metadata.version("tally-platform")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    info = {"package": "tally-platform", "version": version, "git_commit": None, "git_dirty": None}
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10)
+            info["git_dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def split_fingerprints(data_cfg: dict) -> dict:
+    """sha256 of each split's sample list as the config resolves it now (the data layer's fingerprint).
+
+    Data that cannot be read here (a cluster path, say) is recorded as unavailable, with the reason,
+    rather than blocking the export.
+    """
+    from tally.data import load_splits
+
+    try:
+        splits = load_splits(data_cfg)
+    except (TallyError, OSError) as e:
+        return {"unavailable": str(e).splitlines()[0]}
+    return {name: {"sha256": ds.fingerprint(), "images": len(ds)} for name, ds in splits.items()}
+
+
+def _provenance(run_dir: Path, config: dict, onnx: bool) -> dict:
+    """What identifies a bundle: same provenance, same bundle (the .pt2 archive itself is not
+    byte-reproducible: torch.export.save writes a random serialization id)."""
+    return {"trial": run_dir.name, "checkpoint_sha256": _sha256(run_dir / "checkpoints" / "best.pt"),
+            "best_epoch": (results.read_json(run_dir / "status.json") or {}).get("best_epoch"),
+            "seeds": {"train": config["train"]["seed"], "split": config["data"]["split_seed"]},
+            "data_splits": split_fingerprints(config["data"]), "code": code_version(),
+            "programs": ["model.pt2", *(["model.onnx"] if onnx else [])]}
+
+
+def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict]:
     config = results.read_yaml(run_dir / "config.yaml")
     table = results.read_parquet(run_dir / "eval.parquet")
     metrics = results.read_json(run_dir / "metrics.json")
-    if config is None or table is None or metrics is None:
+    if config is None or table is None or metrics is None or not (run_dir / "checkpoints" / "best.pt").is_file():
         raise TallyError(f"{run_dir}: trial has no finished evaluation (needs config.yaml, eval.parquet, "
-                         "metrics.json); pick a trial with status done")
+                         "metrics.json, checkpoints/best.pt); pick a trial with status done")
+    return config, table, metrics
+
+
+def _write_bundle(run_dir: Path, out: Path, config: dict, table: pd.DataFrame, metrics: dict,
+                  provenance: dict, onnx: bool) -> None:
+    from tally.method.backbone import SplitResNet
+
     state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
     net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     labels = {"classes": _names(table, "class_idx", "class"), "domains": _names(table, "domain_idx", "domain")}
+    size = config["data"]["image_size"]
+    pre = {"image_size": size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+           "program_input": f"uint8 RGB tensor (N, 3, H, W); N >= 1; 2 <= H, W <= {MAX_SIDE}; "
+                            "one size per batch",
+           "program_output": "float32 logits (N, classes); softmax over dim 1 gives probabilities",
+           "in_program": [f"resize to {size}x{size}: F.interpolate(bilinear, antialias=True, "
+                          "align_corners=False) on the uint8 tensor (torchvision's CPU resize)",
+                          "float32 / 255", "(x - mean) / std per channel"],
+           "outside_program": "decode to RGB uint8 (any decoder; the training data were decoded by "
+                              "torchvision.io.decode_image, PIL for other formats)"}
+    net = SplitResNet(config["model"]["arch"], config["model"]["cut"], len(labels["classes"]))
+    net.load_state_dict(net_state)
+    net.eval()
     out.mkdir(parents=True)
     results.write_yaml(out / "config.yaml", config)
     torch.save(net_state, out / "model.pt")
+    export_program(net, pre, out / "model.pt2")
+    if onnx:
+        export_onnx(net, pre, out / "model.onnx")
     results.write_json(out / "labels.json", labels)
-    results.write_json(out / "preprocessing.json", {
-        "image_size": config["data"]["image_size"], "resize": "square, antialiased", "channels": "RGB",
-        "scale": "divide by 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    results.write_json(out / "preprocessing.json", pre)
     results.write_json(out / "metrics.json", metrics)
     table.to_parquet(out / "eval.parquet", index=False)
-    (out / "MODEL_CARD.md").write_text(_model_card(config, metrics, run_dir.name, labels))
-    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
-    results.write_json(out / "manifest.json", {"format": BUNDLE_FORMAT, "trial": run_dir.name, "sha256": files})
+    results.write_json(out / PROVENANCE, provenance)
+    (out / "MODEL_CARD.md").write_text(_model_card(config, metrics, run_dir.name, labels, provenance))
+    files = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+    results.write_json(out / MANIFEST, {"format": BUNDLE_FORMAT, "trial": run_dir.name, "sha256": files})
+    for path in out.iterdir():
+        os.chmod(path, 0o644)
+    os.chmod(out, 0o755)
 
 
-def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the bundle of one run folder into ``out_dir`` (must not exist or be empty); atomic."""
+def _replace_folder(staged: Path, out: Path) -> None:
+    """Swap staged in for out with renames only: a reader sees the old bundle or the new one."""
+    if not out.exists():
+        os.rename(staged, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / "bundle")
+    os.rename(staged, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(run_dir: str | Path, out_dir: str | Path, force: bool = False, onnx: bool = False) -> Path:
+    """Write the bundle of one run folder into ``out_dir``; atomic.
+
+    An existing bundle of the same provenance is kept as it is (re-exporting is a no-op); a different
+    bundle is replaced only with ``force``; any other non-empty folder is never replaced.
+    """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise TallyError(f"--out: {out_dir} exists and is not empty")
+    config, table, metrics = _read_run(run_dir)
+    provenance = _provenance(run_dir, config, onnx)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not (out_dir / MANIFEST).is_file():
+            raise TallyError(f"--out: {out_dir} exists and is not a tally bundle; refusing to replace it")
+        existing = results.read_json(out_dir / PROVENANCE)
+        if existing == json.loads(json.dumps(provenance)):
+            verify_bundle(out_dir)
+            return out_dir
+        if not force:
+            trial = (existing or {}).get("trial", "unknown trial")
+            raise TallyError(f"--out: {out_dir} holds a different bundle ({trial}); pass --force to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        staged = Path(tmp) / "bundle"
-        _write_bundle(run_dir, staged)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staged.rename(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        staged = tmp / "bundle"
+        _write_bundle(run_dir, staged, config, table, metrics, provenance, onnx)
+        _replace_folder(staged, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def export_config(run_dir: str | Path, out_path: str | Path, force: bool = False) -> Path:
+    """Write only the trial's complete run config (`tally train` reproduces the trial from it)."""
+    run_dir, out_path = Path(run_dir), Path(out_path)
+    config = results.read_yaml(run_dir / "config.yaml")
+    if config is None:
+        raise TallyError(f"{run_dir}: no config.yaml")
+    if out_path.is_dir():
+        out_path = out_path / "config.yaml"
+    text = yaml.safe_dump(config, sort_keys=False)
+    if out_path.exists() and out_path.read_text() != text and not force:
+        raise TallyError(f"--out: {out_path} exists with another config; pass --force to replace it")
+    results.write_text(out_path, text)
+    os.chmod(out_path, 0o644)
+    return out_path
 
 
 def bundle_zip_bytes(run_dir: str | Path) -> bytes:
@@ -117,31 +319,230 @@ def resolve_trial(exp_dir: Path, trial: str | None) -> Path:
     return exp_dir / results.TRIALS_DIR / best["trial_id"]
 
 
+# ---------------------------------------------------------------- loading a bundle
+def verify_bundle(bundle: str | Path) -> dict:
+    """The manifest, after checking every listed file's sha256; a missing or changed file is refused."""
+    bundle = Path(bundle)
+    manifest = results.read_json(bundle / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise TallyError(f"{bundle}: not a tally bundle of format {BUNDLE_FORMAT} "
+                         + (f"(found {found}; re-export it)" if found else "(no manifest.json)"))
+    for name, digest in sorted(manifest.get("sha256", {}).items()):
+        path = bundle / name
+        if Path(name).name != name:
+            raise TallyError(f"{bundle}/{MANIFEST}: file name {name!r} points outside the bundle")
+        if not path.is_file():
+            raise TallyError(f"{path}: missing from the bundle; refusing to load it")
+        if _sha256(path) != digest:
+            raise TallyError(f"{path}: sha256 differs from the manifest (changed after export); refusing to load")
+    return manifest
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: the GPU when there is one."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise TallyError(f"--device: expected auto, cpu or cuda[:N], got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TallyError(f"--device: {name!r} asked for but no CUDA device is available")
+    return torch.device(name)
+
+
 class Predictor:
-    """Loads a bundle once; classifies image files."""
+    """A verified bundle's network on a device: classifies decoded images in bounded batches."""
 
     def __init__(self, bundle: str | Path, device: str = "cpu"):
         from tally.method.backbone import SplitResNet
 
-        bundle = Path(bundle)
-        manifest = results.read_json(bundle / "manifest.json")
-        if not manifest or manifest.get("format") != BUNDLE_FORMAT:
-            raise TallyError(f"{bundle}: not a tally bundle (no manifest.json of format {BUNDLE_FORMAT})")
-        config = results.read_yaml(bundle / "config.yaml")
-        self.labels = json.loads((bundle / "labels.json").read_text())
-        self.pre = json.loads((bundle / "preprocessing.json").read_text())
-        self.net = SplitResNet(config["model"]["arch"], config["model"]["cut"], len(self.labels["classes"]))
-        self.net.load_state_dict(torch.load(bundle / "model.pt", map_location="cpu", weights_only=True))
-        self.device = torch.device(device)
+        self.bundle = Path(bundle)
+        manifest = verify_bundle(self.bundle)
+        config = results.read_yaml(self.bundle / "config.yaml")
+        self.labels = json.loads((self.bundle / "labels.json").read_text())
+        self.pre = json.loads((self.bundle / "preprocessing.json").read_text())
+        self.classes = np.asarray(self.labels["classes"], dtype=object)
+        # the trial and the weights' hash: two bundles with the same id hold the same model
+        self.bundle_id = f"{manifest['trial']}@{manifest['sha256']['model.pt'][:12]}"
+        self.net = SplitResNet(config["model"]["arch"], config["model"]["cut"], len(self.classes))
+        self.net.load_state_dict(torch.load(self.bundle / "model.pt", map_location="cpu", weights_only=True))
+        self.device = resolve_device(device)
         self.net.to(self.device).eval()
 
-    @torch.inference_mode()
-    def predict(self, paths: list[str | Path]) -> list[tuple[str, str, float]]:
-        from tally.data.bank import resize_square
-        from tally.data.dataset import read_image
+    @property
+    def image_size(self) -> int:
+        return int(self.pre["image_size"])
 
-        images = torch.stack([resize_square(read_image(str(p)), self.pre["image_size"]) for p in paths])
-        x = to_float_normalized(images.to(self.device), self.pre["mean"], self.pre["std"])
-        probs = self.net(x).softmax(1)
-        conf, idx = probs.max(1)
-        return [(str(p), self.labels["classes"][i], float(c)) for p, i, c in zip(paths, idx.tolist(), conf.tolist(), strict=True)]
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) -> uint8 (3, S, S), as the training decoder resizes."""
+        from tally.data.bank import resize_square
+
+        return resize_square(image, self.image_size)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, S, S) -> float32 (N, C) probabilities on the CPU; float32 throughout (no autocast)."""
+        x = to_float_normalized(images.to(self.device, non_blocking=True), self.pre["mean"], self.pre["std"])
+        return self.net(x).softmax(1).float().cpu()
+
+    def predict(self, paths: list[str | Path]) -> list[tuple[str, str, float]]:
+        """(path, label, confidence) per image file."""
+        table = self.predict_files([str(p) for p in paths], progress=False)
+        return list(zip(table["path"], table["label"], table["confidence"].astype(float), strict=True))
+
+    def predict_files(self, paths: list[str], batch_size: int = 64, top_k: int = 1, workers: int = 0,
+                      progress: bool = True) -> pd.DataFrame:
+        """One row per image: path, label, confidence, pred_idx and top1..topk labels/confidences.
+
+        Images are decoded by the data layer's decoder (the one training used), at most
+        ``batch_size`` at a time, so memory stays bounded whatever the number of images.
+        """
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        from tally.data.bank import _Resized
+
+        if batch_size < 1:
+            raise TallyError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+        k = max(1, min(int(top_k), len(self.classes)))
+        loader = DataLoader(_Resized(list(paths), self.image_size), batch_size=batch_size, shuffle=False,
+                            num_workers=workers, pin_memory=self.device.type == "cuda")
+        confidences, indices = [], []
+        with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress or None,
+                  mininterval=1.0) as bar:
+            for images in loader:
+                top = self.probabilities(images).topk(k, dim=1)
+                confidences.append(top.values)
+                indices.append(top.indices)
+                bar.update(len(images))
+        conf = torch.cat(confidences).numpy() if confidences else np.zeros((0, k), np.float32)
+        idx = torch.cat(indices).numpy() if indices else np.zeros((0, k), np.int64)
+        columns = {"path": list(paths), "label": self.classes[idx[:, 0]] if len(idx) else [],
+                   "confidence": conf[:, 0], "pred_idx": idx[:, 0]}
+        if k > 1:
+            for j in range(k):
+                columns[f"top{j + 1}_label"] = self.classes[idx[:, j]] if len(idx) else []
+                columns[f"top{j + 1}_confidence"] = conf[:, j]
+        return pd.DataFrame(columns)
+
+    def train_counts(self, domain_names: list[str]) -> np.ndarray:
+        """(D, C) training counts of these domains, from the bundle's eval table (0 for new domains)."""
+        table = pd.read_parquet(self.bundle / "eval.parquet", columns=["domain", "class_idx", "n_train"])
+        table = table.drop_duplicates(["domain", "class_idx"])
+        counts = np.zeros((len(domain_names), len(self.classes)), dtype=np.int64)
+        row = {d: i for i, d in enumerate(domain_names)}
+        known = table[table["domain"].isin(row)]
+        counts[known["domain"].map(row).to_numpy(), known["class_idx"].to_numpy()] = known["n_train"].to_numpy()
+        return counts
+
+
+# ---------------------------------------------------------------- inputs of `tally predict`
+def collect_images(inputs: list[str]) -> list[str]:
+    """Image files from files, folders (searched recursively) and list files (.txt / .lst: one path per
+    line, optionally followed by a label, relative to the list's folder)."""
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not files:
+                raise TallyError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            found.extend(str(p) for p in files)
+        elif path.suffix.lower() in (".txt", ".lst"):
+            found.extend(_read_path_list(path))
+        elif path.is_file():
+            found.append(str(path))
+        else:
+            raise TallyError(f"image not found: {path}")
+    return found
+
+
+def _read_path_list(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise TallyError(f"{path}: cannot read list file: {e.strerror}") from None
+    out = []
+    for line in lines:
+        text = line.strip()
+        if text:
+            parts = text.rsplit(None, 1)
+            rel = parts[0] if len(parts) == 2 and parts[1].isdigit() else text
+            out.append(str((path.parent / rel).resolve()))
+    return out
+
+
+def read_labelled_list(list_file: str | Path, root: str | Path | None, classes: list[str],
+                       domains: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """A split list in the reference format ("<domain>/<class>/<file> <label>", relative to ``root``,
+    default the list's folder) -> (paths, labels, domain indices, domain names).
+
+    Domains come from the first path component; ones the bundle never saw are appended to its names.
+    """
+    from tally.data.reference import parse_list
+
+    list_file = Path(list_file).expanduser()
+    if not list_file.is_file():
+        raise TallyError(f"--labels: list file not found: {list_file}")
+    rel, labels = parse_list(list_file)
+    if not rel:
+        raise TallyError(f"--labels: {list_file} lists no images")
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    if labels_arr.max() >= len(classes):
+        bad = int(np.flatnonzero(labels_arr >= len(classes))[0])
+        raise TallyError(f"--labels: {list_file}: label {labels[bad]} of {rel[bad]!r} is outside the bundle's "
+                         f"{len(classes)} classes")
+    base = Path(root).expanduser() if root else list_file.parent
+    first = pd.Series([Path(r).parts[0] if len(Path(r).parts) > 1 else "" for r in rel], dtype=object)
+    names = list(domains) + sorted(set(first) - set(domains))
+    domain_idx = first.map({d: i for i, d in enumerate(names)}).to_numpy(dtype=np.int64)
+    return [str(base / r) for r in rel], labels_arr, domain_idx, names
+
+
+def score_predictions(predictor: Predictor, split: str, preds: np.ndarray, labels: np.ndarray,
+                      domain_idx: np.ndarray, domain_names: list[str]) -> tuple[pd.DataFrame, dict]:
+    """The evaluator's per-(domain, class) table of these predictions, and its metrics."""
+    table = evaluation.pair_table(split, preds, labels, domain_idx, list(predictor.classes), domain_names,
+                                  predictor.train_counts(domain_names))
+    return table, evaluation.split_metrics(table)
+
+
+def run_predict(bundle: str | Path, images: list[str], labels: str | None = None, root: str | None = None,
+                out: str | None = None, top_k: int = 1, batch_size: int = 64, device: str = "auto",
+                workers: int = 0) -> int:
+    """`tally predict`: predictions to a file (or stdout); with a labelled list, the evaluator's table."""
+    if bool(images) == bool(labels):
+        raise TallyError("predict: give image files/folders/lists, or --labels LIST (not both)")
+    if out and Path(out).suffix.lower() not in (".csv", ".parquet"):
+        raise TallyError(f"--out: expected a .csv or .parquet file name, got {out}")
+    predictor = Predictor(bundle, device=device)
+    if labels:
+        paths, truth, domain_idx, domain_names = read_labelled_list(labels, root, list(predictor.classes),
+                                                                    predictor.labels["domains"])
+    else:
+        paths = collect_images(images)
+    table = predictor.predict_files(paths, batch_size=batch_size, top_k=top_k, workers=workers)
+    if labels:
+        table["true_label"] = predictor.classes[truth]
+        table["domain"] = np.asarray(domain_names, dtype=object)[domain_idx]
+    if out:
+        out_path = Path(out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        if out_path.suffix.lower() == ".csv":
+            results.write_text(out_path, table.to_csv(index=False, float_format="%.6g"))
+        else:
+            results.write_parquet(out_path, table)
+        os.chmod(out_path, 0o644)
+        print(f"{len(table)} predictions written to {out_path} ({predictor.device})")
+    elif not labels:
+        for row in table.itertuples(index=False):
+            print(f"{row.path}\t{row.label}\t{row.confidence:.3f}")
+    if labels:
+        split = Path(labels).stem
+        pairs, metrics = score_predictions(predictor, split, table["pred_idx"].to_numpy(), truth, domain_idx,
+                                           domain_names)
+        shown = pairs[pairs["n"] > 0].assign(acc=lambda t: t["correct"] / t["n"])
+        print(shown[["domain", "class", "n_train", "n", "correct", "acc"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"))
+        print(f"\n{split}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v == v))
+    return 0

@@ -1,0 +1,203 @@
+"""`tally serve` on loopback: real HTTP requests to a Ray Serve deployment of a tiny bundle.
+
+One Ray (and one Serve application) for the whole module, shut down at the end: starting Ray costs
+seconds of CPU on a small machine. The decoder and limits are also tested without Ray.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tally.data import load_splits
+from tally.data.dataset import read_image
+from tally.export import Predictor, export_bundle
+from tests.bundle_factory import TINY_CONFIG, tiny_run
+
+MAX_BYTES = 300_000
+MAX_PIXELS = 1_000_000
+
+
+def _png(width: int, height: int, colour=(200, 30, 90)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- without Ray
+def test_decoder_checks_the_header_before_decoding():
+    from tally.serve import BadRequest, decode_image_bytes
+
+    image = decode_image_bytes(_png(7, 5), MAX_PIXELS)
+    assert image.shape == (3, 5, 7) and image.dtype == torch.uint8
+    assert image[:, 0, 0].tolist() == [200, 30, 90]
+    big = _png(2000, 1000)  # a few kB that would decode to 6 MB
+    assert len(big) < 50_000
+    with pytest.raises(BadRequest, match="2000x1000 = 2000000 pixels") as e:
+        decode_image_bytes(big, MAX_PIXELS)
+    assert e.value.status == 413
+    with pytest.raises(BadRequest, match="not an image") as e:
+        decode_image_bytes(b"GIF? no, just text", MAX_PIXELS)
+    assert e.value.status == 415
+    with pytest.raises(BadRequest) as e:  # a valid header over truncated data
+        decode_image_bytes(_png(64, 64)[:60], MAX_PIXELS)
+    assert 400 <= e.value.status < 500
+
+
+# ---------------------------------------------------------------- on Ray Serve
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    return export_bundle(tiny_run(tmp / "run"), tmp / "bundle")
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    """The deployment on 127.0.0.1 at a free port; Serve (and Ray, when this module started it) stopped after."""
+    import ray
+    from ray import serve
+
+    from tally.serve import start
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 2**20,
+                 configure_logging=True, logging_level="ERROR")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = start(bundle, host="127.0.0.1", port=port, cpus=0.5, top_k=3, max_batch_size=8,
+                batch_wait_timeout_s=0.05, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    try:
+        yield url
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def request(url: str, data: bytes | None = None, content_type: str = "application/octet-stream"):
+    """(status, JSON body) of one HTTP request; 4xx/5xx included."""
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type} if data is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.fixture(scope="module")
+def images(bundle):
+    """Real test images (encoded bytes) and the in-process model's probabilities for each."""
+    paths = load_splits(TINY_CONFIG["data"])["test_sub"].paths[:24]
+    predictor = Predictor(bundle)
+    probs = predictor.probabilities(torch.stack([predictor.prepare(read_image(p)) for p in paths]))
+    return [Path(p).read_bytes() for p in paths], probs, predictor
+
+
+def check(answer: dict, expected: torch.Tensor, predictor: Predictor) -> None:
+    got = torch.tensor([answer["probabilities"][c] for c in predictor.classes])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert answer["label"] == predictor.classes[int(got.argmax())]
+    assert answer["confidence"] == pytest.approx(float(got.max()))
+    assert [t["label"] for t in answer["top_k"]] == [predictor.classes[i] for i in got.topk(3).indices]
+
+
+@pytest.mark.slow
+def test_serve_answers_batches_concurrent_clients_and_bad_requests(server, images):
+    encoded, expected, predictor = images
+    status, health = request(f"{server}/health")
+    assert status == 200 and health["status"] == "ok" and health["bundle"] == predictor.bundle_id
+    assert health["classes"] == list(predictor.classes)
+
+    # one image, three ways: raw bytes, base64 JSON, multipart
+    status, body = request(f"{server}/predict", encoded[0], "image/png")
+    assert status == 200 and body["bundle"] == predictor.bundle_id and len(body["predictions"]) == 1
+    check(body["predictions"][0], expected[0], predictor)
+    payload = json.dumps({"image": base64.b64encode(encoded[1]).decode()}).encode()
+    status, body = request(f"{server}/predict", payload, "application/json")
+    assert status == 200
+    check(body["predictions"][0], expected[1], predictor)
+    status, body = request(f"{server}/predict", *multipart([("a.png", encoded[2]), ("b.png", encoded[3])]))
+    assert status == 200 and len(body["predictions"]) == 2
+    for answer, probs in zip(body["predictions"], expected[2:4], strict=True):
+        check(answer, probs, predictor)
+
+    # a batch of images in one request shares forward passes (serve.batch)
+    payload = json.dumps({"images": [base64.b64encode(e).decode() for e in encoded[:8]]}).encode()
+    status, body = request(f"{server}/predict", payload, "application/json")
+    assert status == 200 and len(body["predictions"]) == 8
+    for answer, probs in zip(body["predictions"], expected[:8], strict=True):
+        check(answer, probs, predictor)
+    assert request(f"{server}/health")[1]["served"]["largest_batch"] > 1
+
+    # 8 concurrent clients, 24 requests
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda e: request(f"{server}/predict", e, "image/png"), encoded))
+    for (status, body), probs in zip(answers, expected, strict=True):
+        assert status == 200
+        check(body["predictions"][0], probs, predictor)
+
+    # bad requests: a 4xx with a one-line reason each
+    bad = [
+        (b"this is not an image", "image/png", 415, "not an image"),
+        (bytes(MAX_BYTES + 1), "application/octet-stream", 413, "limit"),
+        (_png(2000, 1000), "image/png", 413, "pixels"),
+        (b"{not json", "application/json", 400, "JSON"),
+        (b'{"image": "@@@"}', "application/json", 400, "base64"),
+        (b"", "image/png", 400, "empty"),
+    ]
+    for data, kind, code, reason in bad:
+        status, body = request(f"{server}/predict", data, kind)
+        assert status == code and reason in body["error"] and "\n" not in body["error"], (code, body)
+    assert request(f"{server}/nowhere")[0] == 404
+    assert request(f"{server}/predict")[0] == 405
+
+    # and it keeps serving
+    status, body = request(f"{server}/predict", encoded[5], "image/png")
+    assert status == 200
+    check(body["predictions"][0], expected[5], predictor)
+    assert request(f"{server}/health")[1]["served"]["bad_requests"] == len(bad)
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_changed_bundle_before_starting_ray(bundle, tmp_path, capsys):
+    import shutil
+
+    import ray
+
+    from tally.cli import main
+
+    copy = Path(shutil.copytree(bundle, tmp_path / "copy"))
+    (copy / "labels.json").write_text('{"classes": [], "domains": []}')
+    was_running = ray.is_initialized()
+    assert main(["serve", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "labels.json" in err and err.count("\n") == 0
+    assert ray.is_initialized() == was_running
+
+
+def test_serve_binds_loopback_unless_told():
+    from tally.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "bundle"])
+    assert args.host == "127.0.0.1" and args.replicas == 1 and args.gpus == 0
+    assert build_parser().parse_args(["serve", "bundle", "--host", "0.0.0.0", "--gpus", "0.5"]).gpus == 0.5
