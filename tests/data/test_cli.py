@@ -35,7 +35,7 @@ def test_splits_make_then_show(root, tmp_path, capsys):
 
     assert run(["data", "show", "--source", "reference", "--root", str(out), "--held-out", "q"]) == 0
     shown = capsys.readouterr().out
-    assert "test_domain:q: 6 images" in shown and "val lists" in shown
+    assert "test_domain:q: 24 images" in shown and "val lists" in shown  # all 2 x 12 images of q
 
 
 def test_data_show_folder_and_config(root, tmp_path, capsys):
