@@ -198,15 +198,17 @@ def prepare(dataset: str, source: str | Path, out: str | Path, lists: str | Path
     layout = layout_of(dataset)
     out = Path(out).expanduser().absolute()
     folder = out / layout.folder
-    if lists is not None:
-        copy_lists(find_lists(Path(lists).expanduser(), layout), folder)
-    if not list_files(folder):
+    # read and check everything first: a bad list or --from leaves nothing behind in --out
+    list_dir = find_lists(Path(lists).expanduser(), layout) if lists is not None else folder
+    if not list_files(list_dir):
         raise TallyError(f"no split lists in {folder}: pass --lists <TALLY checkout>/data/{layout.folder}")
-    listed, totals = read_listed(folder)
+    listed, totals = read_listed(list_dir)
     for rel in listed:
-        _check_relative(rel, folder)
+        _check_relative(rel, list_dir)
     domains = sorted({d for d, _ in listed.values()})
     tree = find_source(Path(source), layout, domains)
+    if lists is not None:
+        copy_lists(list_dir, folder)
     report = Prepared(folder, tree.root, listed, totals)
     real_out = os.path.realpath(out)
     made: set[str] = set()

@@ -86,7 +86,10 @@ def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
         list_dir = list_dir / dataset
     if not list_dir.is_dir():
         hint = ""
-        close = [f for f in PUBLISHED if dataset and f.lower() == str(dataset).lower() and f != dataset]
+        def key(name: str) -> str:
+            return name.lower().replace("_", "")
+
+        close = [f for f in PUBLISHED if dataset and key(f) == key(str(dataset)) and f != dataset]
         if close:
             hint = f" (the reference publishes its lists as data/{close[0]}: data.dataset {close[0]!r}?)"
         raise TallyError(f"split list folder not found: {list_dir}{hint}")
