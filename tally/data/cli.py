@@ -161,5 +161,5 @@ def _data_prepare(args) -> int:
     if report.missing:
         first = ", ".join(report.missing[:3])
         raise TallyError(f"{len(report.missing)} of {len(report.listed)} listed images are missing from "
-                         f"{report.source} (first: {first})")
+                         f"{report.source} (first: {first}){report.hint}")
     return 0

@@ -8,6 +8,10 @@ names. So each listed path is matched against the download by folder names compa
 (and the domain aliases below) and by file stem, and linked: ROOT/<folder>/<listed path> -> the
 downloaded file. Symlinks, not copies (DomainNet is 600k images); decoders read the file's content,
 not its extension. Nothing is written outside ROOT, and the download itself is never modified.
+
+TerraIncognita: DomainBed's script keeps only 4 of the 20 locations the reference's OOD split uses,
+so its images are also found in the raw Caltech Camera Traps archive (eccv_18_all_images_sm/<file>,
+one flat folder; the lists' file names are the archive's).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Layout:
     folder: str  # the reference's folder name: ROOT/<folder> holds the lists and the images
     download_names: tuple[str, ...]  # what the dataset's folder is called in the usual downloads
     domain_aliases: dict = field(default_factory=dict)  # list domain -> download folder names
+    flat_folders: tuple[str, ...] = ()  # raw archives with every image in one folder, found by file name
 
 
 LAYOUTS = {
@@ -38,7 +43,8 @@ LAYOUTS = {
     "officehome": Layout("officehome", ("office_home", "OfficeHome", "officehome", "OfficeHomeDataset_10072016"),
                          {"real": ("Real World", "Real_World", "RealWorld")}),
     "domainnet": Layout("domainnet", ("domain_net", "domainnet", "DomainNet")),
-    "terra_incognita": Layout("terra_incognita", ("terra_incognita", "TerraIncognita", "terraincognita")),
+    "terra_incognita": Layout("terra_incognita", ("terra_incognita", "TerraIncognita", "terraincognita"),
+                              flat_folders=("eccv_18_all_images_sm",)),
 }
 
 
@@ -105,8 +111,9 @@ def read_listed(folder: Path) -> tuple[dict[str, tuple[str, int]], dict[str, Cou
 class SourceTree:
     """Finds a listed <domain>/<class>/<file> in a download: names compared without case, files by stem."""
 
-    def __init__(self, root: Path, aliases: dict):
+    def __init__(self, root: Path, aliases: dict, flat: Path | None = None):
         self.root = root
+        self.flat = flat
         self.aliases = {_key(d): {_key(a) for a in names} for d, names in aliases.items()}
         self._dirs: dict[Path, dict[str, str]] = {}
         self._files: dict[Path, tuple[dict[str, str], dict[str, str | None]]] = {}
@@ -147,14 +154,18 @@ class SourceTree:
         path = self.domain_dir(parts[0])
         for part in parts[1:-1]:
             if path is None:
-                return None
+                break
             name = self._subdirs(path).get(_key(part))
             path = path / name if name else None
-        if path is None:
-            return None
-        names, stems = self._files_in(path)
-        name = names.get(parts[-1]) or stems.get(os.path.splitext(parts[-1])[0])
-        return path / name if name else None
+        found = self._file(path, parts[-1]) if path is not None else None
+        if found is None and self.flat is not None:
+            found = self._file(self.flat, parts[-1])
+        return found
+
+    def _file(self, folder: Path, name: str) -> Path | None:
+        names, stems = self._files_in(folder)
+        hit = names.get(name) or stems.get(os.path.splitext(name)[0])
+        return folder / hit if hit else None
 
 
 def find_source(source: Path, layout: Layout, domains: list[str]) -> SourceTree:
@@ -164,12 +175,16 @@ def find_source(source: Path, layout: Layout, domains: list[str]) -> SourceTree:
     if not source.is_dir():
         raise TallyError(f"--from: folder not found: {source}")
     candidates = [source, *(source / n for n in layout.download_names), source / layout.folder]
+    flat = next((c / f for c in candidates for f in layout.flat_folders if (c / f).is_dir()), None)
     for cand in candidates:
-        tree = SourceTree(cand, layout.domain_aliases)
+        tree = SourceTree(cand, layout.domain_aliases, flat)
         if cand.is_dir() and any(tree.domain_dir(d) for d in domains):
             return tree
-    raise TallyError(f"--from: no {layout.folder} domain folders ({', '.join(domains[:4])}...) in {source} or "
-                     f"in a child named {', '.join(layout.download_names)}")
+    if flat is not None:
+        return SourceTree(flat, layout.domain_aliases, flat)
+    raw = f" or a raw archive folder {', '.join(layout.flat_folders)}" if layout.flat_folders else ""
+    raise TallyError(f"--from: no {layout.folder} domain folders ({', '.join(domains[:4])}...){raw} in "
+                     f"{source} or in a child named {', '.join(layout.download_names)}")
 
 
 def _check_relative(rel: str, list_folder: Path) -> None:
@@ -187,6 +202,7 @@ class Prepared:
     linked: int = 0
     present: int = 0
     missing: list = field(default_factory=list)
+    hint: str = ""  # what to add when images are missing (said once, in the error)
 
 
 def prepare(dataset: str, source: str | Path, out: str | Path, lists: str | Path | None = None) -> Prepared:
@@ -210,6 +226,9 @@ def prepare(dataset: str, source: str | Path, out: str | Path, lists: str | Path
     if lists is not None:
         copy_lists(list_dir, folder)
     report = Prepared(folder, tree.root, listed, totals)
+    if layout.flat_folders and tree.flat is None:
+        report.hint = (f"; DomainBed's script keeps 4 of {layout.folder}'s locations: put the raw archive's "
+                       f"{layout.flat_folders[0]}/ in --from too (docs/DATASETS.md)")
     real_out = os.path.realpath(out)
     made: set[str] = set()
     for rel in listed:

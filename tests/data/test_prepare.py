@@ -179,3 +179,18 @@ def test_never_writes_outside_out(tmp_path):
     with pytest.raises(TallyError, match="refusing to write outside --out"):
         prepare("PACS", tmp_path / "dl", tmp_path / "root", lists)
     assert not any(elsewhere.iterdir())
+
+
+def test_terra_incognita_from_domainbed_plus_raw_archive(tmp_path):
+    """DomainBed keeps 4 locations; the rest come from Caltech Camera Traps' flat eccv_18_all_images_sm/."""
+    lists = copy_lists("terra_incognita/*.txt", tmp_path / "lists")
+    rels = sorted(listed(lists))
+    in_domainbed = [r for r in rels if r.startswith("location_0/")]  # pretend DomainBed kept location_0
+    build_download(tmp_path / "dl" / "terra_incognita", in_domainbed)
+    build_download(tmp_path / "dl" / "eccv_18_all_images_sm", sorted({r.split("/")[-1] for r in rels}))
+    report = prepare("terra_incognita", tmp_path / "dl", tmp_path / "root", lists)
+    assert report.linked == len(rels) and not report.missing
+    folder = tmp_path / "root" / "terra_incognita"
+    assert Path(os.readlink(folder / in_domainbed[0])) == tmp_path / "dl" / "terra_incognita" / in_domainbed[0]
+    other = next(r for r in rels if r.startswith("location_90/"))
+    assert Path(os.readlink(folder / other)) == tmp_path / "dl" / "eccv_18_all_images_sm" / other.split("/")[-1]
