@@ -140,7 +140,8 @@ def describe(splits: dict[str, MultiDomainDataset], max_classes: int = 20) -> st
     for name, ds in splits.items():
         counts = ds.counts()
         present = counts.sum(1) > 0
-        head = (f"{name}{' (out of domain)' if ds.out_of_domain else ''}: {len(ds)} images, {int(present.sum())} of {len(ds.domain_names)} domains, "
+        label = f"{name} (out of domain)" if ds.out_of_domain else name
+        head = (f"{label}: {len(ds)} images, {int(present.sum())} of {len(ds.domain_names)} domains, "
                 f"{int((counts.sum(0) > 0).sum())} of {len(ds.class_names)} classes")
         lines = [head, *(f"  note: {n}" for n in ds.notes)]
         if len(ds.class_names) <= max_classes:

@@ -148,7 +148,6 @@ def make_splits(ds: MultiDomainDataset, setting: str = "sub", held_out: list[str
     train_domains = np.setdiff1d(np.arange(n_d), held_idx)
     if imbalance == "natural":
         is_train = ~held & (rank >= first_train)
-        top = None
     else:
         pair_counts = ds.counts()
         pair_test, pair_val = evaluation_sizes(pair_counts, imbalance, n_val, n_test)

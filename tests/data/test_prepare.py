@@ -5,6 +5,7 @@ The downloads are built here from the real list files in tests/data/lists (empty
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,8 +125,9 @@ def test_missing_images_are_reported_with_exit_2(tmp_path):
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and f"5 of {len(rels)} listed images are missing" in err[0]
-    first = err[0].split("(first: ")[1].rstrip(")").split(", ")
+    first = re.search(r"\(first: ([^)]*)\)", err[0]).group(1).split(", ")
     assert len(first) == 3 and set(first) <= set(gone)
+    assert "eccv_18_all_images_sm/" in err[0]  # where the other locations are
     assert f"{len(rels) - 5} linked now" in proc.stdout and "5 missing" in proc.stdout
     assert not (tmp_path / "root" / "terra_incognita" / gone[0]).exists()
 
