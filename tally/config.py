@@ -69,13 +69,13 @@ class Field:
 
 SCHEMA: dict[str, dict[str, Field]] = {
     "data": {
-        "source": Field(str, "embedded", choices=("embedded", "folder", "reference", "wilds")),
+        "source": Field(str, "embedded", choices=("embedded", "folder", "reference", "wilds", "csv")),
         "root": Field(str, None, nullable=True),
         "dataset": Field(str, None, nullable=True),
-        "setting": Field(str, "sub", choices=("sub", "domain")),
+        "setting": Field(str, "sub", choices=("sub", "domain", "ood")),
         "held_out": Field(list, []),
         "split_seed": Field(int, 0, low=0),
-        "imbalance": Field(str, None, choices=("exp", "step"), nullable=True),
+        "imbalance": Field(str, None, choices=("exp", "step", "natural"), nullable=True),
         "imbalance_factor": Field(float, None, low=1.0, nullable=True),
         "max_per_class": Field(int, None, low=1, nullable=True),
         "n_val": Field(int, None, low=1, nullable=True),

@@ -1,5 +1,9 @@
 """Multi-domain datasets: readers, the seeded split generator, the embedded default, image banks.
 
+Sources: embedded (default), folder (generated splits), reference (the TALLY reference's split
+lists), csv (the MDLT benchmark's split CSVs), wilds (iWildCam). docs/DATASETS.md says where each
+paper dataset comes from and how ``tally data prepare`` lays it out.
+
 ``load_splits(data_cfg)`` is the one entry point a training run calls; it returns
 {"train", "val", "test_sub", "test_domain:<name>"...} -> MultiDomainDataset.
 """
@@ -17,7 +21,10 @@ from tally.errors import TallyError
 
 __all__ = ["MultiDomainDataset", "load_splits", "describe", "resolve_data_cfg", "DATA_KEYS"]
 
-SOURCES = ("embedded", "folder", "reference", "wilds")
+SOURCES = ("embedded", "folder", "reference", "wilds", "csv")
+# sub: subpopulation shift; domain: hold out data.held_out; ood: the reference lists' fixed
+# out-of-domain split (TerraIncognita: train, val and test locations all disjoint)
+SETTINGS = ("sub", "domain", "ood")
 GENERATOR_KEYS = ("imbalance", "imbalance_factor", "max_per_class", "n_val", "n_test")
 # generator defaults for real folder data (the embedded data use tally.data.embedded.SPLIT_DEFAULTS)
 FOLDER_DEFAULTS = {"imbalance": "exp", "imbalance_factor": 20.0, "max_per_class": None, "n_val": 10,
@@ -40,8 +47,11 @@ def resolve_data_cfg(data_cfg: dict) -> dict:
     if cfg["source"] not in SOURCES:
         raise TallyError(f"data.source: expected one of {', '.join(SOURCES)}, got {cfg['source']!r}")
     cfg["setting"] = cfg["setting"] or "sub"
-    if cfg["setting"] not in ("sub", "domain"):
-        raise TallyError(f"data.setting: expected 'sub' or 'domain', got {cfg['setting']!r}")
+    if cfg["setting"] not in SETTINGS:
+        raise TallyError(f"data.setting: expected one of {', '.join(SETTINGS)}, got {cfg['setting']!r}")
+    if cfg["setting"] == "ood" and cfg["source"] != "reference":
+        raise TallyError(f"data.setting: 'ood' reads the reference's fixed *_ood.txt lists; it needs data.source "
+                         f"'reference', got {cfg['source']!r}")
     held = cfg["held_out"] or []
     if isinstance(held, str):
         held = [held]
@@ -50,7 +60,7 @@ def resolve_data_cfg(data_cfg: dict) -> dict:
     cfg["held_out"] = list(held)
     if cfg["setting"] == "domain" and not held and cfg["source"] != "wilds":
         raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
-    if cfg["setting"] == "sub" and held:
+    if cfg["setting"] != "domain" and held:
         raise TallyError("data.held_out: only used with data.setting 'domain'")
     seed = cfg["split_seed"] if cfg["split_seed"] is not None else 0
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
@@ -78,7 +88,24 @@ def resolve_data_cfg(data_cfg: dict) -> dict:
 
 
 def load_splits(data_cfg: dict) -> dict[str, MultiDomainDataset]:
-    """The splits a training run uses, from any source; deterministic given data_cfg."""
+    """The splits a training run uses, from any source; deterministic given data_cfg.
+
+    An empty validation split is refused here, before any training: selection would have nothing
+    to look at, and the run would only fail after its warm-up epochs.
+    """
+    splits = _read_splits(data_cfg)
+    if not len(splits["val"]):
+        raise TallyError(f"data: the validation split 'val' is empty ({_where(data_cfg)}); "
+                         "selection needs validation images")
+    return splits
+
+
+def _where(data_cfg: dict) -> str:
+    keys = ("source", "root", "dataset", "setting", "held_out")
+    return ", ".join(f"{k} {data_cfg[k]!r}" for k in keys if data_cfg.get(k) not in (None, [], ""))
+
+
+def _read_splits(data_cfg: dict) -> dict[str, MultiDomainDataset]:
     cfg = resolve_data_cfg(data_cfg)
     gen = {k: cfg[k] for k in GENERATOR_KEYS}
     source = cfg["source"]
@@ -91,6 +118,10 @@ def load_splits(data_cfg: dict) -> dict[str, MultiDomainDataset]:
 
         return read_reference(cfg["root"], cfg["dataset"], cfg["setting"], cfg["held_out"],
                               seed=cfg["split_seed"], n_val=cfg["n_val"])
+    if source == "csv":
+        from tally.data.benchmark_csv import read_csv_splits
+
+        return read_csv_splits(cfg["root"], cfg["dataset"], cfg["setting"], cfg["held_out"])
     from tally.data.splits import make_splits
 
     if source == "embedded":
@@ -110,7 +141,8 @@ def describe(splits: dict[str, MultiDomainDataset], max_classes: int = 20) -> st
     for name, ds in splits.items():
         counts = ds.counts()
         present = counts.sum(1) > 0
-        head = (f"{name}: {len(ds)} images, {int(present.sum())} of {len(ds.domain_names)} domains, "
+        label = f"{name} (out of domain)" if ds.out_of_domain else name
+        head = (f"{label}: {len(ds)} images, {int(present.sum())} of {len(ds.domain_names)} domains, "
                 f"{int((counts.sum(0) > 0).sum())} of {len(ds.class_names)} classes")
         lines = [head, *(f"  note: {n}" for n in ds.notes)]
         if len(ds.class_names) <= max_classes:

@@ -1,4 +1,4 @@
-"""`tally splits make` and `tally data show`: registered on the main parser by tally/cli.py.
+"""`tally splits make` and `tally data show|cache|prepare`: registered on the main parser by tally/cli.py.
 
 Handlers return an exit code and raise TallyError for user mistakes (the main CLI prints it).
 """
@@ -14,12 +14,14 @@ def _names(values: list[str] | None) -> list[str]:
     return [v for item in values or [] for v in item.split(",") if v]
 
 
-def _generator_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--setting", choices=("sub", "domain"), default=None,
-                   help="sub: subpopulation shift; domain: hold out --held-out domains")
+def _generator_args(p: argparse.ArgumentParser, settings=("sub", "domain")) -> None:
+    p.add_argument("--setting", choices=settings, default=None,
+                   help="sub: subpopulation shift; domain: hold out --held-out domains"
+                        + ("; ood: the reference lists' fixed out-of-domain split" if "ood" in settings else ""))
     p.add_argument("--held-out", action="append", metavar="DOMAIN", help="held-out domain (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default 0)")
-    p.add_argument("--imbalance", choices=("exp", "step"), default=None)
+    p.add_argument("--imbalance", choices=("exp", "step", "natural"), default=None,
+                   help="train's long tail; natural: all images not in val/test (MDLT protocol)")
     p.add_argument("--imbalance-factor", type=float, default=None, help="head/tail count ratio (>= 1)")
     p.add_argument("--max-per-class", type=int, default=None, help="train images of a head class")
     p.add_argument("--n-val", type=int, default=None, help="validation images per (domain, class) pair")
@@ -45,10 +47,11 @@ def add_commands(subparsers) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     show = data_sub.add_parser("show", help="print per-(domain, class) counts of each split")
     show.add_argument("--config", help="a run config YAML: its data section is used (flags override)")
-    show.add_argument("--source", choices=("embedded", "folder", "reference", "wilds"), default=None)
+    show.add_argument("--source", choices=("embedded", "folder", "reference", "wilds", "csv"), default=None)
     show.add_argument("--root", default=None)
-    show.add_argument("--dataset", default=None, help="subfolder of ROOT holding reference lists")
-    _generator_args(show)
+    show.add_argument("--dataset", default=None,
+                      help="reference: subfolder of ROOT holding the lists; csv: benchmark name or .csv path")
+    _generator_args(show, ("sub", "domain", "ood"))
     show.set_defaults(func=_data_show)
 
     cache = data_sub.add_parser(
@@ -60,6 +63,23 @@ def add_commands(subparsers) -> None:
     cache.add_argument("--workers", type=int, default=2, help="decoding processes")
     cache.add_argument("--cache-dir", default=None)
     cache.set_defaults(func=_data_cache)
+
+    prep = data_sub.add_parser(
+        "prepare", help="link a downloaded dataset into the layout the reference's split lists expect",
+        description="Links every image the lists of DATASET (VLCS, PACS, officehome, domainnet, "
+                    "terra_incognita) name, from a download (DomainBed's script, or the reference's own "
+                    "layout) at --from, into ROOT/<DATASET>/<domain>/<class>/<file> (symbolic links; "
+                    "nothing is written outside ROOT). Prints the per-(domain, class) counts of the listed "
+                    "images, then fails (exit 2) if any listed image is missing. docs/DATASETS.md has the "
+                    "commands for each dataset.")
+    prep.add_argument("dataset", metavar="DATASET", help="VLCS, PACS, officehome, domainnet or terra_incognita")
+    prep.add_argument("--from", dest="source", required=True, metavar="DIR",
+                      help="the download: the dataset's folder or its parent (e.g. DomainBed's data dir)")
+    prep.add_argument("--out", required=True, metavar="ROOT", help="data root ($TALLY_DATA): ROOT/<DATASET>")
+    prep.add_argument("--lists", default=None, metavar="DIR",
+                      help="the reference's lists (a TALLY checkout, its data/ or data/<DATASET>): copied "
+                           "into ROOT/<DATASET>; without it they must already be there")
+    prep.set_defaults(func=_data_prepare)
 
 
 def _gen_values(args) -> dict:
@@ -102,7 +122,7 @@ def _data_show(args) -> int:
         cfg["setting"] = args.setting or "domain"
     elif args.setting:
         cfg["setting"] = args.setting
-        if args.setting == "sub":
+        if args.setting != "domain":
             cfg["held_out"] = []
     print(describe(load_splits(cfg)), end="")
     return 0
@@ -125,4 +145,21 @@ def _data_cache(args) -> int:
         print(f"{name:>22s}: {len(bank):7d} images at {size}px, {bank.images.numel() / 2**20:8.1f} MiB "
               f"({time.perf_counter() - started:.1f}s)")
     print(f"cache: {cache_dir}")
+    return 0
+
+
+def _data_prepare(args) -> int:
+    from tally.data.prepare import pair_table, prepare
+    from tally.errors import TallyError
+
+    report = prepare(args.dataset, args.source, args.out, args.lists)
+    print(pair_table(report), end="")
+    for suffix, counts in sorted(report.totals.items()):
+        print(f"lists *_{suffix}.txt: " + ", ".join(f"{k} {counts[k]}" for k in ("train", "val", "test")))
+    print(f"{report.folder}: {len(report.listed)} listed images, {report.linked} linked now, "
+          f"{report.present} already there, {len(report.missing)} missing (source {report.source})")
+    if report.missing:
+        first = ", ".join(report.missing[:3])
+        raise TallyError(f"{len(report.missing)} of {len(report.listed)} listed images are missing from "
+                         f"{report.source} (first: {first}){report.hint}")
     return 0

@@ -38,12 +38,15 @@ class MultiDomainDataset:
     ``class_names`` and ``domain_names`` are the full index spaces of the dataset, so a split that
     lacks a domain (held-out) still indexes domains the same way as every other split.
     ``notes`` carries provenance remarks (e.g. where validation came from) for ``describe``.
+    ``out_of_domain`` marks a validation split drawn from domains that are neither trained nor tested
+    on (TerraIncognita's published OOD split), so reports can say that selection used unseen domains.
     """
 
     samples: pd.DataFrame
     class_names: list[str]
     domain_names: list[str]
     notes: list[str] = field(default_factory=list)
+    out_of_domain: bool = False
 
     def __post_init__(self):
         missing = [c for c in COLUMNS if c not in self.samples.columns]
@@ -80,12 +83,13 @@ class MultiDomainDataset:
         return flat.astype(np.int64).reshape(n_d, n_c)
 
     def subset(self, index) -> MultiDomainDataset:
-        """Rows selected by positions or a boolean mask; index spaces and notes are kept."""
+        """Rows selected by positions or a boolean mask; index spaces, notes and the OOD flag are kept."""
         index = np.asarray(index)
         if index.dtype == bool:
             index = np.flatnonzero(index)
         rows = self.samples.iloc[index.astype(np.int64)].reset_index(drop=True)
-        return MultiDomainDataset(rows, list(self.class_names), list(self.domain_names), list(self.notes))
+        return MultiDomainDataset(rows, list(self.class_names), list(self.domain_names), list(self.notes),
+                                  self.out_of_domain)
 
     def load_image(self, i: int) -> torch.Tensor:
         """Decode sample i as a uint8 (3, H, W) RGB tensor."""

@@ -5,6 +5,11 @@ ROOT/<DATASET> holds both the lists and the domain folders). The suffix is "sub"
 shift or the held-out domain's name for domain shift. Empty files are normal (the reference writes
 them for unused (domain, split) combinations); missing files count as empty.
 
+The published lists (github huaxiuyao/TALLY, data/): folders VLCS, PACS, officehome, domainnet and
+terra_incognita. TerraIncognita has one fixed split, suffix "ood" (setting ``ood``): each location is
+in exactly one of train (10 locations), val (5) and test (5), so its validation is itself out of
+domain; the test locations are pooled in one split, ``test_domain:ood``, as the paper reports them.
+
 Reference defect 4: in its domain-shift lists validation is the held-out domain's data (oracle
 selection). We take validation from the training domains' val lists when they are non-empty and
 otherwise carve a seeded, per-pair balanced validation set out of the training domains' train lists.
@@ -24,6 +29,9 @@ from tally.errors import TallyError
 
 SPLIT_NAMES = ("train", "val", "test")
 MANIFEST = "manifest.json"
+OOD_SUFFIX = "ood"
+# the folder names the reference publishes its lists under (data/<folder>)
+PUBLISHED = ("VLCS", "PACS", "officehome", "domainnet", "terra_incognita")
 
 
 def parse_list(path: str | Path) -> tuple[list[str], list[int]]:
@@ -77,17 +85,28 @@ def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
     if dataset:
         list_dir = list_dir / dataset
     if not list_dir.is_dir():
-        raise TallyError(f"split list folder not found: {list_dir}")
+        hint = ""
+        def key(name: str) -> str:
+            return name.lower().replace("_", "")
+
+        close = [f for f in PUBLISHED if dataset and key(f) == key(str(dataset)) and f != dataset]
+        if close:
+            hint = f" (the reference publishes its lists as data/{close[0]}: data.dataset {close[0]!r}?)"
+        raise TallyError(f"split list folder not found: {list_dir}{hint}")
     manifest = _read_manifest(list_dir)
     held_out = list(held_out or [])
     if setting == "sub":
         suffix = "sub"
+    elif setting == "ood":
+        if held_out:
+            raise TallyError("data.held_out: the 'ood' lists fix the train / val / test domains; leave it empty")
+        suffix = OOD_SUFFIX
     elif setting == "domain":
         if not held_out:
             raise TallyError("data.held_out: expected at least one held-out domain for setting 'domain'")
         suffix = "+".join(held_out)
     else:
-        raise TallyError(f"data.setting: expected 'sub' or 'domain', got {setting!r}")
+        raise TallyError(f"data.setting: expected 'sub', 'domain' or 'ood', got {setting!r}")
 
     domains = list(manifest.get("domain_names") or find_domains(list_dir, suffix))
     for d in held_out:
@@ -134,6 +153,8 @@ def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
             doms.extend([d_index[d]] * len(labs))
         return MultiDomainDataset(make_samples(paths, labels, doms), class_names, domains)
 
+    if setting == "ood":
+        return _ood_splits(tables, domains, gather, list_dir)
     if setting == "sub":
         return {"train": gather((d, "train") for d in domains),
                 "val": gather((d, "val") for d in domains),
@@ -161,6 +182,34 @@ def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
             raise TallyError(f"no test images for held-out domain {d!r}: {d}_test_{suffix}.txt and "
                              f"{d}_val_{suffix}.txt in {list_dir} are empty or missing")
         out[f"test_domain:{d}"] = test
+    return out
+
+
+def _ood_splits(tables: dict, domains: list[str], gather, list_dir: Path) -> dict[str, MultiDomainDataset]:
+    """The fixed out-of-domain split: every domain's images in one split only (train, val or test)."""
+    role: dict[str, str] = {}
+    for d in domains:
+        used = [split for split in SPLIT_NAMES if tables[d, split][0]]
+        if len(used) > 1:
+            raise TallyError(f"{list_dir}: {d} has images in both {d}_{used[0]}_{OOD_SUFFIX}.txt and "
+                             f"{d}_{used[1]}_{OOD_SUFFIX}.txt; an out-of-domain split keeps each domain in one")
+        if used:
+            role[d] = used[0]
+    by_role = {split: [d for d in domains if role.get(d) == split] for split in SPLIT_NAMES}
+    for split in SPLIT_NAMES:
+        if not by_role[split]:
+            raise TallyError(f"{list_dir}: every *_{split}_{OOD_SUFFIX}.txt is empty or missing")
+    out = {"train": gather((d, "train") for d in by_role["train"]),
+           "val": gather((d, "val") for d in by_role["val"]),
+           "test_domain:ood": gather((d, "test") for d in by_role["test"])}
+    def named(role: str) -> str:
+        return f"{len(by_role[role])} domain(s): {', '.join(by_role[role])}"
+
+    out["train"].notes.append(f"train: {named('train')}")
+    out["val"].out_of_domain = True
+    out["val"].notes.append(f"validation: OUT OF DOMAIN, {named('val')}, neither trained nor tested on "
+                            "(the lists' fixed split)")
+    out["test_domain:ood"].notes.append(f"test: held-out {named('test')}, pooled")
     return out
 
 

@@ -9,6 +9,13 @@ the next n_val validation (both capped by what the pair has), and only the rest 
 So the balanced evaluation sets are fixed first and train can never overlap them. Train is long
 tailed in every domain, each domain with its own class order (distinct head classes while there are
 at least as many classes as domains).
+
+``imbalance: natural`` is the MDLT benchmark's protocol (Yang et al. 2022, BoDA): per pair the first
+min(n, n_val + n_test) images are the balanced evaluation sets (one third of them validation, the
+rest test) and train keeps everything else, so train has the dataset's own imbalance.
+
+A held-out domain is tested on every one of its images (as the reference and DomainBed do), not on
+a balanced n_test per pair: nothing of it is trained or validated on, so nothing needs to be kept.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from tally.data.atomic import write_folder_atomically
 from tally.data.dataset import MultiDomainDataset
 from tally.errors import TallyError
 
-IMBALANCE_TYPES = ("exp", "step")
+IMBALANCE_TYPES = ("exp", "step", "natural")
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -53,7 +60,10 @@ def class_orders(seed: int, n_domains: int, n_classes: int) -> np.ndarray:
 
 
 def imbalance_profile(n_classes: int, max_per_class: int, imbalance: str, factor: float) -> np.ndarray:
-    """Target train count per class rank: exp decays from max to max/factor; step halves to max/factor."""
+    """Target train count per class rank: exp decays from max to max/factor; step halves to max/factor.
+
+    ``natural`` has no profile (train keeps every image left): callers do not ask for one.
+    """
     ranks = np.arange(n_classes, dtype=np.float64)
     if imbalance == "exp":
         frac = ranks / (n_classes - 1) if n_classes > 1 else ranks
@@ -131,21 +141,22 @@ def make_splits(ds: MultiDomainDataset, setting: str = "sub", held_out: list[str
 
     held_idx = np.array([ds.domain_names.index(d) for d in held_out], dtype=np.int64)
     held = np.isin(ds.domains, held_idx)
-    n_te = np.minimum(n_test, count)
-    n_va = np.minimum(n_val, count - n_te)
+    n_te, n_va = evaluation_sizes(count, imbalance, n_val, n_test)
     is_test = rank < n_te
     is_val = ~held & ~is_test & (rank < n_te + n_va)
-
-    pair_counts = ds.counts()
-    pair_test = np.minimum(n_test, pair_counts)
-    left = pair_counts - pair_test - np.minimum(n_val, pair_counts - pair_test)
-    train_domains = np.setdiff1d(np.arange(n_d), held_idx)
-    top = max_per_class if max_per_class is not None else int(left[train_domains].max(initial=0))
-    profile = imbalance_profile(n_c, max(top, 1), imbalance, float(imbalance_factor))
-    target = np.zeros((n_d, n_c), dtype=np.int64)
-    np.put_along_axis(target, orders, np.broadcast_to(profile, (n_d, n_c)), axis=1)
     first_train = n_te + n_va
-    is_train = ~held & (rank >= first_train) & (rank < first_train + target[ds.domains, ds.labels])
+    train_domains = np.setdiff1d(np.arange(n_d), held_idx)
+    if imbalance == "natural":
+        is_train = ~held & (rank >= first_train)
+    else:
+        pair_counts = ds.counts()
+        pair_test, pair_val = evaluation_sizes(pair_counts, imbalance, n_val, n_test)
+        left = pair_counts - pair_test - pair_val
+        top = max_per_class if max_per_class is not None else int(left[train_domains].max(initial=0))
+        profile = imbalance_profile(n_c, max(top, 1), imbalance, float(imbalance_factor))
+        target = np.zeros((n_d, n_c), dtype=np.int64)
+        np.put_along_axis(target, orders, np.broadcast_to(profile, (n_d, n_c)), axis=1)
+        is_train = ~held & (rank >= first_train) & (rank < first_train + target[ds.domains, ds.labels])
 
     if not is_train.any():
         raise TallyError(f"the training split would be empty: no (domain, class) pair has more than "
@@ -156,13 +167,33 @@ def make_splits(ds: MultiDomainDataset, setting: str = "sub", held_out: list[str
         return ds.subset(canon[mask[canon]])
 
     out = {"train": pick(is_train), "val": pick(is_val), "test_sub": pick(is_test & ~held)}
-    out["train"].notes.append(f"seed {seed}: {imbalance} long tail, head/tail {imbalance_factor:g}, head "
-                              f"{top} per class, each domain its own class order")
-    out["val"].notes.append(f"balanced: up to {n_val} per (domain, class) pair"
-                            + (", training domains only" if held_out else ""))
+    if imbalance == "natural":
+        out["train"].notes.append(f"seed {seed}: natural imbalance (every image not in val/test), MDLT protocol")
+        out["val"].notes.append(f"balanced: a third of min(n, {n_val + n_test}) per (domain, class) pair"
+                                + (", training domains only" if held_out else ""))
+    else:
+        out["train"].notes.append(f"seed {seed}: {imbalance} long tail, head/tail {imbalance_factor:g}, head "
+                                  f"{top} per class, each domain its own class order")
+        out["val"].notes.append(f"balanced: up to {n_val} per (domain, class) pair"
+                                + (", training domains only" if held_out else ""))
     for d, d_idx in zip(held_out, held_idx, strict=True):
-        out[f"test_domain:{d}"] = pick(is_test & (ds.domains == d_idx))
+        test = pick(ds.domains == d_idx)  # every image of the held-out domain
+        test.notes.append(f"held-out domain {d}: all {len(test)} of its images")
+        out[f"test_domain:{d}"] = test
     return out
+
+
+def evaluation_sizes(count: np.ndarray, imbalance: str, n_val: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test, val) sizes for pairs of ``count`` images: capped by what each pair has.
+
+    exp/step: n_test first, then n_val of what is left. natural (MDLT): take = min(n, n_val + n_test),
+    a third of it (rounded down) validation, the rest test.
+    """
+    if imbalance == "natural":
+        take = np.minimum(count, n_val + n_test)
+        return take - take // 3, take // 3
+    n_te = np.minimum(n_test, count)
+    return n_te, np.minimum(n_val, count - n_te)
 
 
 # ---------------------------------------------------------------- writing lists
@@ -264,7 +295,8 @@ def generate(root: str | Path, out_dir: str | Path, setting: str = "sub", held_o
            "imbalance_factor": float(imbalance_factor), "max_per_class": max_per_class,
            "n_val": n_val, "n_test": n_test}
     splits = make_splits(ds, **gen)
-    orders = class_orders(seed, len(ds.domain_names), len(ds.class_names))
-    params = {**gen, "class_order": {d: [ds.class_names[c] for c in orders[i]]
-                                     for i, d in enumerate(ds.domain_names)}}
+    params = dict(gen)
+    if imbalance != "natural":  # natural imbalance has no class order
+        orders = class_orders(seed, len(ds.domain_names), len(ds.class_names))
+        params["class_order"] = {d: [ds.class_names[c] for c in orders[i]] for i, d in enumerate(ds.domain_names)}
     return write_splits(splits, out_dir, Path(root).expanduser(), params), splits

@@ -35,7 +35,7 @@ def test_splits_make_then_show(root, tmp_path, capsys):
 
     assert run(["data", "show", "--source", "reference", "--root", str(out), "--held-out", "q"]) == 0
     shown = capsys.readouterr().out
-    assert "test_domain:q: 6 images" in shown and "val lists" in shown
+    assert "test_domain:q: 24 images" in shown and "val lists" in shown  # all 2 x 12 images of q
 
 
 def test_data_show_folder_and_config(root, tmp_path, capsys):
@@ -53,3 +53,17 @@ def test_errors_are_tally_errors(root, tmp_path):
         run(["splits", "make", str(root), "--out", str(tmp_path / "o"), "--held-out", "zz"])
     with pytest.raises(TallyError, match="not found"):
         run(["splits", "make", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+
+
+def test_data_show_ood_and_natural(root, capsys):
+    from pathlib import Path
+
+    lists = Path(__file__).parent / "lists"
+    assert run(["data", "show", "--source", "reference", "--root", str(lists), "--dataset", "terra_incognita",
+                "--setting", "ood"]) == 0
+    shown = capsys.readouterr().out
+    assert "val (out of domain): 1048 images" in shown and "test_domain:ood: 1005 images" in shown
+    assert run(["data", "show", "--source", "folder", "--root", str(root), "--imbalance", "natural",
+                "--n-val", "2", "--n-test", "4"]) == 0
+    shown = capsys.readouterr().out
+    assert "train: 36 images" in shown and "natural imbalance" in shown  # 3 x 2 pairs x (12 - 6)

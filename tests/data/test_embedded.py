@@ -81,7 +81,11 @@ def test_domain_setting(embedded_root):
     assert set(splits) == {"train", "val", "test_sub", "test_domain:noisy"}
     noisy = splits["train"].domain_names.index("noisy")
     assert splits["train"].counts()[noisy].sum() == 0 and splits["val"].counts()[noisy].sum() == 0
-    assert (splits["test_domain:noisy"].counts()[noisy] == 5).all()
+    everything = load_splits({"source": "embedded", "root": str(embedded_root), "n_test": 1, "n_val": 1,
+                              "max_per_class": 1000, "imbalance_factor": 1.0})
+    all_noisy = sum(s.counts()[noisy] for s in everything.values())  # every embedded image, by pair
+    assert (splits["test_domain:noisy"].counts()[noisy] == all_noisy).all()  # all of it tested
+    assert all_noisy.min() > 5  # more than the n_test = 5 per pair kept before
 
 
 def test_split_seed_changes_train_only_deterministically(embedded_root, embedded_sub):

@@ -1,8 +1,10 @@
 """Split generator invariants: no leakage, held-out domains, imbalance shape, determinism, writing."""
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tally.data.folder import read_folder
@@ -57,7 +59,8 @@ def test_domain_setting_holds_out_domain(ds):
         assert counts[b].sum() == 0, f"held-out domain leaked into {name}"
         assert (np.delete(counts, b, axis=0) > 0).any()
     held = splits["test_domain:b"].counts()
-    assert (held[b] == 2).all() and held.sum() == 2 * len(CLASSES)
+    # every image of the held-out domain is tested, not a balanced n_test per pair
+    assert (held[b] == ds.counts()[b]).all() and held.sum() == 24 * len(CLASSES)
     assert (np.delete(splits["val"].counts(), b, axis=0) == 2).all()  # training-domain validation
 
 
@@ -175,3 +178,59 @@ def test_write_refuses_images_outside_root(ds, tmp_path):
 def test_generator_errors_name_the_field(ds, kwargs, match):
     with pytest.raises(TallyError, match=match):
         make_splits(ds, **kwargs)
+
+
+# --- natural imbalance (the MDLT benchmark's protocol) -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """Pairs of 40, 12, 4, 1 and 0 images: above, inside and below n_val + n_test = 3 + 6."""
+    sizes = {"k0": 40, "k1": 12, "k2": 4, "k3": 1, "k4": 0}
+    per_pair = {(d, c): n for d in DOMAINS for c, n in sizes.items()}
+    return read_folder(make_folder_dataset(tmp_path_factory.mktemp("uneven") / "d", DOMAINS, CLASSES, per_pair))
+
+
+def test_natural_takes_balanced_evaluation_sets_then_trains_on_the_rest(uneven):
+    splits = make_splits(uneven, "sub", seed=1, imbalance="natural", n_val=3, n_test=6)
+    assert_disjoint(splits)
+    n = uneven.counts()
+    take = np.minimum(n, 9)
+    assert (splits["val"].counts() == take // 3).all()  # a third of min(n, n_val + n_test)
+    assert (splits["test_sub"].counts() == take - take // 3).all()
+    assert (splits["train"].counts() == n - take).all()  # everything else: the natural imbalance
+    assert splits["train"].counts()[:, 0].tolist() == [31, 31, 31] and splits["val"].counts()[0].tolist() == [
+        3, 3, 1, 0, 0]
+    again = make_splits(uneven.subset(np.random.default_rng(3).permutation(len(uneven))), "sub", seed=1,
+                        imbalance="natural", n_val=3, n_test=6)
+    assert all(again[k].paths == splits[k].paths for k in splits)  # deterministic, row order irrelevant
+    other = make_splits(uneven, "sub", seed=2, imbalance="natural", n_val=3, n_test=6)
+    assert other["val"].paths != splits["val"].paths
+
+
+def test_natural_with_a_held_out_domain_tests_all_of_it(uneven):
+    splits = make_splits(uneven, "domain", held_out=["c"], seed=0, imbalance="natural", n_val=3, n_test=6)
+    c = DOMAINS.index("c")
+    assert (splits["test_domain:c"].counts()[c] == uneven.counts()[c]).all()
+    assert splits["train"].counts()[c].sum() == splits["val"].counts()[c].sum() == 0
+
+
+def test_natural_matches_the_mdlt_csv_per_pair_sizes():
+    """The benchmark's published TerraIncognita split (n_val 10 + n_test 20): same per-pair sizes."""
+    from tally.data.benchmark_csv import read_csv_splits
+
+    csv = read_csv_splits(Path(__file__).parent / "csv", "TerraIncognita_excerpt.csv")
+    everything = csv["train"]
+    everything = type(everything)(pd.concat([s.samples for s in csv.values()], ignore_index=True),
+                                  everything.class_names, everything.domain_names)
+    ours = make_splits(everything, "sub", seed=0, imbalance="natural", n_val=10, n_test=20)
+    for name in ("train", "val", "test_sub"):
+        assert (ours[name].counts() == csv[name].counts()).all(), name
+    assert csv["val"].counts().sum() == 55  # includes pairs of 3, 12, 21 and 28 images
+
+
+def test_natural_writes_lists_without_class_order(root, tmp_path):
+    out, _ = generate(root, tmp_path / "n", "sub", seed=0, imbalance="natural", imbalance_factor=1.0,
+                      max_per_class=None, n_val=2, n_test=4)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["imbalance"] == "natural" and "class_order" not in manifest["params"]
+    assert manifest["counts"]["train"] == [[18] * len(CLASSES)] * len(DOMAINS)
