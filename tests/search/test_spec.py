@@ -61,14 +61,13 @@ PAPER = {  # dataset stem: lr, weight decay, steps/epoch, alpha, selection metri
 HELD_OUT = {
     "vlcs": ["Caltech101", "LabelMe", "SUN09", "VOC2007"],
     "pacs": ["art_painting", "cartoon", "photo", "sketch"],
-    "officehome": ["Art", "Clipart", "Product", "Real_World"],
+    "officehome": ["art", "clipart", "product", "real"],
     "domainnet": ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"],
-    "terraincognita": ["location_100", "location_38", "location_43", "location_46"],
 }
 
 
 def test_search_folder_has_one_spec_per_dataset_and_setting():
-    expected = {"quickstart", "iwildcam-wilds"}
+    expected = {"quickstart", "iwildcam-wilds", "terraincognita-ood"}
     for stem, domains in HELD_OUT.items():
         expected |= {f"{stem}-sub"} | {f"{stem}-{d.lower()}" for d in domains}
     assert {p.stem for p in SEARCHES.glob("*.yaml")} == expected
@@ -103,6 +102,8 @@ def test_shipped_spec_validates(path, data_env):
             "model.cut"} <= set(space)
     if setting == "sub" or stem == "iwildcam":
         assert base["data"]["setting"] == "sub" and base["data"]["held_out"] == []
+    elif setting == "ood":
+        assert base["data"]["setting"] == "ood" and base["data"]["held_out"] == []
     else:
         assert base["data"]["setting"] == "domain"
         assert [d.lower() for d in base["data"]["held_out"]] == [setting]
