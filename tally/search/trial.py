@@ -93,7 +93,15 @@ def trial_function(params: dict, *, plan: dict) -> None:
         shown_params = params
     run_dir = exp_dir / plan["group"] / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (results.read_json(run_dir / "status.json") or {}).get("status") is None:
+    status = results.read_json(run_dir / "status.json") or {}
+    metrics = results.clean_metrics(results.read_json(run_dir / "metrics.json"))
+    value = (metrics or {}).get("val", {}).get(config["train"]["selection_metric"])
+    if status.get("status") == "done" and value is not None:
+        # A resumed search replays a trial that finished after the killed driver's last Tune
+        # checkpoint: the store already holds its result, so report it instead of training again.
+        ray.tune.report({OBJECTIVE: value, FINAL: 1})
+        return
+    if status.get("status") is None:
         results.write_status(run_dir, "pending", params=shown_params)
     # Final states the worker cannot write (stopped early, killed) are written by the driver's
     # StoreCallback: only it knows whether an ending was the scheduler's decision or an error.
