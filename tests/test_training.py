@@ -39,7 +39,7 @@ def test_training_learns_and_writes_the_run_folder(tmp_path):
     assert (held["n_train"] == 0).all()
 
     # `tally evaluate` re-scores the kept checkpoint from the run folder alone: same numbers
-    from tally.evaluate_run import evaluate_run_split
+    from tally.training import evaluate_run_split
 
     table, again = evaluate_run_split(tmp_path / "run", "test_domain:noisy")
     assert again == pytest.approx(metrics["test_domain:noisy"], nan_ok=True)
