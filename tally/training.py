@@ -290,6 +290,9 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
             _save_last(last_path, method, optimizer, rank_states, epoch, best)
             record["seconds"] = round(time.time() - t0, 3)
             record["best_epoch"] = best["epoch"]
+            # the selection value of the kept epoch (None while nothing may be kept): what a search
+            # should report as the trial's objective so far, not the best of every epoch
+            record["best_value"] = best["value"] if best["epoch"] is not None else None
             results.append_jsonl(run_dir / "epochs.jsonl", record)
             results.write_status(run_dir, "running", epoch=epoch, best_epoch=best["epoch"],
                                  **ctx.extra_status)
