@@ -134,7 +134,8 @@ class Method(nn.Module):
         return {"generators": torch.stack([g.get_state() for g in self.generators])}
 
     def set_extra_state(self, state: dict) -> None:
-        states = state["generators"]
+        # {"generator": state}: a checkpoint from before per-rank streams (re-evaluating an old run)
+        states = state["generators"] if "generators" in state else [state["generator"]]
         if len(states) != len(self.generators):
             raise ValueError(f"the saved state holds {len(states)} random streams, this method {len(self.generators)}")
         for g, s in zip(self.generators, states, strict=True):

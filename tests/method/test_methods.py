@@ -330,3 +330,12 @@ def test_a_batch_of_two_ranks_draws_each_ranks_own_lambdas():
         rows = slice(4 * r, 4 * r + 4)
         m(tuple((x[rows], y[rows], d[rows]) for x, y, d in (a, n)), "main")
         torch.testing.assert_close(part[0], captured[0][rows])
+
+
+def test_a_checkpoint_from_before_per_rank_streams_still_loads():
+    """Old runs' best.pt stored one generator as {"generator": state}; `tally evaluate` must load them."""
+    m = build_method("tally", _net(), INFO, {"seed": 3})
+    state = m.state_dict()
+    state["_extra_state"] = {"generator": torch.Generator().manual_seed(9).get_state()}
+    m.load_state_dict(state)
+    assert torch.equal(m.generator.get_state(), torch.Generator().manual_seed(9).get_state())
