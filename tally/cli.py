@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from tally.evaluate_run import evaluate_run_split
+    from tally.training import evaluate_run_split
 
     table, metrics = evaluate_run_split(Path(args.run_dir), args.split)
     if args.out:

@@ -36,9 +36,13 @@ def train_worker(loop_config: dict) -> None:
     best = {"value": -math.inf}
 
     def report(record: dict, _checkpoint_dir) -> None:
-        value = record.get(f"val/{metric}")
+        # the objective follows the kept-epoch rule (train.select_from): the kept epoch's value; before
+        # any epoch may be kept (warm-up), this epoch's value, so early stopping has a signal
+        value = record.get("best_value")
+        if value is None:
+            value = record.get(f"val/{metric}")
         if value is not None and not math.isnan(value):
-            best["value"] = max(best["value"], value)
+            best["value"] = value if record.get("best_value") is not None else max(best["value"], value)
         numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         ray.train.report({**numbers, OBJECTIVE: best["value"], FINAL: 0})
 
