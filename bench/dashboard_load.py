@@ -178,7 +178,7 @@ def _cpu_since(start: float | None) -> float | None:
 @contextlib.contextmanager
 def _plain_streamlit():
     """A minimal Streamlit app served exactly like the dashboard (same flags), always stopped."""
-    from test_dashboard_browser import free_port, wait_healthy
+    from tests.dashboard.test_browser import free_port, wait_healthy
 
     from tally.dashboard.launch import command
 

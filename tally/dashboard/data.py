@@ -85,6 +85,7 @@ class TrialSet:
     spec: dict | None
     selection: results.Selection
     notes: list[str] = field(default_factory=list)
+    signature: str = ""  # the experiment_signature it was read under (set by the cache): key of derived reads
 
     @property
     def name(self) -> str:
@@ -266,6 +267,36 @@ def failed_errors(frame: pd.DataFrame) -> list[tuple[str, str]]:
             for r in rows.itertuples()]
 
 
+PAGE_SIZES = (25, 50, 100, 200)
+
+
+def sort_trials(frame: pd.DataFrame, by: str | None, descending: bool = False) -> pd.DataFrame:
+    """Rows sorted by one column over the whole table (the browser's header click would sort a page
+    only); blanks last whatever the direction, ties in trial order."""
+    if not by or by not in frame.columns or frame.empty:
+        return frame
+    numeric = pd.to_numeric(frame[by], errors="coerce")
+    key = numeric if numeric.notna().sum() >= frame[by].notna().sum() else frame[by].astype(str)
+    key = key.where(frame[by].notna())
+    order = key.sort_values(ascending=not descending, na_position="last", kind="stable").index
+    return frame.loc[order]
+
+
+def page_count(rows: int, size: int) -> int:
+    return max(1, math.ceil(rows / max(1, size)))
+
+
+def page(frame: pd.DataFrame, number: int, size: int) -> pd.DataFrame:
+    """Rows of page ``number`` (from 1; clamped to the last page) of ``size`` rows."""
+    number = min(max(1, int(number)), page_count(len(frame), size))
+    return frame.iloc[(number - 1) * size: number * size]
+
+
+def csv_bytes(frame: pd.DataFrame, index: bool = False) -> bytes:
+    """A table as UTF-8 CSV, what every download button of the dashboard serves."""
+    return frame.to_csv(index=index).encode()
+
+
 # ---------------------------------------------------------------- one trial
 def trial_dir(trials: TrialSet, trial_id: str) -> Path:
     return trials.exp_dir / results.TRIALS_DIR / str(trial_id)
@@ -278,6 +309,12 @@ def load_run(run_dir: Path) -> results.RunRecord:
         run.eval_table, notes = compat_table(run.eval_table)
         run.missing.extend(notes)
     return run
+
+
+def read_epochs(exp_dir: Path, trial_ids: list[str]) -> dict[str, pd.DataFrame]:
+    """epochs.jsonl of several trials (learning curves of a whole search); empty frames where absent."""
+    base = Path(exp_dir) / results.TRIALS_DIR
+    return {t: pd.DataFrame(results.read_jsonl(base / t / "epochs.jsonl")) for t in trial_ids}
 
 
 def compat_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -314,6 +351,11 @@ def run_metrics(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_metrics_frame(table: pd.DataFrame, splits: list[str]) -> pd.DataFrame:
+    """``run_metrics`` as a table: metrics (rows) by split (columns, in ``splits`` order)."""
+    return pd.DataFrame(run_metrics(table)).reindex(columns=splits)
+
+
 def table_splits(table: pd.DataFrame | None) -> list[str]:
     if table is None or table.empty:
         return []
@@ -323,50 +365,6 @@ def table_splits(table: pd.DataFrame | None) -> list[str]:
 def test_splits(splits: list[str]) -> list[str]:
     """The splits shown side by side: subpopulation shift (test_sub) and held-out domains."""
     return [s for s in splits if s.startswith("test")]
-
-
-@dataclass
-class Grid:
-    """One split's grid: accuracy (NaN where n = 0), test counts and training counts."""
-
-    split: str
-    acc: pd.DataFrame
-    n: pd.DataFrame
-    n_train: pd.DataFrame
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.acc.shape
-
-    def without_empty_domains(self) -> tuple[Grid, list[str]]:
-        """The grid minus domains with no test example at all (e.g. training domains in a held-out
-        domain's split): whole blank rows carry no information; blank cells inside a row still do."""
-        keep = self.n.sum(axis=1) > 0
-        dropped = [str(d) for d in self.n.index[~keep]]
-        if not dropped or not keep.any():
-            return self, []
-        return Grid(self.split, self.acc[keep], self.n[keep], self.n_train[keep]), dropped
-
-    def labels(self) -> list[list[str]]:
-        """Cell text: accuracy and training count; empty for pairs without test examples."""
-        acc, nt = self.acc.to_numpy(), self.n_train.to_numpy()
-        return [["" if math.isnan(a) else f"{a:.2f}<br>n_train={int(t)}" for a, t in zip(ra, rt, strict=True)]
-                for ra, rt in zip(acc, nt, strict=True)]
-
-
-def grid(table: pd.DataFrame, split: str) -> Grid:
-    return Grid(split, ev.accuracy_grid(table, split, "acc"), ev.accuracy_grid(table, split, "n"),
-                ev.accuracy_grid(table, split, "n_train"))
-
-
-def worst_pairs(table: pd.DataFrame, split: str, k: int = 10) -> pd.DataFrame:
-    cols = ["domain", "class", "acc", "correct", "n", "n_train"]
-    rows = ev.worst_pairs(table, split, k)
-    return rows[[c for c in cols if c in rows.columns]]
-
-
-def difference(table_a: pd.DataFrame, table_b: pd.DataFrame, split: str) -> pd.DataFrame:
-    return ev.difference_grid(table_a, table_b, split)
 
 
 def shot_frame(tables: dict[str, pd.DataFrame], split: str) -> pd.DataFrame:
