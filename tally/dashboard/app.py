@@ -96,8 +96,9 @@ def page(root: Path, exp_dir: Path) -> None:
     """The main area, rerun alone by the auto-refresh: the experiment list, then the chosen one."""
     experiments = dd.experiments_under(root)
     loaded = {e: cache.trials(e) for e in experiments}  # one signature (stats) per experiment and rerun
-    with st.expander(f"All experiments under the root ({len(experiments)})", expanded=len(experiments) > 1):
-        views.experiment_list([dd.experiment_overview(t) for t in loaded.values()])
+    if len(experiments) > 1:  # one experiment: its header below says it all
+        with st.expander(f"All experiments under the root ({len(experiments)})", expanded=True):
+            views.experiment_list([dd.experiment_overview(t) for t in loaded.values()])
     body(loaded.get(exp_dir) or cache.trials(exp_dir))
 
 

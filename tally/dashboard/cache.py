@@ -1,8 +1,8 @@
 """Store reads memoised with st.cache_data, keyed on the files' mtimes and sizes.
 
 Why keys of mtimes rather than a TTL: a finished search never changes, so it is read once; a running
-one is re-read as soon as a trial writes a file, and only then. The signature is a few stats per
-trial, cheap enough for every rerun of the auto-refresh.
+one is re-read as soon as a trial writes a file, and only then. The signature is one stat per trial
+(the trial folder's mtime), cheap enough for every rerun of the auto-refresh.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from tally.dashboard import search_data as dsearch
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _trials(exp_dir: str, signature: str) -> dd.TrialSet:
-    trials = dd.load_trials(Path(exp_dir))
+def _trials(exp_dir: str, signature: str, _stamps: dict | None = None) -> dd.TrialSet:
+    trials = dd.load_trials(Path(exp_dir), _stamps)
     trials.signature = signature
     return trials
 
 
 def trials(exp_dir: Path) -> dd.TrialSet:
-    return _trials(str(exp_dir), dd.experiment_signature(exp_dir))
+    stamps = dd.trial_stamps(exp_dir)  # one stat per trial, shared by the key and a cache miss
+    return _trials(str(exp_dir), dd.experiment_signature(exp_dir, stamps), stamps)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

@@ -27,7 +27,6 @@ DEFAULT_TABLE_METRICS = ("acc", "pair_acc_mean", "pair_acc_worst", "macro_f1")
 SHOT_METRICS = ("shot_many", "shot_medium", "shot_few", "shot_zero")
 CURVE_BASE_COLUMNS = ("epoch", "phase", "train_loss", "seconds")
 RUN_FILES = ("config.yaml", "status.json", "epochs.jsonl", "eval.parquet", "metrics.json")
-SIGNATURE_FILES = ("status.json", "metrics.json", "config.yaml", "eval.parquet")
 
 
 # ---------------------------------------------------------------- cache keys
@@ -40,26 +39,34 @@ def file_stamp(path: Path | str) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def experiment_signature(exp_dir: Path) -> str:
-    """Fingerprint (a digest of mtimes and sizes) of the files the experiment views read: a cache key.
+def trial_stamps(exp_dir: Path) -> dict[str, int]:
+    """mtime_ns of each trial folder, by trial id: one stat per trial tells whether anything in it changed.
 
-    Stats only (4 per trial), so it can run on every rerun while a search writes the store; a short
-    digest rather than the tuple itself because Streamlit hashes cache arguments slowly (0.25 s for
-    the tuple of a 500-trial experiment, 20 ms for the stats).
+    Why the folder's mtime: every store write is a temporary file renamed into the trial folder
+    (``tally.results``), which moves the folder's mtime; the one append (epochs.jsonl) is always
+    followed by a status.json rewrite. One stat instead of one per file: at 5,000 trials the
+    difference is a quarter of a second on every rerun of the page.
+    """
+    try:
+        with os.scandir(Path(exp_dir) / results.TRIALS_DIR) as entries:
+            return {e.name: e.stat().st_mtime_ns for e in entries if e.is_dir()}
+    except OSError:
+        return {}
+
+
+def experiment_signature(exp_dir: Path, stamps: dict[str, int] | None = None) -> str:
+    """Fingerprint (a digest of mtimes) of what the experiment views read: a cache key.
+
+    Stats only (one per trial, see ``trial_stamps``), so it can run on every rerun while a search
+    writes the store; a short digest rather than the stamps themselves because Streamlit hashes cache
+    arguments slowly (0.25 s for a tuple of a 500-trial experiment's stamps).
     """
     exp_dir = Path(exp_dir)
+    stamps = trial_stamps(exp_dir) if stamps is None else stamps
     digest = hashlib.blake2b(digest_size=16)
-    for name in ("spec.yaml", "summary.parquet"):
+    for name in ("spec.yaml", "summary.parquet", "study.db"):
         digest.update(repr(file_stamp(exp_dir / name)).encode())
-    trials_dir = exp_dir / results.TRIALS_DIR
-    try:  # scandir: the listing without a stat per folder (iter_trial_dirs costs 4x more here)
-        with os.scandir(trials_dir) as entries:
-            names = sorted(e.name for e in entries if e.is_dir())
-    except OSError:
-        names = []
-    for name in names:
-        base = f"{trials_dir}{os.sep}{name}{os.sep}"
-        digest.update(repr((name, *(file_stamp(base + f) for f in SIGNATURE_FILES))).encode())
+    digest.update(repr(sorted(stamps.items())).encode())
     return digest.hexdigest()
 
 
@@ -92,40 +99,40 @@ class TrialSet:
         return self.exp_dir.name
 
 
-def load_trials(exp_dir: Path) -> TrialSet:
+def load_trials(exp_dir: Path, stamps: dict[str, int] | None = None) -> TrialSet:
     """The trials table of an experiment, fresh even while a search is writing it.
 
-    The stored summary.parquet is used for speed, but rows of trials whose files are newer than it
-    (or absent from it) are rebuilt with ``results.trial_row``; without a summary every row is built
-    from the trial folders. Trials without metrics.json but with eval.parquet (older stores) get their
-    metrics recomputed from the long table.
+    The stored summary.parquet is used for speed, but rows of trials whose folders changed after it
+    was written (or absent from it) are rebuilt with ``results.trial_row``; without a summary every
+    row is built from the trial folders. Trials without metrics.json but with eval.parquet (older
+    stores) get their metrics recomputed from the long table. ``stamps``: ``trial_stamps`` when the
+    caller has them already.
     """
     exp_dir = Path(exp_dir)
+    stamps = trial_stamps(exp_dir) if stamps is None else stamps
     notes: list[str] = []
     spec = results.read_yaml(exp_dir / "spec.yaml")
     if spec is None:
         notes.append("no spec.yaml: the spec is not shown and the best trial uses the default metric")
-    frame = _fresh_summary(exp_dir, notes)
+    frame = _fresh_summary(exp_dir, stamps, notes)
     frame = _backfill_metrics(exp_dir, frame, notes)
     frame = _normalise(frame)
     return TrialSet(exp_dir, frame, spec if isinstance(spec, dict) else None, results.selection_of(spec), notes)
 
 
-def _fresh_summary(exp_dir: Path, notes: list[str]) -> pd.DataFrame:
+def _fresh_summary(exp_dir: Path, stamps: dict[str, int], notes: list[str]) -> pd.DataFrame:
     stored_path = exp_dir / "summary.parquet"
-    stored = results.read_parquet(stored_path)
-    dirs = list(results.iter_trial_dirs(exp_dir))
+    written = file_stamp(stored_path)
+    stored = results.read_parquet(stored_path) if written else None
     if stored is None or "trial_id" not in stored.columns:
-        if dirs:
+        if stamps:
             notes.append("no summary.parquet: the trials table was built from the trial folders")
         return results.summarise(exp_dir)
-    stamp = stored_path.stat().st_mtime_ns
     known = set(stored["trial_id"].astype(str))
-    stale = [p for p in dirs if p.name not in known or any(
-        (s := file_stamp(p / f)) is not None and s[0] > stamp for f in SIGNATURE_FILES)]
+    stale = sorted(name for name, mtime in stamps.items() if name not in known or mtime >= written[0])
     if not stale:
         return stored
-    fresh = pd.DataFrame([results.trial_row(p) for p in stale])
+    fresh = pd.DataFrame([results.trial_row(exp_dir / results.TRIALS_DIR / name) for name in stale])
     kept = stored[~stored["trial_id"].astype(str).isin(set(fresh["trial_id"]))]
     parts = [df for df in (kept, fresh) if not df.empty]
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)

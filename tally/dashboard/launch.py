@@ -65,7 +65,13 @@ def _serve() -> None:
 
     for name in FIRST_PAGE_MODULES:
         importlib.import_module(name)
+    from streamlit import delta_generator
     from streamlit.web import cli
+
+    # Streamlit's first element of a process checks whether it runs in a REPL (to warn about a bare
+    # `python app.py`) with inspect.stack(), which reads the source of every frame: 0.1-0.2 s of the
+    # first visitor's wait. We are `streamlit run`, so the warning can never apply: mark it shown.
+    delta_generator._use_warning_has_been_displayed = True
 
     cli.main(prog_name="streamlit")
 

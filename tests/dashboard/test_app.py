@@ -231,6 +231,9 @@ def test_best_trial_and_spec(store, monkeypatch):
     at = run_app(store.root, monkeypatch)
     assert f"Best trial: **{exp.best}**" in texts(at)
     assert at.selectbox(key="trial:pacs-domain").value == exp.best
+    assert not at.code  # the spec is drawn when its expander opens (it slowed the first page)
+    at.session_state["spec_open:pacs-domain"] = True
+    at.run()
     assert any("pair_acc_worst" in c.value for c in at.code)  # spec.yaml shown
 
 
@@ -240,6 +243,8 @@ def test_failed_trial_shows_error(store, monkeypatch):
     assert failed
     errors = [e.value for e in at.error]
     assert any(failed[0] in e and "CUDA out of memory" in e for e in errors), errors
+    at.session_state[f"error_open:{failed[0]}"] = True
+    at.run()
     assert any("Traceback" in c.value for c in at.code)
     table = frame(at, "trial_id", "status", "error")
     assert "CUDA out of memory" in table.loc[table["trial_id"] == failed[0], "error"].iloc[0]
