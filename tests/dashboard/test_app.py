@@ -423,7 +423,7 @@ def test_launch_command_binds_localhost(tmp_path):
     from tally.dashboard import launch
 
     cmd = launch.command(tmp_path, port=8765)
-    assert cmd[1:4] == ["-m", "tally.dashboard.launch", "run"] and Path(cmd[4]).is_file()
+    assert cmd[1:4] == ["-m", "tally.dashboard.serve", "run"] and Path(cmd[4]).is_file()
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--server.port") + 1] == "8765"
     assert cmd[-2:] == ["--root", str(tmp_path.resolve())]

@@ -299,3 +299,18 @@ def test_five_thousand_trial_pages_stay_small(tmp_path):
     assert dd.page_count(len(ordered), 50) == 100
     last = dd.page(ordered, 100, 50)
     assert len(last) == 50 and last["val/acc"].iloc[-1] == frame_["val/acc"].min()
+
+
+def test_new_data_modules_never_import_streamlit():
+    """grids, progress and robustness are data layer (as data and search_data): plain pandas, no Streamlit."""
+    import ast
+    from pathlib import Path
+
+    import tally.dashboard as pkg
+
+    for name in ("grids", "progress", "robustness", "data", "search_data"):
+        tree = ast.parse((Path(pkg.__file__).parent / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(m.split(".")[0] == "streamlit" for m in imported), name
+        assert not any(m in imported for m in ("tally.dashboard.cache", "tally.dashboard.views")), name
