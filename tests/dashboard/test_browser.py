@@ -114,6 +114,8 @@ def test_dashboard_in_chromium(tmp_path):
             # the small grid: pick a trial of pacs-domain with the keyboard
             _pick(page, "Experiment", "pacs-domain")
             page.wait_for_selector("text=Experiment pacs-domain")
+            page.wait_for_function(  # the previous experiment's toggle (another key) is gone
+                "() => document.querySelectorAll('input[aria-label=\"Auto-refresh\"]').length == 1")
             for status, n in (("done", len(exp.trials_with("done"))), ("failed", 1)):
                 metric = page.locator('[data-testid="stMetric"]').filter(has_text=status)
                 assert metric.locator('[data-testid="stMetricValue"]').inner_text().strip() == str(n)
@@ -134,7 +136,9 @@ def test_dashboard_in_chromium(tmp_path):
             page.wait_for_function(  # the two 120-class grids drawn (the small ones gone)
                 "n => Array.from(document.querySelectorAll('.js-plotly-plot')).filter(gd => gd.data.some("
                 "t => t.type === 'heatmap' && t.x.length == n)).length == 2", arg=BIG_CLASSES)
-            page.wait_for_function("() => document.querySelectorAll('.st-key-table_worst_pairs table tr').length > 10")
+            page.wait_for_function(  # the 120-class trial's worst pairs (k = 20), not the previous table
+                "() => { const rows = Array.from(document.querySelectorAll('.st-key-table_worst_pairs table tr'));"
+                " return rows.length > 20 && rows.slice(1).every(r => r.textContent.includes('class_')); }")
             large = page.evaluate(GRAPHS_JS)
             worst_shown = page.evaluate(TABLE_JS, "worst_pairs")
             page.screenshot(path=str(ARTIFACTS / "dashboard-large-grid.png"), full_page=True)
@@ -167,5 +171,5 @@ def test_dashboard_in_chromium(tmp_path):
     got = [(r[1], r[2]) for r in rows]
     assert got == list(zip(want["domain"], want["class"], strict=True))
     np.testing.assert_allclose([float(r[3]) for r in rows], want["correct"] / want["n"], atol=5e-4)
-    assert len(rows) >= 10
+    assert len(rows) == 20  # k defaults to 20 above 40 classes, every row visible
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
