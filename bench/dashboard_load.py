@@ -70,43 +70,49 @@ def _load() -> str:
     return f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
 
 
-def _line(what: str, seconds: float, goal: bool = False, cpu: float | None = None, extra: str = "") -> None:
+def _line(what: str, seconds: float, goal: bool = False, cpu: float | None = None, extra: str = "",
+          split: tuple[float, float] | None = None) -> None:
     verdict = f"  goal <= {GOAL_S} s: {'met' if seconds <= GOAL_S else 'MISSED'}" if goal else ""
     cpu_text = f" (CPU {cpu:5.2f} s)" if cpu is not None else ""
+    if split is not None:
+        cpu_text = f" (CPU {split[0]:4.2f} s server + {split[1]:4.2f} s browser)"
     print(f"  {what:<64s} {seconds:6.2f} s{cpu_text}{extra}{verdict}", flush=True)
 
 
-def _tree_cpu() -> float | None:
-    """CPU seconds used so far by this process's descendants (server, browser, driver), from /proc.
+def _tree_cpu() -> dict[str, float] | None:
+    """CPU seconds used so far by this process's descendants, split into the browser (chromium's
+    processes) and the rest (the dashboard server, Playwright's driver), from /proc.
 
     Printed next to browser wall times: on a shared machine the wall time mostly measures the
-    other users, the CPU time what a page load costs.
+    other users, the CPU time what a page load costs, and on which side.
     """
     try:
         stats = {}
         for entry in os.scandir("/proc"):
             if entry.name.isdigit():
                 try:
-                    fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                    text = Path(entry.path, "stat").read_text()
                 except OSError:
                     continue
-                stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, ticks
+                name = text[text.index("(") + 1:text.rindex(")")]
+                fields = text.rsplit(")", 1)[1].split()
+                stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]), name)
     except OSError:
         return None
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
+    for pid, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    todo, ticks = list(children.get(os.getpid(), [])), 0
+    todo, ticks = list(children.get(os.getpid(), [])), {"browser": 0, "server": 0}
     while todo:
         pid = todo.pop()
-        ticks += stats[pid][1]
+        ticks["browser" if stats[pid][2].startswith("chrom") else "server"] += stats[pid][1]
         todo += children.get(pid, [])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return {k: v / os.sysconf("SC_CLK_TCK") for k, v in ticks.items()}
 
 
-def _cpu_since(start: float | None) -> float | None:
+def _cpu_since(start: dict | None) -> dict | None:
     now = _tree_cpu()
-    return None if start is None or now is None else now - start
+    return None if start is None or now is None else {k: now[k] - start[k] for k in now}
 
 
 def make(root: Path, trials: int) -> Path:
@@ -143,7 +149,7 @@ def apptest(root: Path) -> None:
     _line("app script warm rerun (cache hit: an auto-refresh)", warm, cpu=warm_cpu)
 
 
-def _page_load(page, url: str | None, selector: str) -> tuple[float, float | None]:
+def _page_load(page, url: str | None, selector: str) -> tuple[float, dict | None]:
     t, c = time.perf_counter(), _tree_cpu()
     page.goto(url) if url else page.reload()
     page.wait_for_selector(selector)
@@ -153,6 +159,7 @@ def _page_load(page, url: str | None, selector: str) -> tuple[float, float | Non
 def _served(page, root: Path, cmd: list[str] | None, selector: str, repeat: int) -> dict[str, list]:
     """Cold first load and warm reload on ``repeat`` fresh servers: wall, CPU and start-up seconds."""
     out = {"cold": [], "cold_cpu": [], "warm": [], "warm_cpu": [], "start": []}
+    nan = {"server": float("nan"), "browser": float("nan")}
     for _ in range(repeat):
         t = time.perf_counter()
         with dashboard_server(root, command=cmd) as url:
@@ -161,12 +168,17 @@ def _served(page, root: Path, cmd: list[str] | None, selector: str, repeat: int)
             for kind, target in (("cold", url), ("warm", None)):
                 wall, cpu = _page_load(page, target, selector)
                 out[kind].append(wall)
-                out[f"{kind}_cpu"].append(cpu if cpu is not None else float("nan"))
+                out[f"{kind}_cpu"].append(cpu if cpu is not None else nan)
     return out
 
 
 def _median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def _cpu(samples: list[dict]) -> tuple[float, float]:
+    """Median server and browser CPU seconds of the runs."""
+    return (statistics.median(s["server"] for s in samples), statistics.median(s["browser"] for s in samples))
 
 
 def browser(root: Path, trials: int, repeat: int, plain_too: bool) -> None:
@@ -188,23 +200,23 @@ def browser(root: Path, trials: int, repeat: int, plain_too: bool) -> None:
             if plain_too:  # also loads the frontend's scripts into the browser cache before any timing
                 f = _served(page, floor_dir, floor, PLAIN, repeat)
                 _line("browser: one-table Streamlit page, cold server (the floor)", _median(f["cold"]),
-                      cpu=_median(f["cold_cpu"]))
+                      split=_cpu(f["cold_cpu"]))
                 _line("browser: one-table Streamlit page, reload (the floor)", _median(f["warm"]),
-                      cpu=_median(f["warm_cpu"]))
+                      split=_cpu(f["warm_cpu"]))
             else:
                 _served(page, floor_dir, floor, PLAIN, 1)  # warms the browser cache only
             shutil.rmtree(floor_dir, ignore_errors=True)
             r = _served(page, root, None, TABLE, repeat)
             _line(f"browser: first page load, cold server ({trials} trials)", _median(r["cold"]),
-                  goal=trials <= 500, cpu=_median(r["cold_cpu"]),
+                  goal=trials <= 500, split=_cpu(r["cold_cpu"]),
                   extra=f" [runs {', '.join(f'{v:.2f}' for v in r['cold'])}]")
             _line(f"browser: page reload, warm server ({trials} trials)", _median(r["warm"]),
-                  cpu=_median(r["warm_cpu"]), extra=f" [runs {', '.join(f'{v:.2f}' for v in r['warm'])}]")
+                  split=_cpu(r["warm_cpu"]), extra=f" [runs {', '.join(f'{v:.2f}' for v in r['warm'])}]")
             _line("  server start-up until healthy (tally.dashboard.launch)", _median(r["start"]))
             if plain_too:
                 q = _served(page, root, plain, TABLE, repeat)
                 _line("browser: first page load, cold plain `streamlit run` (no warm start)", _median(q["cold"]),
-                      cpu=_median(q["cold_cpu"]), extra=f" [runs {', '.join(f'{v:.2f}' for v in q['cold'])}]")
+                      split=_cpu(q["cold_cpu"]), extra=f" [runs {', '.join(f'{v:.2f}' for v in q['cold'])}]")
                 _line("  server start-up until healthy (plain streamlit run)", _median(q["start"]))
         finally:
             b.close()
