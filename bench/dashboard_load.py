@@ -13,8 +13,10 @@ Where the time goes, printed per size, each on its own line:
    imports included, interpreter start-up excluded), then a warm rerun (cache hit: an auto-refresh);
 3. real browser, the number the goal is about: a fresh server started by ``tally.dashboard.launch``
    (cold: no cache, first script run), headless chromium from navigation until the trials table is
-   drawn; then a reload (warm). Median of --repeat fresh servers, with the CPU seconds the server and
-   browser used (from /proc) and the server's start-up time. Beside it, the same cold load with plain
+   drawn; then a reload (warm). Cold twice: on a new port (the browser compiles Streamlit's scripts
+   for a new origin) and on a port the browser opened before (a user restarting `tally dashboard`).
+   Median of --repeat fresh servers, with the CPU seconds the server and the browser used (from
+   /proc) and the server's start-up time. Beside it, the same cold load with plain
    ``python -m streamlit run`` (no warm start: Streamlit imports pandas/pyarrow in the first script
    run) and a one-table Streamlit page (the framework's floor).
 
@@ -156,13 +158,19 @@ def _page_load(page, url: str | None, selector: str) -> tuple[float, dict | None
     return time.perf_counter() - t, _cpu_since(c)
 
 
-def _served(page, root: Path, cmd: list[str] | None, selector: str, repeat: int) -> dict[str, list]:
-    """Cold first load and warm reload on ``repeat`` fresh servers: wall, CPU and start-up seconds."""
+def _served(page, root: Path, cmd: list[str] | None, selector: str, repeat: int,
+            port: int | None = None) -> dict[str, list]:
+    """Cold first load and warm reload on ``repeat`` fresh servers: wall, CPU and start-up seconds.
+
+    ``port``: every server on that port, so the browser has seen the page's origin before (its
+    compiled-script cache is per origin: a user restarting `tally dashboard` on 8501); default a new
+    port each time (a browser that never opened the dashboard).
+    """
     out = {"cold": [], "cold_cpu": [], "warm": [], "warm_cpu": [], "start": []}
     nan = {"server": float("nan"), "browser": float("nan")}
     for _ in range(repeat):
         t = time.perf_counter()
-        with dashboard_server(root, command=cmd) as url:
+        with dashboard_server(root, command=cmd, port=port) as url:
             out["start"].append(time.perf_counter() - t)
             time.sleep(0.5)  # the server idles, as it does before anyone opens the page
             for kind, target in (("cold", url), ("warm", None)):
@@ -207,9 +215,17 @@ def browser(root: Path, trials: int, repeat: int, plain_too: bool) -> None:
                 _served(page, floor_dir, floor, PLAIN, 1)  # warms the browser cache only
             shutil.rmtree(floor_dir, ignore_errors=True)
             r = _served(page, root, None, TABLE, repeat)
-            _line(f"browser: first page load, cold server ({trials} trials)", _median(r["cold"]),
+            _line(f"browser: first page load, cold server, new origin ({trials} trials)", _median(r["cold"]),
                   goal=trials <= 500, split=_cpu(r["cold_cpu"]),
                   extra=f" [runs {', '.join(f'{v:.2f}' for v in r['cold'])}]")
+            from tests.dashboard.server import free_port
+
+            same = free_port()
+            _served(page, root, None, TABLE, 1, port=same)  # the browser visits this origin once
+            o = _served(page, root, None, TABLE, repeat, port=same)
+            _line(f"browser: first page load, cold server, origin seen before ({trials})", _median(o["cold"]),
+                  goal=trials <= 500, split=_cpu(o["cold_cpu"]),
+                  extra=f" [runs {', '.join(f'{v:.2f}' for v in o['cold'])}]")
             _line(f"browser: page reload, warm server ({trials} trials)", _median(r["warm"]),
                   split=_cpu(r["warm_cpu"]), extra=f" [runs {', '.join(f'{v:.2f}' for v in r['warm'])}]")
             _line("  server start-up until healthy (tally.dashboard.launch)", _median(r["start"]))

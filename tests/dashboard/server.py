@@ -41,11 +41,13 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: str = "its output") -> s
 
 
 @contextmanager
-def dashboard_server(root: Path, log_path: Path | None = None, command: list[str] | None = None) -> Iterator[str]:
+def dashboard_server(root: Path, log_path: Path | None = None, command: list[str] | None = None,
+                     port: int | None = None) -> Iterator[str]:
     """``tally.dashboard.launch.launch`` on ``root`` in a subprocess (own process group, always killed);
     yields its URL once healthy. ``command`` replaces the launcher (the bench's bare-Streamlit floor).
-    The server's output goes to ``log_path`` (default: a temporary file, removed afterwards)."""
-    port = free_port()
+    The server's output goes to ``log_path`` (default: a temporary file, removed afterwards); ``port``
+    defaults to a free one."""
+    port = port or free_port()
     code = ("import sys; from tally.dashboard.launch import launch; "
             "sys.exit(launch(sys.argv[1], int(sys.argv[2])))")
     cmd = command or [sys.executable, "-c", code, str(root), str(port)]
