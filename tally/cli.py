@@ -8,6 +8,7 @@ exit code 2. Handlers import what they need when they run, so `tally search --dr
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from collections.abc import Callable
@@ -366,6 +367,8 @@ def user_error(exc: BaseException) -> str | None:
         return f"refused to load: not a safe checkpoint ({str(exc).splitlines()[0][:200]})"
     if type(exc).__name__ == "DecompressionBombError":  # PIL's, without importing PIL here
         return f"image too large: {exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"disk full: no space left on device{f' writing {exc.filename}' if exc.filename else ''}"
     if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
         return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
     return None

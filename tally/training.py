@@ -15,8 +15,10 @@ over the global batch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import random
+import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -208,16 +210,50 @@ def train_run(config: dict, run_dir: str | Path, resume: bool = False, ctx: RunC
     splits = load_splits(cfg["data"])  # bad data fail here, before anything is written
     if len(splits["train"]) == 0:
         raise TallyError("data: the training split is empty")
-    if ctx.is_main:
-        _prepare_run_dir(run_dir, cfg, resume)
-    try:
+    if not ctx.is_main:  # only rank 0 owns the run folder; the others train beside it
         return _train(cfg, splits, run_dir, resume, ctx, device, stop_after_epoch)
-    except BaseException as e:
-        current = (results.read_json(run_dir / "status.json") or {}).get("status")
-        if ctx.is_main and current != "stopped":  # a scheduler's stop is not this run's failure
-            status = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
-            results.write_status(run_dir, status, error=f"{type(e).__name__}: {e}", ended=time.time())
-        raise
+    # One writer per run folder for the run's lifetime (a second `tally train --out` of the same folder
+    # fails at once, naming the holder); SIGTERM ends a run like Ctrl-C; a heartbeat tells readers on
+    # other hosts that a long epoch is alive.
+    with results.exclusive(run_dir, "run folder"), _sigterm_as_interrupt(), results.heartbeat(run_dir):
+        _prepare_run_dir(run_dir, cfg, resume)
+        try:
+            return _train(cfg, splits, run_dir, resume, ctx, device, stop_after_epoch)
+        except BaseException as e:
+            _record_ending(run_dir, e)
+            raise
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what Kubernetes, Slurm and systemd send) stops a run as Ctrl-C does: status "stopped",
+    the last epoch's checkpoint kept for --resume."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (a Ray Train worker): Ray delivers its own stop
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _record_ending(run_dir: Path, e: BaseException) -> None:
+    """The status a run that did not finish leaves behind (a scheduler's earlier "stopped" stands)."""
+    if (results.read_json(run_dir / "status.json") or {}).get("status") == "stopped":
+        return
+    if isinstance(e, KeyboardInterrupt):
+        status, error = "stopped", f"interrupted ({e or 'SIGINT'}); continue it with --resume"
+    elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        status, error = "failed", f"disk full: no space left on device writing {e.filename or run_dir}"
+    else:
+        status, error = "failed", f"{type(e).__name__}: {e}"
+    with contextlib.suppress(OSError):  # a full disk may not take even status.json; then it stays "running"
+        results.write_status(run_dir, status, error=error, ended=time.time())
 
 
 def _prepare_run_dir(run_dir: Path, cfg: dict, resume: bool) -> None:

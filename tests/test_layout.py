@@ -81,7 +81,8 @@ def test_method_is_pure_pytorch():
 
 
 def test_dashboard_data_layer_never_imports_streamlit():
-    assert _forbidden(("streamlit",), ["tally.dashboard", "tally.dashboard.data",
+    assert _forbidden(("streamlit",), ["tally.dashboard", "tally.dashboard.data", "tally.dashboard.grids",
+                                       "tally.dashboard.progress", "tally.dashboard.robustness",
                                        "tally.dashboard.search_data", "tally.dashboard.launch"]) == []
 
 
@@ -95,7 +96,8 @@ def test_loading_a_spec_needs_neither_ray_nor_optuna():
 
 def test_store_and_evaluator_need_no_torch_or_ray():
     """The dashboard and report read the store on a laptop: no torch, no Ray at import."""
-    light = ["tally.results", "tally.evaluation", "tally.dashboard.data", "tally.dashboard.search_data"]
+    light = ["tally.results", "tally.evaluation", "tally.dashboard.data", "tally.dashboard.search_data",
+             "tally.dashboard.grids", "tally.dashboard.progress", "tally.dashboard.robustness"]
     heavy = [f"{m} imports {i}" for m in light for i in imports(MODULES[m], top_level_only=True)
              if i.split(".")[0] in ("torch", "torchvision", "ray")]
     assert heavy == []
