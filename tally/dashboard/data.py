@@ -113,9 +113,13 @@ def load_trials(exp_dir: Path, stamps: dict[str, int] | None = None) -> TrialSet
     notes: list[str] = []
     spec = results.read_yaml(exp_dir / "spec.yaml")
     if spec is None:
-        notes.append("no spec.yaml: the spec is not shown and the best trial uses the default metric")
+        why = results.problem(exp_dir / "spec.yaml") or "no spec.yaml"
+        notes.append(f"{why}: the spec is not shown and the best trial uses the default metric")
     frame = _fresh_summary(exp_dir, stamps, notes)
     frame = _backfill_metrics(exp_dir, frame, notes)
+    if "unreadable" in frame:  # one bad file hides what it holds, never the page: name it
+        for trial, why in frame.loc[frame["unreadable"].notna(), ["trial_id", "unreadable"]].itertuples(index=False):
+            notes.append(f"trial {trial}: {why}")
     frame = _normalise(frame)
     return TrialSet(exp_dir, frame, spec if isinstance(spec, dict) else None, results.selection_of(spec), notes)
 

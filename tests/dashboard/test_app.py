@@ -438,3 +438,27 @@ def test_checkout_entry_point_runs_the_same_app(store, monkeypatch):
                            default_timeout=TIMEOUT).run()
     assert_ok(at)
     assert str(store.root.resolve()) in at.caption[0].value
+
+
+def test_bad_files_hide_only_what_they_hold(tmp_path, monkeypatch):
+    """A status.json holding a list, a non-UTF-8 status.json and a garbage spec.yaml: the page renders,
+    the healthy experiment is untouched, and each bad file is named."""
+    healthy = sf.make_experiment(tmp_path, "healthy", 4, seed=1)
+    broken = sf.make_experiment(tmp_path, "broken", 4, seed=2)
+    trials = sorted(p.name for p in (broken.path / results.TRIALS_DIR).iterdir())
+    (broken.path / results.TRIALS_DIR / trials[0] / "status.json").write_text("[1, 2]")
+    (broken.path / results.TRIALS_DIR / trials[1] / "status.json").write_bytes(b"\xff\xfe{}")
+    (broken.path / "spec.yaml").write_text("selection: [unclosed\n")
+    (broken.path / "summary.parquet").unlink(missing_ok=True)
+    loaded = dd.load_trials(broken.path)
+    assert any(n.startswith("unreadable: ") and "spec" in n for n in loaded.notes), loaded.notes
+    assert f"trial {trials[0]}: status.json: unreadable: expected a dict, got list" in loaded.notes
+    assert f"trial {trials[1]}: status.json: unreadable: not UTF-8 text" in loaded.notes
+    at = run_app(tmp_path, monkeypatch)
+    assert_ok(at)
+    at.selectbox(key="experiment").select(next(o for o in at.selectbox(key="experiment").options
+                                               if o.startswith("broken"))).run()
+    assert_ok(at)
+    captions = " ".join(c.value for c in at.caption)
+    assert f"trial {trials[0]}: status.json: unreadable" in captions
+    assert all("unreadable" not in n for n in dd.load_trials(healthy.path).notes)

@@ -1,0 +1,38 @@
+"""`tally dashboard` is the server (exec): killing the command, even with SIGKILL, frees the port."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.dashboard.server import free_port, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_kill_9_of_tally_dashboard_leaves_no_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "dashboard", str(tmp_path), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while port_open(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not port_open(port), "a Streamlit server outlived `tally dashboard`"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
