@@ -251,8 +251,9 @@ def make_experiment(root: Path, name: str = "pacs-domain", n_trials: int = 10, *
         results.refresh_summary(exp_dir)
     if study:
         _write_study(exp_dir / "study.db", name, all_params, objective, written)
-    values = {t: v for t, v in objective.items() if written[t] == "done"}
-    best = max(values, key=values.get) if values else None  # first max = lowest id, as results.best_trial
+    # the platform's one rule (done trials only, validation only, ties to the mean pair accuracy)
+    chosen = results.best_trial(results.summarise(exp_dir), selection, "max")
+    best = None if chosen is None else str(chosen["trial_id"])
     splits = ("val", "test_sub", *(f"test_domain:{h}" for h in held_out))
     exp = Experiment(exp_dir, written, best, splits, names.domains, names.classes, metric=selection)
     if robustness and best is not None:

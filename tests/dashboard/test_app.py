@@ -360,6 +360,30 @@ def test_export_panel(store, monkeypatch):
     assert buttons == ["Download config.yaml", "Download bundle (zip)"]
 
 
+def test_export_panel_builds_the_real_bundle(tmp_path, monkeypatch):
+    """The panel's zip is tally.export's own bundle: it unpacks to a bundle that verifies and predicts."""
+    import io
+    import zipfile
+
+    from tally.export import Predictor
+    from tests.bundle_factory import tiny_run
+
+    exp = tmp_path / "store" / "real"
+    tiny_run(exp / results.TRIALS_DIR / "t1")
+    results.write_yaml(exp / "spec.yaml", {"name": "real", "selection": {"metric": "pair_acc_mean"}})
+    at = show(run_app(tmp_path / "store", monkeypatch), "Export")
+    assert_ok(at)
+    at.button(key="build_bundle").click().run()
+    assert_ok(at)
+    data = next(b for b in at.get("download_button") if b.proto.label == "Download bundle (zip)")
+    payload = at.session_state[f"bundle:{exp / results.TRIALS_DIR / 't1'}"]
+    with zipfile.ZipFile(io.BytesIO(payload)) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    bundle = tmp_path / "unzipped" / "t1"
+    predictor = Predictor(bundle)
+    assert predictor.bundle_id.startswith("t1@") and data is not None
+
+
 def test_export_panel_errors(store, monkeypatch):
     """A trial without checkpoints gives a message; a missing tally.export a warning, never a crash."""
     def no_checkpoint(run_dir):
