@@ -191,13 +191,15 @@ class _LossModule(nn.Module):
 
 # ---------------------------------------------------------------- the run
 def train_run(config: dict, run_dir: str | Path, resume: bool = False, ctx: RunContext | None = None,
-              stop_after_epoch: int | None = None) -> dict:
+              stop_after_epoch: int | None = None, validated: bool = False) -> dict:
     """Train, select on validation, evaluate the kept checkpoint on every split.
 
     Returns {split: {metric: value}} of the kept checkpoint. ``stop_after_epoch`` ends the
     process early as an interruption would (the resume test uses it); the run stays 'running'.
+    ``validated``: the caller passes what tally.config.validate returned (a search trial's config is
+    validated once, by Spec.trial_config, and passed on as it is).
     """
-    cfg = validate(config)
+    cfg = config if validated else validate(config)
     ctx = ctx or RunContext()
     run_dir = Path(run_dir)
     device = ctx.device or resolve_device(cfg["train"]["device"])

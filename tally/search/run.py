@@ -228,7 +228,11 @@ def _close_orphans(exp_dir: Path, study_name: str) -> None:
 
 
 def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:
-    """Run fixed configs (no search) as Tune trials under <exp>/<group>/<id>; returns metrics by id."""
+    """Run fixed configs (no search) as Tune trials under <exp>/<group>/<id>; returns metrics by id.
+    Each config is validated here, once, on the driver: the workers train it as given."""
+    from tally.config import validate
+
+    configs = {run_id: validate(cfg, source=f"{group}/{run_id}") for run_id, cfg in configs.items()}
     with results.exclusive(exp_dir, "experiment"):
         return _run_fixed(exp_dir, group, configs, resources, concurrency)
 

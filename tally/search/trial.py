@@ -51,7 +51,8 @@ def train_worker(loop_config: dict) -> None:
                      extra_status={"params": loop_config.get("params", {}),
                                    "ray_node_id": ray.get_runtime_context().get_node_id()},
                      memory_dump_dir=Path(loop_config["memory_dump_dir"]) if loop_config.get("memory_dump_dir") else None)
-    metrics = train_run(loop_config["config"], Path(loop_config["run_dir"]), resume=True, ctx=ctx)
+    # validated once, by Spec.trial_config (or confirm/robustness's copies of a validated config)
+    metrics = train_run(loop_config["config"], Path(loop_config["run_dir"]), resume=True, ctx=ctx, validated=True)
     final = {OBJECTIVE: best["value"], FINAL: 1}
     if metrics:
         selection = metrics.get("val", {}).get(metric)
