@@ -51,6 +51,7 @@ def cmd_evaluate(args) -> int:
 # ---------------------------------------------------------------- many runs
 def cmd_search(args) -> int:
     from tally import results
+    from tally import storage as bucket
     from tally.search import dry_run_text, load_spec
 
     spec = load_spec(args.spec, name_override=args.name)  # validated: nothing written before this
@@ -62,7 +63,7 @@ def cmd_search(args) -> int:
     started = time.time()
     summary = search.run_search(spec, args.storage, address=args.address, resume=args.resume,
                                 quiet=not args.verbose)
-    exp_dir = results.experiment_dir(args.storage, spec.name)
+    exp_dir = bucket.experiment_dir(args.storage, spec.name)  # a bucket store: the driver's staging copy
     counts = summary["status"].value_counts().to_dict() if not summary.empty else {}
     print(f"search {spec.name}: {len(summary)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}) "
           f"in {time.time() - started:.0f}s")
@@ -86,19 +87,21 @@ def cmd_search(args) -> int:
         table = search.robustness(spec, exp_dir, best["trial_id"], domains)
         print("\nrobustness of the chosen config (held-out runs selected on training-domain validation):")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\nresults: {exp_dir}")
+    print(f"\nresults: {bucket.display(exp_dir)}")
     return 0
 
 
 def cmd_report(args) -> int:
     from tally.report import experiment_table, format_table, left_out, seed_table
+    from tally.storage import read_mirror
 
-    missing = left_out(Path(args.experiment), args.group)
+    experiment = read_mirror(args.experiment)  # a bucket store: a local mirror refreshed from it
+    missing = left_out(experiment, args.group)
     if missing:  # said first: a table without them must not read as the whole experiment
         print(f"not in the table ({len(missing)} of the {args.group}):", file=sys.stderr)
         for line in missing:
             print(f"  {line}", file=sys.stderr)
-    frame = experiment_table(Path(args.experiment), args.split, args.group, replicates=args.replicates,
+    frame = experiment_table(experiment, args.split, args.group, replicates=args.replicates,
                              seed=args.bootstrap_seed, many_above=args.many_above, few_at_most=args.few_at_most)
     print(format_table(seed_table(frame) if args.seeds else frame, args.format))
     return 0
@@ -134,8 +137,10 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------- ship
 def cmd_export(args) -> int:
     from tally.export import export_bundle, export_config, resolve_trial
+    from tally.storage import fetch_run, read_mirror
 
-    run_dir = resolve_trial(Path(args.experiment), args.trial)
+    run_dir = resolve_trial(read_mirror(args.experiment), args.trial)
+    fetch_run(run_dir)  # a bucket store: the chosen run's checkpoints too
     if args.config_only:
         print(f"config of {run_dir.name} written to {export_config(run_dir, Path(args.out), force=args.force)}")
         return 0
@@ -162,8 +167,9 @@ def cmd_serve(args) -> int:
 # ---------------------------------------------------------------- look
 def cmd_dashboard(args) -> int:
     from tally.dashboard.launch import launch
+    from tally.storage import is_remote
 
-    return launch(Path(args.root), port=args.port, address=args.address)
+    return launch(args.root if is_remote(args.root) else Path(args.root), port=args.port, address=args.address)
 
 
 # ---------------------------------------------------------------- arguments
@@ -183,7 +189,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--storage", default="results", help="results store root (shared storage on a cluster)")
+    p.add_argument("--storage", default="results",
+                   help="results store root: a folder (shared storage on a cluster) or s3://bucket/prefix, gs://...")
     p.add_argument("--name", help="experiment name (default: the spec's name)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved spec and budget")

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from tally import results
+from tally import results, storage
 from tally.dashboard import cache, grid_views, search_views, views
 from tally.dashboard import data as dd
 
 ROOT_ENV = "TALLY_RESULTS_ROOT"
+MIRROR_MAX_AGE_S = 5.0  # a bucket root is copied again at most this often (reruns, auto-refresh)
 TABS = ("Trials", "Accuracy grid", "Robustness", "Compare", "Curves", "Search", "Timeline", "Export")
 
 
@@ -26,7 +27,10 @@ def results_root(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--root", default=None)
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return Path(args.root or os.environ.get(ROOT_ENV) or "results").expanduser().resolve()
+    location = args.root or os.environ.get(ROOT_ENV) or "results"
+    if storage.is_remote(location):  # s3://bucket/prefix: a read-only local mirror, re-read every few seconds
+        return storage.read_mirror(location, max_age_s=MIRROR_MAX_AGE_S)
+    return Path(location).expanduser().resolve()
 
 
 def _experiment_label(root: Path, exp: Path) -> str:
@@ -94,6 +98,7 @@ def main() -> None:
 
 def page(root: Path, exp_dir: Path) -> None:
     """The main area, rerun alone by the auto-refresh: the experiment list, then the chosen one."""
+    results_root()  # a bucket root: the auto-refresh reruns only this fragment, so refresh the mirror here
     experiments = dd.experiments_under(root)
     loaded = {e: cache.trials(e) for e in experiments}  # one signature (stats) per experiment and rerun
     if len(experiments) > 1:  # one experiment: its header below says it all

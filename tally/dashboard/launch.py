@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tally.dashboard import APP_PATH
+from tally.storage import is_remote
 
 
 def command(root: Path | str, port: int = 8501, address: str = "127.0.0.1") -> list[str]:
@@ -25,7 +26,7 @@ def command(root: Path | str, port: int = 8501, address: str = "127.0.0.1") -> l
     return [sys.executable, "-m", "tally.dashboard.serve", "run", str(APP_PATH),
             "--server.address", str(address), "--server.port", str(int(port)),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--", "--root", str(Path(root).expanduser().resolve())]
+            "--", "--root", root if is_remote(root) else str(Path(root).expanduser().resolve())]
 
 
 def launch(root: Path | str, port: int = 8501, address: str = "127.0.0.1") -> int:

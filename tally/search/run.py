@@ -22,6 +22,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from tally import results
+from tally import storage as bucket
 from tally.errors import TallyError
 from tally.search.searcher import PruneAwareOptunaSearch
 from tally.search.space import DefineByRun
@@ -95,6 +96,7 @@ class StoreCallback(Callback):
         # Tune calls this for trials that ended without error: finished, or stopped by the scheduler
         # (whose workers may have raised while being torn down: that is not a failure).
         run_dir = self._run_dir(trial)
+        bucket.pull(self.exp_dir, run_dir.relative_to(self.exp_dir))  # a bucket store: the trial's own files
         status = results.read_json(run_dir / "status.json") or {}
         if status.get("status") != "done":
             results.write_status(run_dir, "stopped", ended=time.time(), error=None,
@@ -103,6 +105,7 @@ class StoreCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_dir = self._run_dir(trial)
+        bucket.pull(self.exp_dir, run_dir.relative_to(self.exp_dir))
         status = results.read_json(run_dir / "status.json") or {}
         if status.get("status") != "failed":
             status = results.write_status(run_dir, "failed", ended=time.time(),
@@ -114,8 +117,10 @@ class StoreCallback(Callback):
         self._refresh()
 
     def _refresh(self):
+        bucket.pull(self.exp_dir, self.group)  # a bucket store: what the trials uploaded
         if self.group == results.TRIALS_DIR:
             results.refresh_summary(Path(self.exp_dir))
+        bucket.push(self.exp_dir)  # statuses written here, the summary, the study
 
 
 def _first_line(text: str | None) -> str | None:
@@ -126,8 +131,8 @@ def _first_line(text: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------- the search
-def _tuner_path(exp_dir: Path) -> Path:
-    return exp_dir / "ray" / "tune"
+def _tuner_path(exp_dir: Path) -> str:
+    return f"{bucket.ray_path(exp_dir)}/tune"
 
 
 def run_search(spec, storage: str | Path, address: str | None = None, resume: bool = False,
@@ -137,10 +142,10 @@ def run_search(spec, storage: str | Path, address: str | None = None, resume: bo
     The experiment folder is held exclusively for the whole search: a second `tally search` of the same
     experiment (or a --resume while the first still runs) fails at once, naming the holder.
     """
-    exp_dir = results.experiment_dir(storage, spec.name)
+    exp_dir = bucket.experiment_dir(storage, spec.name)  # a bucket store: the driver's staging folder
     existed = exp_dir.exists()
     try:
-        with results.exclusive(exp_dir, "experiment"):
+        with bucket.exclusive(exp_dir, "experiment"):
             return _run_search(spec, exp_dir, address, resume, quiet)
     finally:
         if not existed and not any(p.name != ".lock" for p in exp_dir.iterdir()):
@@ -150,24 +155,26 @@ def run_search(spec, storage: str | Path, address: str | None = None, resume: bo
 
 def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: bool) -> pd.DataFrame:
     tuner_path = _tuner_path(exp_dir)
-    if not resume and any(p.name != ".lock" for p in exp_dir.iterdir()):
-        raise TallyError(f"{exp_dir}: experiment exists; pass --resume to continue it or --name for a new one")
+    bucket.pull(exp_dir)  # a bucket store: its files and the study (a resumed search continues it)
+    if not resume and any(not p.name.startswith(".") for p in exp_dir.iterdir()):
+        raise TallyError(f"{bucket.display(exp_dir)}: experiment exists; pass --resume to continue it or --name for a new one")
     if resume:
         stored = results.read_yaml(exp_dir / "spec.yaml")
         if stored is None:
-            raise TallyError(f"{exp_dir}: nothing to resume (no spec.yaml)")
+            raise TallyError(f"{bucket.display(exp_dir)}: nothing to resume (no spec.yaml)")
         if stored != spec.resolved:
-            raise TallyError(f"{exp_dir}/spec.yaml differs from the spec given; refusing to resume")
+            raise TallyError(f"{bucket.display(exp_dir)}/spec.yaml differs from the spec given; refusing to resume")
     budget = spec.resolved["budget"]
     connect(address, budget["concurrency"], quiet=quiet)
     exp_dir.mkdir(parents=True, exist_ok=True)
     results.write_yaml(exp_dir / "spec.yaml", spec.resolved)
+    bucket.push(exp_dir)
 
-    plan = {"exp_dir": str(exp_dir), "group": results.TRIALS_DIR, "spec": spec.resolved,
-            "resources": spec.resolved["resources"]}
+    plan = {"exp_dir": str(exp_dir), "exp_uri": bucket.remote_of(exp_dir), "group": results.TRIALS_DIR,
+            "spec": spec.resolved, "resources": spec.resolved["resources"]}
     trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
-    if resume and tune.Tuner.can_restore(str(tuner_path)):
-        tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_unfinished=True,
+    if resume and tune.Tuner.can_restore(tuner_path):
+        tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
         import optuna
@@ -193,14 +200,17 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=budget["trials"], max_concurrent_trials=budget["concurrency"]),
-            run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir / "ray"),
+            run_config=tune.RunConfig(name="tune", storage_path=bucket.ray_path(exp_dir),
                                       callbacks=[StoreCallback(str(exp_dir))], verbose=0 if quiet else 1,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     with _console(quiet):
         tuner.fit()
+    bucket.pull(exp_dir, results.TRIALS_DIR)
     _close_orphans(exp_dir, spec.name)
-    return results.refresh_summary(exp_dir)
+    summary = results.refresh_summary(exp_dir)
+    bucket.push(exp_dir)
+    return summary
 
 
 def _close_orphans(exp_dir: Path, study_name: str) -> None:
@@ -233,20 +243,22 @@ def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: di
     from tally.config import validate
 
     configs = {run_id: validate(cfg, source=f"{group}/{run_id}") for run_id, cfg in configs.items()}
-    with results.exclusive(exp_dir, "experiment"):
+    with bucket.exclusive(exp_dir, "experiment"):
         return _run_fixed(exp_dir, group, configs, resources, concurrency)
 
 
 def _run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:
-    plan = {"exp_dir": str(exp_dir), "group": group, "configs": configs, "resources": resources}
+    plan = {"exp_dir": str(exp_dir), "exp_uri": bucket.remote_of(exp_dir), "group": group, "configs": configs,
+            "resources": resources}
     trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
     tuner = tune.Tuner(
         trainable, param_space={"fixed_id": tune.grid_search(sorted(configs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=group, storage_path=str(exp_dir / "ray"), verbose=0,
+        run_config=tune.RunConfig(name=group, storage_path=bucket.ray_path(exp_dir), verbose=0,
                                   callbacks=[StoreCallback(str(exp_dir), group)]))
     with _console(quiet=True):
         tuner.fit()
+    bucket.pull(exp_dir, group)
     return {run_id: results.read_json(exp_dir / group / run_id / "metrics.json") or {} for run_id in configs}
 
 
@@ -263,6 +275,7 @@ def confirm_seeds(spec, exp_dir: Path, trial_id: str, k: int) -> pd.DataFrame:
                         spec.resolved["budget"]["concurrency"])
     table = mean_and_stderr(metrics)
     results.write_parquet(exp_dir / "confirm.parquet", table)
+    bucket.push(exp_dir)
     return table
 
 
@@ -277,6 +290,7 @@ def robustness(spec, exp_dir: Path, trial_id: str, domain_names: list[str]) -> p
             for run_id, by_split in metrics.items() for split, values in by_split.items() if split != "val"]
     table = pd.DataFrame(rows)
     results.write_parquet(exp_dir / "robustness.parquet", table)
+    bucket.push(exp_dir)
     return table
 
 

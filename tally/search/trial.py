@@ -19,6 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tally import results
+from tally import storage as bucket
 from tally.search.spec import Spec
 
 OBJECTIVE = "objective"  # the best-so-far validation selection metric of a trial
@@ -34,6 +35,11 @@ def train_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     metric = loop_config["config"]["train"]["selection_metric"]
     best = {"value": -math.inf}
+    run_dir = Path(loop_config["run_dir"])
+    if loop_config.get("run_uri"):  # a bucket store: each rank works on its own local copy of the run
+        run_dir = bucket.stage(loop_config["run_uri"], f"rank{context.get_world_rank()}")
+        bucket.pull(run_dir, skip=())  # with its checkpoints: a resumed trial continues from them
+    main = context.get_world_rank() == 0
 
     def report(record: dict, _checkpoint_dir) -> None:
         # the objective follows the kept-epoch rule (train.select_from): the kept epoch's value; before
@@ -44,6 +50,8 @@ def train_worker(loop_config: dict) -> None:
         if value is not None and not math.isnan(value):
             best["value"] = value if record.get("best_value") is not None else max(best["value"], value)
         numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if main:
+            bucket.push(run_dir)  # before Tune hears of the epoch: a scheduler may stop the trial right after
         ray.train.report({**numbers, OBJECTIVE: best["value"], FINAL: 0})
 
     ctx = RunContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
@@ -51,8 +59,11 @@ def train_worker(loop_config: dict) -> None:
                      extra_status={"params": loop_config.get("params", {}),
                                    "ray_node_id": ray.get_runtime_context().get_node_id()},
                      memory_dump_dir=Path(loop_config["memory_dump_dir"]) if loop_config.get("memory_dump_dir") else None)
-    # validated once, by Spec.trial_config (or confirm/robustness's copies of a validated config)
-    metrics = train_run(loop_config["config"], Path(loop_config["run_dir"]), resume=True, ctx=ctx, validated=True)
+    try:  # validated once, by Spec.trial_config (or confirm/robustness's copies of a validated config)
+        metrics = train_run(loop_config["config"], run_dir, resume=True, ctx=ctx, validated=True)
+    finally:
+        if main:
+            bucket.push(run_dir)  # the final state: done with its tables, or failed with its error
     final = {OBJECTIVE: best["value"], FINAL: 1}
     if metrics:
         selection = metrics.get("val", {}).get(metric)
@@ -61,7 +72,7 @@ def train_worker(loop_config: dict) -> None:
 
 
 def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, name: str,
-                   storage_path: Path, memory_dump_dir: Path | None = None, in_tune: bool = True) -> None:
+                   storage_path: Path | str, memory_dump_dir: Path | None = None, in_tune: bool = True) -> None:
     """Fit one TorchTrainer for one trial (N workers; NCCL on GPUs, gloo on CPUs).
 
     ``in_tune``: called from a Tune trial, whose reports then reach Tune; False for a plain Train run.
@@ -72,7 +83,8 @@ def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, n
         per_worker["GPU"] = gpus
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config, "run_dir": str(run_dir), "params": params,
+        train_loop_config={"config": config, "run_dir": str(run_dir), "run_uri": bucket.remote_of(run_dir),
+                           "params": params,
                            "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.get("workers", 1), use_gpu=bool(gpus),
@@ -97,6 +109,9 @@ def trial_function(params: dict, *, plan: dict) -> None:
         config = Spec.from_resolved(plan["spec"]).trial_config(params)
         shown_params = params
     run_dir = exp_dir / plan["group"] / run_id
+    if plan.get("exp_uri"):  # a bucket store: this node's copy of the run (statuses, metrics)
+        run_dir = bucket.stage(bucket.join(plan["exp_uri"], plan["group"], run_id), "trial")
+        bucket.pull(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     status = results.read_json(run_dir / "status.json") or {}
     metrics = results.clean_metrics(results.read_json(run_dir / "metrics.json"))
@@ -108,7 +123,8 @@ def trial_function(params: dict, *, plan: dict) -> None:
         return
     if status.get("status") is None:
         results.write_status(run_dir, "pending", params=shown_params)
+        bucket.push(run_dir)
     # Final states the worker cannot write (stopped early, killed) are written by the driver's
     # StoreCallback: only it knows whether an ending was the scheduler's decision or an error.
     launch_trainer(config, run_dir, shown_params, plan["resources"], name=f"train-{run_id}",
-                   storage_path=exp_dir / "ray" / "train")
+                   storage_path=f"{plan['exp_uri']}/ray/train" if plan.get("exp_uri") else exp_dir / "ray" / "train")
