@@ -14,7 +14,8 @@ What object storage guarantees, and what it does not (platform/README.md says th
   temporary keys when a writer dies, so each file is uploaded straight to its key.
 - There is no rename and nothing spans two objects: a reader may see a run's new epochs.jsonl next to
   its old status.json. Uploads therefore send ``status.json`` last, so a status never points at files
-  that are not there yet (a "done" run has its eval tables and metrics).
+  that are not there yet (a "done" run has its eval tables and metrics), and a run's resume point
+  (checkpoints/last.pt) after its epoch records (COMMIT_ORDER).
 - There are no POSIX locks. The experiment lock is a ``.lock`` object: on S3 created with a conditional
   write (If-None-Match: *), which only one writer can win, and renewed while the search runs; a holder
   that stopped renewing for LEASE_S (or whose pid is dead on this host) is taken over with If-Match on
@@ -50,7 +51,11 @@ from tally.errors import TallyError
 STAGING_ENV = "TALLY_STAGING"  # where staging folders live (default $TALLY_CACHE/staging): node-local
 REMOTE_FILE = ".remote"        # in a staging folder: the bucket prefix it mirrors
 SYNC_STATE = ".sync-state.json"  # in a staging folder: what was last copied, to copy only changes
-LAST = "status.json"           # uploaded last: a status never announces files that are not there yet
+# Uploaded last, in this order, after a folder's other files: the order training commits them. A kill
+# mid-upload then leaves a consistent run: last.pt (the resume point) is never newer than the epoch
+# records (a resumed run re-does and re-records the epochs after it), best.pt is never older than what
+# last.pt says is best, and status.json never announces files that are not there yet.
+COMMIT_ORDER = ("best.pt", "last.pt", "status.json")
 READ_SKIP = ("checkpoints", "ray")  # readers never need Ray's state or the weights (export fetches its own)
 SETTLE_S = 5.0    # an object changed this close to our last copy of it is copied again (1 s timestamps)
 LEASE_S = 120.0   # a lock not renewed for this long is taken over
@@ -234,8 +239,8 @@ def pull(local: Path, under: str | os.PathLike = "", skip: Iterable[str] = READ_
 
 
 def push(local: Path, skip: Iterable[str] = ()) -> list[str]:
-    """Upload what changed in a staging folder since the last copy, ``status.json`` files last;
-    returns what was sent. Each file is one object write: the publish step (see the module doc).
+    """Upload what changed in a staging folder since the last copy, in COMMIT_ORDER; returns what was
+    sent. Each file is one object write: the publish step (see the module doc).
     Nothing is deleted in the bucket. A no-op for an ordinary folder."""
     local = Path(local)
     uri = remote_of(local)
@@ -250,9 +255,10 @@ def push(local: Path, skip: Iterable[str] = ()) -> list[str]:
             continue
         stat = _stat(path)
         if stat is not None and state.get(rel, {}).get("local") != stat:
-            todo.append((path.name == LAST, rel, stat))
+            rank = COMMIT_ORDER.index(path.name) + 1 if path.name in COMMIT_ORDER else 0
+            todo.append((rank, rel, stat))
     sent = []
-    for _, rel, stat in sorted(todo):  # status.json after everything else
+    for _, rel, stat in sorted(todo):
         try:
             with _errors(uri):
                 _send(fs, local / rel, join(base, rel))

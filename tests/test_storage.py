@@ -77,10 +77,12 @@ def test_locations_and_names(tmp_path, monkeypatch):
 def test_push_sends_status_last_and_only_what_changed(prefix):
     local = storage.stage(prefix, "driver")
     _fill(local)
+    (local / "trials" / "t1" / "checkpoints" / "best.pt").write_bytes(b"best")
     sent = storage.push(local)
-    assert sent[-1] == "trials/t1/status.json"
+    # the order training commits them: records, best.pt, last.pt (the resume point), status.json
+    assert sent[-3:] == ["trials/t1/checkpoints/best.pt", "trials/t1/checkpoints/last.pt", "trials/t1/status.json"]
     assert set(sent) == {"config.yaml", "trials/t1/status.json", "trials/t1/epochs.jsonl",
-                         "trials/t1/checkpoints/last.pt"}  # dot-files (.remote, .sync-state) stay local
+                         "trials/t1/checkpoints/last.pt", "trials/t1/checkpoints/best.pt"}  # dot-files (.remote, .sync-state) stay local
     assert _objects(prefix)["trials/t1/checkpoints/last.pt"] == b"weights" * 1000
     assert storage.push(local) == []  # nothing changed
     results.append_jsonl(local / "trials" / "t1" / "epochs.jsonl", {"epoch": 1})
@@ -168,9 +170,9 @@ def test_the_experiment_lock(prefix, monkeypatch, conditional):
     with storage.exclusive(exp, "experiment"):
         holder = json.loads(_objects(prefix)[".lock"])
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-        with pytest.raises(TallyError, match=rf"in use by host {socket.gethostname()} pid {os.getpid()}"):
-            with storage.exclusive(exp, "experiment"):
-                pass
+        with pytest.raises(TallyError, match=rf"in use by host {socket.gethostname()} pid {os.getpid()}"), \
+                storage.exclusive(exp, "experiment"):
+            pass
     assert ".lock" not in _objects(prefix)  # released
     # a holder that is gone: a dead pid on this host, or no renewal for LEASE_S on another host
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -183,6 +185,5 @@ def test_the_experiment_lock(prefix, monkeypatch, conditional):
             assert json.loads(_objects(prefix)[".lock"])["pid"] == os.getpid()
     _put(storage.join(prefix, ".lock"), json.dumps({"host": "elsewhere", "pid": 7, "renewed": time.time(),
                                                     "started": time.time()}).encode())
-    with pytest.raises(TallyError, match="in use by host elsewhere pid 7"):
-        with storage.exclusive(exp, "experiment"):
-            pass
+    with pytest.raises(TallyError, match="in use by host elsewhere pid 7"), storage.exclusive(exp, "experiment"):
+        pass
