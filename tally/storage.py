@@ -113,6 +113,8 @@ def stage(uri: str, role: str) -> Path:
     driver must never download over each other's unsent writes.
     """
     parts = urlsplit(uri)
+    if not parts.netloc:
+        raise TallyError(f"{uri}: expected scheme://bucket/prefix")
     names = [parts.scheme, parts.netloc, *(p for p in parts.path.split("/") if p)]
     if any(n in (".", "..") for n in names):
         raise TallyError(f"{uri}: '.' and '..' are not allowed in a store URI")

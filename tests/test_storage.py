@@ -70,6 +70,8 @@ def test_locations_and_names(tmp_path, monkeypatch):
     assert storage.experiment_dir(tmp_path, "x") == (tmp_path / "x").resolve()  # POSIX: unchanged
     with pytest.raises(TallyError):
         storage.experiment_dir("s3://b/p", "../x")
+    with pytest.raises(TallyError, match="expected scheme://bucket/prefix"):
+        storage.experiment_dir("s3://", "x")
     # an ordinary folder: push and pull do nothing
     assert storage.push(tmp_path) == [] and storage.pull(tmp_path) == []
 
