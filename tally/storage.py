@@ -170,7 +170,8 @@ def _listing(fs, base: str) -> dict[str, tuple[int, int]]:
 
 def _skipped(rel: str, skip: Iterable[str]) -> bool:
     parts = rel.split("/")
-    return any(p.startswith(".") for p in parts) or any(p in skip for p in parts[:-1])
+    hidden = any(p.startswith(".") for p in parts[:-1]) or (parts[-1].startswith(".") and parts[-1] != results.HEARTBEAT)
+    return hidden or any(p in skip for p in parts[:-1])
 
 
 def _safe(rel: str) -> bool:
@@ -227,6 +228,8 @@ def pull(local: Path, under: str | os.PathLike = "", skip: Iterable[str] = READ_
                 _fetch(fs, join(base, rel), path)
         except FileNotFoundError:  # deleted since the listing
             continue
+        if path.name == results.HEARTBEAT:  # its meaning is its time: the owner's last sign of life
+            os.utime(path, ns=(mtime, mtime))
         state[rel] = {"remote": [size, mtime], "local": _stat(path), "copied_at": time.time()}
         changed.append(rel)
     scope = local / under if under else local
@@ -318,6 +321,34 @@ def _errors(uri: str) -> Iterator[None]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def heartbeat(run_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """While the body runs, rewrite the run's ``.heartbeat`` object every HEARTBEAT_S, so readers of the
+    bucket can tell a long epoch from a dead owner (results.run_state reads its time, which pull keeps).
+    A no-op for an ordinary folder, whose heartbeat file the run touches itself."""
+    uri = remote_of(run_dir)
+    if uri is None or not enabled:
+        yield
+        return
+    fs, base = filesystem(uri)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception), fs.open_output_stream(join(base, results.HEARTBEAT)):
+                pass  # an empty object: its time is the message
+            if stop.wait(results.HEARTBEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, name="tally-bucket-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------- readers

@@ -189,3 +189,21 @@ def test_the_experiment_lock(prefix, monkeypatch, conditional):
                                                     "started": time.time()}).encode())
     with pytest.raises(TallyError, match="in use by host elsewhere pid 7"), storage.exclusive(exp, "experiment"):
         pass
+
+
+def test_a_heartbeat_in_the_bucket_keeps_a_long_epoch_running(prefix, monkeypatch):
+    """Readers on other hosts judge a running run by its heartbeat's time; the mirror keeps that time."""
+    writer, reader = storage.stage(prefix, "rank0"), storage.stage(prefix, "read")
+    results.write_json(writer / "status.json", {"status": "running", "owner": {"host": "elsewhere", "pid": 1},
+                                                "updated": time.time() - 10 * results.LOST_AFTER_S})
+    storage.push(writer)
+    storage.pull(reader)
+    assert results.run_state(reader, results.read_json(reader / "status.json")) == "lost"  # no sign of life
+    monkeypatch.setattr(results, "HEARTBEAT_S", 0.2)
+    with storage.heartbeat(writer):
+        time.sleep(0.5)
+    storage.pull(reader)
+    beat = (reader / results.HEARTBEAT).stat().st_mtime
+    fs, base = storage.filesystem(prefix)
+    assert beat == fs.get_file_info(f"{base}/{results.HEARTBEAT}").mtime.timestamp()  # the bucket's time
+    assert results.run_state(reader, results.read_json(reader / "status.json")) == "running"

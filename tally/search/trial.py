@@ -60,7 +60,8 @@ def train_worker(loop_config: dict) -> None:
                                    "ray_node_id": ray.get_runtime_context().get_node_id()},
                      memory_dump_dir=Path(loop_config["memory_dump_dir"]) if loop_config.get("memory_dump_dir") else None)
     try:  # validated once, by Spec.trial_config (or confirm/robustness's copies of a validated config)
-        metrics = train_run(loop_config["config"], run_dir, resume=True, ctx=ctx, validated=True)
+        with bucket.heartbeat(run_dir, enabled=main):
+            metrics = train_run(loop_config["config"], run_dir, resume=True, ctx=ctx, validated=True)
     finally:
         if main:
             bucket.push(run_dir)  # the final state: done with its tables, or failed with its error
