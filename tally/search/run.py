@@ -109,7 +109,7 @@ class StoreCallback(Callback):
         status = results.read_json(run_dir / "status.json") or {}
         if status.get("status") != "failed":
             status = results.write_status(run_dir, "failed", ended=time.time(),
-                                          error=_first_line(getattr(trial, "error_msg", None)) or "trial errored")
+                                          error=_trial_error(trial))
         print(f"trial {run_dir.name} failed: {status.get('error')} (details: {run_dir / 'status.json'})", flush=True)
         self._refresh()
 
@@ -121,6 +121,16 @@ class StoreCallback(Callback):
         if self.group == results.TRIALS_DIR:
             results.refresh_summary(Path(self.exp_dir))
         bucket.push(self.exp_dir)  # statuses written here, the summary, the study
+
+
+def _trial_error(trial) -> str:
+    """The last line of a failed trial's error as Tune keeps it (its message, else its error file)."""
+    text = getattr(trial, "error_msg", None)
+    path = getattr(trial, "error_file", None) or getattr(trial, "local_error_file", None)
+    if not text and path:
+        with contextlib.suppress(OSError, TypeError):
+            text = Path(path).read_text(errors="replace")
+    return _first_line(text) or "trial errored (no message from Ray)"
 
 
 def _first_line(text: str | None) -> str | None:

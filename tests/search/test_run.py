@@ -226,7 +226,7 @@ def test_dashboard_on_the_real_search_store(searched, monkeypatch):
 
 
 def test_confirm_seeds_robustness_and_report(searched, capsys):
-    from tally.cli import cmd_report
+    from tally.cli import main as cli_main
     from tally.results import best_trial
     from tally.search import confirm_seeds, robustness
 
@@ -246,15 +246,13 @@ def test_confirm_seeds_robustness_and_report(searched, capsys):
     held = results.read_run(exp_dir / "robustness" / "heldout-noisy-seed0")
     assert held.status["selection"]["split"] == "val" and not held.status["selection"]["oracle"]
 
-    args = type("Args", (), {"experiment": str(exp_dir), "split": None, "group": "robustness",
-                             "format": "latex"})()
-    assert cmd_report(args) == 0
+    assert cli_main(["report", str(exp_dir), "--group", "robustness", "--format", "latex"]) == 0
     latex = capsys.readouterr().out
     assert "\\begin{tabular}" in latex and "noisy" in latex and "worst pair" in latex
 
 
 def test_quiet_console_sets_and_restores_the_output_switch(monkeypatch):
-    from tally.search import _console
+    from tally.search.run import _console
 
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
     with _console(quiet=True):
