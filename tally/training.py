@@ -440,9 +440,12 @@ def _train_epoch(step: TrainStep, source: BatchSource, kinds, phase, steps, epoc
     total = torch.zeros((), device=source.device)
     bar = None
     if ctx.is_main and ctx.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1} {phase}", leave=False, mininterval=1.0, disable=None)
+        try:  # optional: a bare GPU image (torch, torchvision, pandas, pyarrow, PyYAML) trains without it
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1} {phase}", leave=False, mininterval=1.0, disable=None)
     for i, batches in enumerate(source.batches(kinds, steps)):
         loss = step(batches, phase)
         total += loss

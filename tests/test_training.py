@@ -211,14 +211,18 @@ def test_the_bank_stays_on_the_gpu_when_half_the_free_memory_holds_it(monkeypatc
 @pytest.mark.parametrize("stem_pass", ["separate", "joint"])
 def test_a_compiled_step_computes_the_eager_losses(stem_pass):
     """train.compile: 5 steps (2 warm-up, 3 TALLY) through torch.compile give the eager losses and
-    memories to 1e-4 (inductor fuses and reorders float32 sums); the smallest network."""
+    memories to 1e-3 relative, with training's optimiser (Adam, amsgrad, lr 1e-5); the smallest network.
+
+    The first loss is equal; inductor reorders float32 sums, and Adam (which divides by ~|g| on its
+    first steps) and the prototypes (zhat divides by sigma, ~1e-3 on near-constant maps) amplify those
+    differences: measured 1e-6 relative at step 2, 1.4e-4 at step 5."""
     from tally.config import validate
     from tally.training import BatchSource, TrainStep, _LossModule, build_method_for, build_optimizer
 
     _, train_ds, bank = _embedded()
     cfg = validate({"data": {"source": "embedded"}, "model": {"arch": "resnet10"},
                     "method": {"name": "tally", "stem_pass": stem_pass, "seed": 1},
-                    "train": {"device": "cpu", "batch_size": 8, "lr": 1e-3}})
+                    "train": {"device": "cpu", "batch_size": 8}})
     cpu = torch.device("cpu")
     runs = {}
     for compiled in (False, True):
@@ -232,6 +236,7 @@ def test_a_compiled_step_computes_the_eager_losses(stem_pass):
         runs[compiled] = losses, method.memory.state_dict()
     (eager, eager_memory), (compiled, compiled_memory) = runs[False], runs[True]
     assert eager[0] != eager[-1]
-    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    assert compiled[0] == eager[0]
+    assert compiled == pytest.approx(eager, rel=1e-3)
     for key, value in eager_memory.items():
-        torch.testing.assert_close(compiled_memory[key], value, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled_memory[key], value, rtol=1e-3, atol=1e-3)
