@@ -59,6 +59,9 @@ class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         raise ModuleNotFoundError(f"No module named {spec.name!r} (not on the GPU machine: bench/gpu_check.sh)",
                                   name=spec.name)
 
+    def get_code(self, name):  # runpy's way in (driver.py -m NAME)
+        self.create_module(importlib.machinery.ModuleSpec(name, self))
+
 
 sys.meta_path.insert(0, Block())
 module = sys.argv[1] == "-m"  # driver.py -m MODULE ARGS... | driver.py SCRIPT ARGS...

@@ -68,7 +68,7 @@ def _worker(rank, method, rendezvous, run_dir, dump_dir):
         ctx = RunContext(rank=rank, world_size=2, device=torch.device("cpu"), progress=False,
                          memory_dump_dir=dump_dir)
         train_run(_config(method), run_dir, ctx=ctx)
-        torch.save(decoded, f"{dump_dir}/decoded{rank}.pt")
+        torch.save(decoded, f"{run_dir}/../decoded{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -91,7 +91,7 @@ def test_two_workers_compute_what_one_process_computes_on_the_concatenated_batch
     train_run(_config(method), tmp_path / "one", ctx=ctx)
 
     # only rank 0 evaluates: rank 1 decodes the training split alone (148 images), rank 0 every split
-    decoded = [torch.load(tmp_path / "dumps" / f"decoded{r}.pt") for r in range(2)]
+    decoded = [torch.load(tmp_path / f"decoded{r}.pt") for r in range(2)]
     assert decoded[1] == [148] and decoded[0][0] == 148 and len(decoded[0]) == 3
     ddp, one = results.read_run(tmp_path / "ddp"), results.read_run(tmp_path / "one")
     assert list(ddp.epochs["steps"]) == list(one.epochs["steps"]) == [10, 3]
