@@ -120,6 +120,7 @@ def test_only_epochs_after_the_warmup_may_be_kept(tmp_path, monkeypatch):
     ({"method": {"name": "erm"}, "train": {"epochs": 2, "warmup_epochs": 2}}, "train.select_from"),
     ({"train": {"select_from": "warmup"}}, "train.select_from"),
     ({"train": {"sync_bn": "yes"}}, "train.sync_bn"),
+    ({"train": {"compile": True, "compile_mode": "reduce-overhead"}}, "train.compile_mode"),  # CUDA graphs, on cpu
 ])
 def test_settings_that_cannot_work_are_refused_before_anything_runs(tmp_path, patch, field):
     cfg = tiny_config()
