@@ -221,7 +221,9 @@ def main(argv=None) -> None:
     args.blocks = args.blocks or (5 if gpu else 4)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     args.runners, args.modes = args.runners.split(","), args.modes.split(",")
-    if not gpu:
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # as training does on CUDA (unless train.deterministic)
+    else:
         keep_cpu_memory()  # as training does on the CPU
     if args.threads:
         torch.set_num_threads(args.threads)
