@@ -1,185 +1,241 @@
-"""Time per training step of TALLY (main phase, both stem passes) against ERM, side by side in one process.
+"""Time training's own step: ERM (warm-up step) against TALLY (main step, both stem passes), eager against
+torch.compile, side by side in one process.
 
-Runners: ERM (its warm-up step), TALLY with A and N through the stem in two passes (stem_pass: separate,
-the default and the reference's protocol: BatchNorm normalises each batch by its own statistics) and
-TALLY with one concatenated pass (stem_pass: joint). All use the same backbone, batch size and input size;
-a step covers the whole hot path: sampler draws, the data path from a pre-decoded uint8 bank (index ->
-float -> normalise), forward, backward, TALLY's memory update, and the optimiser step (Adam, amsgrad).
-FLOPs of one forward+backward are counted with FlopCounterMode; "floor" = TALLY FLOPs / ERM FLOPs (stem
-over A and N, head over A only; the same for both passes), and meas/floor shows how much of TALLY's extra
-time its extra arithmetic does not explain. Images/s counts labelled images: B per step for every runner.
+Every runner is built from training's own parts (tally.training): the method (build_method, the
+SplitResNet cut after layer2), the optimiser (build_optimizer: Adam amsgrad, fused on CUDA), the batch
+source (BatchSource: bank placement, pinned index copies, host prefetch when the bank stays on the CPU,
+augmentation) and the step (TrainStep: bf16 autocast on CUDA, zero_grad, backward, optimiser step,
+torch.compile with train.compile). A step is the whole hot path from the sampler draw to the optimiser.
 
-    python bench/train_step.py [--quick] [--device cpu|cuda] [--bf16] [--channels-last] [--threads N]
+Timing: on CUDA, CUDA events around blocks of steps (no synchronisation between steps) after warm-up
+steps, and the GPU memory peak of each runner; on the CPU, wall and process-CPU time around the same
+blocks (the CPU time is the steadier measure on a shared machine: it does not count time spent waiting
+for a core). Blocks of runners are interleaved in rotating order so that drifting load hits all alike;
+img/s are medians over blocks of labelled images (B per step for every runner). "compile s" is the time
+of a compiled runner's first steps (both phases' graphs) beyond its steady step time.
+
+    PYTHONPATH=. python bench/train_step.py [--device cpu|cuda] [--configs r18-64,r50-224] [--modes eager,compiled]
+        [--runners erm,tally,tally-joint] [--steps N] [--blocks N] [--warmup N] [--batch 18] [--threads N]
+        [--compile-mode default|reduce-overhead] [--placement auto|device|host]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
 import statistics
 import time
+import warnings
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tally.method import SplitResNet, TrainInfo, build_method, build_sampler
+from tally.config import validate
+from tally.data.bank import ImageBank
+from tally.method import SplitResNet, TrainInfo, build_method
 from tally.method.perf import keep_cpu_memory
+from tally.training import BatchSource, TrainStep, _LossModule, build_optimizer
 
-# runner -> the phase it is timed in; "tally" is stem_pass: separate (the default)
-RUNNERS = {"erm": "warmup", "tally": "main", "tally-joint": "main"}
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# runner -> (method, stem pass, the phase it is timed in)
+RUNNERS = {"erm": ("erm", None, "warmup"), "tally": ("tally", "separate", "main"),
+           "tally-joint": ("tally", "joint", "main")}
+CONFIGS = {"r18-64": ("resnet18", 64), "r50-224": ("resnet50", 224), "r10-32": ("resnet10", 32)}
 K, D, BANK = 7, 4, 256  # PACS-like: 7 classes, 4 domains; a small bank of pre-decoded images
 
 
-def make_bank(size: int, seed: int = 0):
+def make_bank(size: int, seed: int = 0) -> ImageBank:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (BANK, 3, size, size), dtype=torch.uint8, generator=g)
-    # long-tailed labels (class c has weight 2^-c), domains uniform
-    prior = 2.0 ** -torch.arange(K, dtype=torch.float)
+    prior = 2.0 ** -torch.arange(K, dtype=torch.float)  # long-tailed labels: class c has weight 2^-c
     labels = torch.multinomial(prior, BANK, replacement=True, generator=g)
     labels[:K] = torch.arange(K)  # every class present
-    domains = torch.randint(D, (BANK,), generator=g)
-    return images, labels, domains
+    return ImageBank(images, labels, torch.randint(D, (BANK,), generator=g))
 
 
 class Runner:
-    """One method, its optimiser, samplers and data path; `step(phase)` is one full training step."""
+    """One method with its optimiser, batch source and step, exactly as tally.training builds them."""
 
-    def __init__(self, name, arch, size, bank, device, channels_last, batch, bf16=False):
-        images, labels, domains = bank
+    def __init__(self, name: str, arch: str, size: int, bank: ImageBank, device, args, compiled: bool):
+        method_name, stem_pass, self.phase = RUNNERS[name]
+        cfg = validate({"data": {"image_size": size}, "model": {"arch": arch},
+                        "method": {"name": method_name, **({"stem_pass": stem_pass} if stem_pass else {})},
+                        "train": {"batch_size": args.batch, "device": device.type, "compile": compiled,
+                                  "compile_mode": args.compile_mode}})
         torch.manual_seed(0)
-        net = SplitResNet(arch, "layer2", K)
-        info = TrainInfo(K, D, torch.bincount(labels, minlength=K), size)
-        method_name, _, stem_pass = name.partition("-")  # "tally-joint" -> ("tally", "joint")
-        cfg = {"seed": 0} | ({"stem_pass": stem_pass} if stem_pass else {})
-        self.method = build_method(method_name, net, info, cfg).to(device)
-        self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.method.net.to(memory_format=self.fmt)
-        self.method.train()
-        params = list(self.method.parameters())
-        try:
-            self.opt = torch.optim.Adam(params, lr=1e-5, weight_decay=1e-6, amsgrad=True, fused=True)
-            self.opt_kind = "fused"
-        except (RuntimeError, TypeError):
-            self.opt = torch.optim.Adam(params, lr=1e-5, weight_decay=1e-6, amsgrad=True, foreach=True)
-            self.opt_kind = "foreach"
-        self.images, self.labels, self.domains = images, labels, domains
-        kinds = ("uniform", "class_balanced", "domain_balanced")
-        self.samplers = {k: build_sampler(k, labels, domains, seed=i) for i, k in enumerate(kinds)}
-        self.device, self.batch = device, batch
-        self.scale = (1.0 / (255.0 * torch.tensor(STD))).view(1, 3, 1, 1).to(device)
-        self.shift = (-torch.tensor(MEAN) / torch.tensor(STD)).view(1, 3, 1, 1).to(device)
+        net = SplitResNet(arch, cfg["model"]["cut"], K)
+        info = TrainInfo(K, D, torch.bincount(bank.labels, minlength=K), size)
+        method_cfg = {k: v for k, v in cfg["method"].items() if k != "name"}
+        self.method = build_method(method_name, net, info, method_cfg).to(device)
+        if device.type == "cuda":  # as training: channels_last on CUDA
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.method.parameters(), cfg["train"], device)
+        self.source = BatchSource(bank, cfg["data"], args.batch, 0, device, placement=args.placement)
+        self.step = TrainStep(_LossModule(self.method), self.optimizer, device,
+                              autocast=device.type == "cuda" and cfg["train"]["bf16"],
+                              compile_mode=args.compile_mode if compiled else None)
+        self.device = device
 
-    def batches(self, phase):
-        out = []
-        for kind in self.method.batch_kinds(phase):
-            idx = self.samplers[kind].draw(self.batch)
-            x = self.images.index_select(0, idx).to(self.device, non_blocking=True)
-            x = torch.addcmul(self.shift, x.float(), self.scale).contiguous(memory_format=self.fmt)
-            out.append((x, self.labels[idx].to(self.device), self.domains[idx].to(self.device)))
-        return tuple(out)
-
-    def step(self, phase):
-        with self.amp:
-            loss = self.method(self.batches(phase), phase)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+    def run(self, steps: int, phase: str | None = None) -> torch.Tensor:
+        phase = phase or self.phase
+        loss = None
+        for batches in self.source.batches(self.method.batch_kinds(phase), steps):
+            loss = self.step(batches, phase)
         return loss
 
-    def flops(self, phase):
-        batches = self.batches(phase)
-        with FlopCounterMode(display=False) as fc, self.amp:
-            self.method(batches, phase).backward()
-        self.opt.zero_grad(set_to_none=True)
-        return fc.get_total_flops()
+    def flops(self) -> int:
+        batches = self.source.draw(self.method.batch_kinds(self.phase))
+        with FlopCounterMode(display=False) as counter, self.step.amp:
+            self.method(batches, self.phase).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
 
 
-def sync(device):
+def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(runner, phase, steps, device):
-    """(wall, process CPU) seconds per step. On a shared CPU box the process CPU time is the steadier
-    measure: it does not count time this process waited for a core that another process held."""
-    out = []
-    for _ in range(steps):
-        sync(device)
-        t, c = time.perf_counter(), time.process_time()
-        runner.step(phase)
-        sync(device)
-        out.append((time.perf_counter() - t, time.process_time() - c))
-    return out
+def timed_block(runner: Runner, steps: int) -> tuple[float, float]:
+    """(wall s, process-CPU s) per step over one block; on CUDA the wall time is from CUDA events."""
+    if runner.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        runner.run(steps)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / steps, float("nan")
+    t, c = time.perf_counter(), time.process_time()
+    runner.run(steps)
+    return (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
 
 
-def bench(arch, size, args, device):
+def host_syncs_per_step(runner: Runner, steps: int = 3) -> float:
+    """CUDA only: synchronising calls per step, counted by torch's sync debug mode."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            runner.run(steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
+def bench(arch: str, size: int, args, device) -> list[dict]:
     bank = make_bank(size)
-    runs = {name: (Runner(name, arch, size, bank, device, args.channels_last, args.batch, args.bf16), phase)
-            for name, phase in RUNNERS.items()}
-    floor = runs["tally"][0].flops("main") / runs["erm"][0].flops("warmup")
-    for _ in range(args.warmup):  # also fills TALLY's memories, as its warm-up epochs would
-        for runner, phase in runs.values():
-            if phase == "main":
-                runner.step("warmup")
-            runner.step(phase)
-    times = {k: [] for k in runs}
-    order = list(runs)
-    for r in range(args.repeats):  # interleaved, rotating order, so drifting load hits all alike
-        for k in order[r % len(order) :] + order[: r % len(order)]:
-            times[k] += timed(*runs[k], args.steps, device)
-    wall = {k: statistics.median(w for w, _ in ts) for k, ts in times.items()}
-    cpu = {k: statistics.median(c for _, c in ts) for k, ts in times.items()}
-    return {"floor": floor, "wall": wall, "cpu": cpu, "n": len(times["erm"]), "opt": runs["erm"][0].opt_kind}
+    runners, rows = {}, []
+    for name in args.runners:
+        for mode in args.modes:
+            before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+            runner = Runner(name, arch, size, bank, device, args, compiled=mode == "compiled")
+            t0 = time.perf_counter()
+            if runner.phase == "main":  # fill TALLY's memories (and compile its warm-up graph)
+                runner.run(1, "warmup")
+            runner.run(args.warmup)
+            sync(device)
+            first = time.perf_counter() - t0
+            # what stays allocated between steps: weights, optimiser state, memories, bank, graphs
+            runner.resident = torch.cuda.memory_allocated() - before if device.type == "cuda" else 0
+            runners[(name, mode)] = (runner, first, 1 + args.warmup if runner.phase == "main" else args.warmup)
+    floor = None
+    if {"erm", "tally"} <= set(args.runners) and "eager" in args.modes:
+        floor = runners[("tally", "eager")][0].flops() / runners[("erm", "eager")][0].flops()
+    times = {key: [] for key in runners}
+    order = list(runners)
+    for b in range(args.blocks):
+        for key in order[b % len(order):] + order[: b % len(order)]:
+            times[key].append(timed_block(runners[key][0], args.steps))
+    for (name, mode), (runner, first, first_steps) in runners.items():
+        wall = statistics.median(w for w, _ in times[(name, mode)])
+        cpu = statistics.median(c for _, c in times[(name, mode)])
+        row = {"config": f"{arch} {size}px", "runner": name, "mode": mode, "img/s": args.batch / wall,
+               "ms/step": 1000 * wall, "steps": args.blocks * args.steps,
+               "compile s": max(first - first_steps * wall, 0.0) if mode == "compiled" else None, "floor": floor}
+        if device.type == "cuda":
+            row["peak MB"] = gpu_peak(runner) / 2**20
+            row["syncs/step"] = host_syncs_per_step(runner)
+        else:
+            row["cpu img/s"] = args.batch / cpu
+        rows.append(row)
+    return rows
 
 
-def main(argv=None):
+def gpu_peak(runner: Runner) -> int:
+    """Bytes this runner needs alone: what it keeps allocated plus the peak a step adds on top (other
+    runners' allocations are in the same process and are left out)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runner.run(2)
+    torch.cuda.synchronize()
+    return runner.resident + torch.cuda.max_memory_allocated() - base
+
+
+def print_rows(rows: list[dict], device) -> None:
+    cols = ["config", "runner", "mode", "img/s", "ms/step"]
+    cols += ["peak MB", "syncs/step"] if device.type == "cuda" else ["cpu img/s"]
+    cols += ["compile s", "steps"]
+    print(" ".join(f"{c:>13}" for c in cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{'-':>13}" if v is None else f"{v:>13.1f}" if isinstance(v, float) else f"{v!s:>13}")
+        print(" ".join(cells), flush=True)
+    by = {(r["config"], r["runner"], r["mode"]): r for r in rows}
+    for config in dict.fromkeys(r["config"] for r in rows):
+        parts = []
+        for name in RUNNERS:
+            e, c = by.get((config, name, "eager")), by.get((config, name, "compiled"))
+            if e and c:
+                parts.append(f"{name} compiled/eager {c['img/s'] / e['img/s']:.3f}x")
+                if "cpu img/s" in e:
+                    parts[-1] += f" (cpu time {c['cpu img/s'] / e['cpu img/s']:.3f}x)"
+        for mode in ("eager", "compiled"):
+            e, t = by.get((config, "erm", mode)), by.get((config, "tally", mode))
+            if e and t:
+                parts.append(f"{mode} TALLY/ERM step {e['img/s'] / t['img/s']:.3f}")
+        floor = next(iter(r["floor"] for r in rows if r["config"] == config))
+        if floor:
+            parts.append(f"FLOP floor TALLY/ERM {floor:.3f}")
+        print(f"{config}: " + "; ".join(parts), flush=True)
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="resnet18 at 64 px only, fewer steps")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--configs", default="r18-64,r50-224", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--runners", default="erm,tally,tally-joint", help=f"comma-separated, of {', '.join(RUNNERS)}")
+    p.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
+    p.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead"))
+    p.add_argument("--placement", default="auto", choices=("auto", "device", "host"), help="of the image bank")
     p.add_argument("--batch", type=int, default=18)
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (as training on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed block (CUDA 10, CPU 2)")
+    p.add_argument("--blocks", type=int, default=None, help="timed blocks per runner (CUDA 5, CPU 4)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (CUDA 10, CPU 2)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--default-malloc", action="store_true", help="skip keep_cpu_memory() (glibc defaults)")
     args = p.parse_args(argv)
-    malloc = "glibc default" if args.default_malloc else f"keep_cpu_memory={keep_cpu_memory()}"
     device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.steps = args.steps or (10 if gpu else 2)
+    args.blocks = args.blocks or (5 if gpu else 4)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    args.runners, args.modes = args.runners.split(","), args.modes.split(",")
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # as training does on CUDA (unless train.deterministic)
+    else:
+        keep_cpu_memory()  # as training does on the CPU
     if args.threads:
         torch.set_num_threads(args.threads)
-    # arch, px, steps per round, rounds, warm-up steps
-    configs = (
-        [("resnet18", 64, 2, 3, 2)] if args.quick else [("resnet18", 64, 5, 8, 3), ("resnet50", 224, 1, 4, 1)]
-    )
-    print(
-        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"batch {args.batch} (+{args.batch} for TALLY), cut layer2, {'bf16 autocast, ' if args.bf16 else ''}"
-        f"{'channels_last' if args.channels_last else 'contiguous'}, malloc {malloc}"
-    )
-    print(
-        f"{'arch':9} {'px':>4} {'ERM img/s':>9} {'2-pass img/s':>12} {'joint img/s':>11} {'2-pass/ERM':>10} "
-        f"{'joint/ERM':>9} {'2-pass/joint':>12} {'FLOP floor':>10} {'2-pass meas/floor':>17} "
-        f"{'cpu: 2-pass/ERM':>15} {'joint/ERM':>9} {'2-pass/joint':>12} {'steps':>5}"
-    )
-    for arch, size, steps, repeats, warmup in configs:
-        args.steps, args.repeats, args.warmup = steps, repeats, warmup
-        r = bench(arch, size, args, device)
-        w, c, b = r["wall"], r["cpu"], args.batch
-        two, joint = w["tally"] / w["erm"], w["tally-joint"] / w["erm"]
-        print(
-            f"{arch:9} {size:>4} {b / w['erm']:>9.1f} {b / w['tally']:>12.1f} {b / w['tally-joint']:>11.1f} "
-            f"{two:>10.3f} {joint:>9.3f} {w['tally'] / w['tally-joint']:>12.3f} {r['floor']:>10.3f} "
-            f"{two / r['floor']:>17.3f} {c['tally'] / c['erm']:>15.3f} {c['tally-joint'] / c['erm']:>9.3f} "
-            f"{c['tally'] / c['tally-joint']:>12.3f} {r['n']:>5}",
-            flush=True,
-        )
-    print(
-        f"optimizer: Adam(amsgrad, {r['opt']}); medians over interleaved rounds of wall-clock time; ratios are of\n"
-        "seconds per step ('cpu:' the same ratios on process CPU time, steadier on a shared machine);\n"
-        "img/s = labelled images (B per step for every runner); 2-pass = stem_pass separate (default), joint =\n"
-        "one concatenated stem pass"
-    )
+    where = torch.cuda.get_device_name(device) if gpu else f"cpu, {torch.get_num_threads()} threads"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, {where}, load average {load}, batch {args.batch} (+{args.batch} for TALLY), "
+          f"cut layer2, {'bf16 autocast, channels_last' if gpu else 'float32'}, compile mode {args.compile_mode}, "
+          f"{args.warmup} warm-up steps, {args.blocks} blocks x {args.steps} steps", flush=True)
+    for key in args.configs.split(","):
+        arch, size = CONFIGS[key]
+        print_rows(bench(arch, size, args, device), device)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

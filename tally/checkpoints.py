@@ -13,17 +13,16 @@ from tally.errors import TallyError
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The global RNGs, device-independent: CPU torch and Python. No per-GPU CUDA state: training draws
+    nothing from the global CUDA generators (its streams are CPU generators, tally.training.BatchSource),
+    and a list of per-GPU states could not be restored by a resume on fewer GPUs, or on the CPU."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore rng_state(); a "cuda" entry (per-GPU states of older checkpoints) is ignored."""
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _as_tuple(x):

@@ -114,6 +114,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "bf16": Field(bool, True),
         # data-parallel runs: BatchNorm over the global batch (SyncBatchNorm, CUDA only); off = per worker
         "sync_bn": Field(bool, False),
+        # the training step through torch.compile (inductor); compile_mode 'reduce-overhead' adds CUDA graphs
+        "compile": Field(bool, False),
+        "compile_mode": Field(str, "default", choices=("default", "reduce-overhead")),
+        # CUDA: cuDNN's deterministic algorithms and no autotuning (cudnn.benchmark), slower
+        "deterministic": Field(bool, False),
     },
 }
 SECTIONS = (*SCHEMA, "method")
@@ -148,6 +153,9 @@ def validate(raw: dict, source: str = "config") -> dict:
     if pretrained == "imagenet" and out["model"]["arch"] == "resnet10":
         raise TallyError("model.pretrained: 'imagenet' weights do not exist for resnet10")
     _check_main_phase(train, out["method"]["name"])
+    if train["compile"] and train["compile_mode"] == "reduce-overhead" and train["device"] != "cuda":
+        raise TallyError(f"train.compile_mode: 'reduce-overhead' replays CUDA graphs; it needs train.device "
+                         f"'cuda', got {train['device']!r}")
     data = out["data"]
     if data["setting"] == "domain" and not data["held_out"] and data["source"] != "wilds":
         raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")

@@ -43,35 +43,57 @@ def gather_is_cheaper(num_classes: int, world_size: int, batch_size: int) -> boo
 
 
 class DistributedSync:
-    """tally.method.memory.MemorySync over torch.distributed."""
+    """tally.method.memory.MemorySync over torch.distributed, with no host synchronisation per step.
 
-    def __init__(self, gather_classes: bool):
+    Ranks share the batch size, so a gather needs no size exchange (which would read a tensor back to
+    the host: `int(size)` waits for the queued step): every rank sends exactly `rows` rows into a
+    preallocated buffer. The dense sums are packed into one all-reduce (one collective per step,
+    not five). Collectives are excluded from torch.compile (train.compile): they run eagerly between
+    the compiled regions.
+    """
+
+    def __init__(self, gather_classes: bool, rows: int | None = None):
         self.gather_classes = gather_classes
         self.world_size = dist.get_world_size()
+        self.rows = rows  # every rank's row count in all_gather (None: whatever the first call sends)
+        self._gathered: dict[tuple, torch.Tensor] = {}
 
+    @torch.compiler.disable
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        """Sum each tensor over the ranks, in place, in one collective (one flat buffer; one dtype)."""
+        if len(tensors) == 1:
+            dist.all_reduce(tensors[0], op=dist.ReduceOp.SUM)
+            return
+        if len({t.dtype for t in tensors}) != 1:
+            raise ValueError("all_reduce_sum packs its tensors into one buffer: they must share a dtype")
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(part.view_as(t))
 
+    @torch.compiler.disable
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every worker's rows, concatenated in rank order (sizes may differ between workers)."""
-        world = dist.get_world_size()
-        size = torch.tensor([tensor.shape[0]], device=tensor.device)
-        sizes = [torch.empty_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size)
-        sizes = [int(s) for s in sizes]
-        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+        """Every rank's rows, concatenated in rank order. Every rank sends the same number of rows.
+
+        The result lives in a buffer reused by the next gather of the same shape: use it before then.
+        """
+        if self.rows is None:
+            self.rows = tensor.shape[0]
+        if tensor.shape[0] != self.rows:
+            raise ValueError(f"all_gather: every rank sends {self.rows} rows (the batch size), got {tensor.shape[0]}")
+        key = (tensor.dtype, tensor.device, tuple(tensor.shape))
+        out = self._gathered.get(key)
+        if out is None:
+            out = self._gathered[key] = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor.contiguous())
+        return out
 
 
 def memory_sync(num_classes: int, world_size: int, batch_size: int) -> DistributedSync | None:
     """None for one process; else the cheaper of the two ways to share memory updates."""
     if world_size == 1:
         return None
-    return DistributedSync(gather_classes=gather_is_cheaper(num_classes, world_size, batch_size))
+    return DistributedSync(gather_classes=gather_is_cheaper(num_classes, world_size, batch_size), rows=batch_size)
 
 
 def broadcast_object(obj, distributed: bool):

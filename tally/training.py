@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from tally.method.memory import MemorySync
 from tally.method.methods import Method, TrainInfo, build_method
 from tally.method.perf import keep_cpu_memory
 from tally.method.samplers import build_sampler
+from tally.method.stats import to_device
 
 # 2: one random-stream state per rank ("ranks"); version 1 checkpoints shared streams across ranks
 CHECKPOINT_VERSION = 2
@@ -127,6 +129,16 @@ def build_optimizer(params, train_cfg: dict, device: torch.device) -> torch.opti
     return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=train_cfg["sgd_momentum"], **fused)
 
 
+def bank_fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Keep a bank on the training device? Yes on the CPU (it is already there); on a GPU when it takes
+    at most half of the memory free now (torch.cuda.mem_get_info): the other half is for the step
+    (activations, memories, optimiser state) and for other runs sharing the GPU."""
+    if device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 2
+
+
 class BatchSource:
     """Draws (x, y, d) batches from a decoded image bank for the data-parallel ranks this process plays.
 
@@ -135,37 +147,105 @@ class BatchSource:
     purpose and sharded: each rank takes its own block of every global draw, so a warm-up epoch shows
     each example once across all ranks. Playing several ranks concatenates their draws in rank order,
     which is the global batch of a data-parallel run.
+
+    Placement: the bank is indexed on the training device when it fits there (bank_fits_on_device);
+    otherwise ("host") `batches()` gathers the next step's images on the CPU in a background thread into
+    pinned double buffers while this step computes, and copies them without blocking. Either way one
+    draw makes one pinned, non-blocking index copy. Every random stream is a CPU generator, so
+    checkpoints hold no device-specific state: on a GPU each augmentation draws from a device
+    generator seeded from the rank's CPU stream.
     """
 
     def __init__(self, bank: ImageBank, data_cfg: dict, batch_size: int, seed: int, device: torch.device,
-                 ranks: Sequence[int] = (0,), world_size: int = 1):
+                 ranks: Sequence[int] = (0,), world_size: int = 1, placement: str = "auto"):
+        if placement not in ("auto", "device", "host"):
+            raise ValueError(f"placement: expected auto, device or host, got {placement!r}")
         self.bank, self.batch_size, self.device = bank, batch_size, device
         self.flip, self.crop_padding = data_cfg["flip"], data_cfg["crop_padding"]
-        # small banks live on the device: indexing then costs no host->device copy
-        on_device = device.type == "cpu" or bank.images.numel() < 2**31
-        self.images = bank.images.to(device) if on_device else bank.images
+        images = bank.images
+        self.on_device = placement == "device" or (
+            placement == "auto" and bank_fits_on_device(images.numel() * images.element_size(), device))
+        self.images = images.to(device) if self.on_device else images
         self.labels, self.domains = bank.labels.to(device), bank.domains.to(device)
         self.ranks = [self._rank_streams(bank, seed, r, world_size) for r in ranks]
+        self._device_generator = torch.Generator(device=device) if device.type != "cpu" else None
+        self._buffers: list[torch.Tensor] = []  # host placement: two pinned (kinds, rows, 3, S, S) buffers
+        self._copied: list = [None, None]  # host placement: the device copy out of each buffer (CUDA event)
 
     def _rank_streams(self, bank: ImageBank, seed: int, rank: int, world_size: int) -> dict:
         samplers = {"uniform": build_sampler("uniform", bank.labels, bank.domains,
                                              stream_seed(seed, None, "uniform"), rank, world_size)}
         for kind in ("class_balanced", "domain_balanced"):
             samplers[kind] = build_sampler(kind, bank.labels, bank.domains, stream_seed(seed, rank, kind))
-        augment_gen = torch.Generator(device=self.device).manual_seed(stream_seed(seed, rank, "augment"))
+        augment_gen = torch.Generator().manual_seed(stream_seed(seed, rank, "augment"))
         return {"samplers": samplers, "augment": augment_gen}
 
-    def draw(self, kinds: tuple[str, ...]):
+    def _indices(self, kinds: tuple[str, ...]) -> torch.Tensor:
+        """(len(kinds), rows) CPU int64: each kind's draw, the ranks' draws concatenated in rank order."""
+        return torch.stack([torch.cat([r["samplers"][kind].draw(self.batch_size) for r in self.ranks])
+                            for kind in kinds])
+
+    def _augment_generator(self, rank: dict) -> torch.Generator:
+        if self._device_generator is None:
+            return rank["augment"]
+        seed = int(torch.randint(2**62, (), generator=rank["augment"]))  # a CPU tensor: no device sync
+        return self._device_generator.manual_seed(seed)
+
+    def _assemble(self, idx: torch.Tensor, images: torch.Tensor) -> tuple:
+        """Batches from the drawn indices (on the device) and their uint8 images ((kinds, rows, 3, S, S))."""
+        labels, domains = self.labels[idx], self.domains[idx]
         out = []
-        for kind in kinds:
-            idx = torch.cat([r["samplers"][kind].draw(self.batch_size) for r in self.ranks])
-            x = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
-            idx = idx.to(self.device)
-            parts = x.split(self.batch_size)  # each rank's rows flip and crop from that rank's stream
-            x = torch.cat([augment(part, r["augment"], flip=self.flip, crop_padding=self.crop_padding)
+        for i in range(idx.shape[0]):
+            parts = images[i].to(self.device, non_blocking=True).split(self.batch_size)
+            # each rank's rows flip and crop from that rank's stream
+            x = torch.cat([augment(part, self._augment_generator(r), flip=self.flip, crop_padding=self.crop_padding)
                            for part, r in zip(parts, self.ranks, strict=True)])
-            out.append((x, self.labels[idx], self.domains[idx]))
+            out.append((x, labels[i], domains[i]))
         return tuple(out)
+
+    def draw(self, kinds: tuple[str, ...]):
+        """One batch per kind, gathered now (no prefetch)."""
+        idx_cpu = self._indices(kinds)
+        idx = to_device(idx_cpu, self.device)  # the one pinned, non-blocking index copy of this draw
+        return self._assemble(idx, self.images[idx] if self.on_device else self.images[idx_cpu])
+
+    def batches(self, kinds: tuple[str, ...], steps: int):
+        """The `steps` batches of an epoch: what `steps` calls of draw(kinds) return, in order.
+
+        From a host-side bank the next step's images are gathered while this step runs. Prefetching
+        stays within the epoch, so the samplers' states at its end (what a checkpoint saves) are those
+        after exactly `steps` draws.
+        """
+        if self.on_device:
+            for _ in range(steps):
+                yield self.draw(kinds)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="tally-gather") as pool:
+            idx = self._indices(kinds) if steps else None
+            pending = pool.submit(self._gather, idx, 0) if steps else None
+            for step in range(steps):
+                images, current = pending.result(), idx
+                if step + 1 < steps:  # the next step's draw, gathered while this one computes
+                    idx = self._indices(kinds)
+                    pending = pool.submit(self._gather, idx, (step + 1) % 2)
+                batch = self._assemble(to_device(current, self.device), images)
+                if self.device.type == "cuda":  # the buffer may be refilled once its copy is done
+                    self._copied[step % 2] = torch.cuda.Event()
+                    self._copied[step % 2].record()
+                yield batch
+
+    def _gather(self, idx: torch.Tensor, slot: int) -> torch.Tensor:
+        """The images of idx (kinds, rows) into host buffer `slot` (pinned when a GPU is the target)."""
+        shape = (*idx.shape, *self.images.shape[1:])
+        if not self._buffers or self._buffers[0].shape != shape:
+            pin = self.device.type == "cuda"
+            self._buffers = [torch.empty(shape, dtype=self.images.dtype, pin_memory=pin) for _ in range(2)]
+            self._copied = [None, None]
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # its previous contents are still being copied to the device
+        buffer = self._buffers[slot]
+        torch.index_select(self.images, 0, idx.reshape(-1), out=buffer.view(-1, *self.images.shape[1:]))
+        return buffer
 
     def state_dict(self) -> list[dict]:
         return [{"samplers": {k: s.state_dict() for k, s in r["samplers"].items()},
@@ -175,7 +255,11 @@ class BatchSource:
         for r, saved in zip(self.ranks, state, strict=True):
             for k, s in r["samplers"].items():
                 s.load_state_dict(saved["samplers"][k])
-            r["augment"].set_state(saved["augment"])
+            augment_state = saved["augment"]
+            if augment_state.numel() != r["augment"].get_state().numel():
+                raise TallyError("checkpoint: its augmentation stream was saved from a device generator (a "
+                                 "run before device-independent streams); it cannot resume: start a new run")
+            r["augment"].set_state(augment_state)
 
 
 class _LossModule(nn.Module):
@@ -187,6 +271,36 @@ class _LossModule(nn.Module):
 
     def forward(self, batches, phase: str):
         return self.method.loss(batches, phase)
+
+
+class TrainStep:
+    """One optimisation step exactly as training runs it (bench/train_step.py times this very object):
+    the loss under bf16 autocast when asked (CUDA), zero_grad, backward, the optimiser step.
+
+    With compile_mode (train.compile) the loss module runs through torch.compile (inductor, fixed
+    shapes: dynamic=False): per phase one graph from the stem(s) to the loss, backward compiled with
+    it. The random draws (CPU generators), the memory update and the collectives are excluded
+    (torch.compiler.disable) and run eagerly between graphs, so they behave exactly as in eager mode.
+    "reduce-overhead" replays the compiled graphs as CUDA graphs (a step at batch 18 is launch-bound).
+    """
+
+    def __init__(self, loss_module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 autocast: bool = False, compile_mode: str | None = None):
+        self.loss_module, self.optimizer, self.compile_mode = loss_module, optimizer, compile_mode
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        self.forward = (torch.compile(loss_module, mode=compile_mode, dynamic=False) if compile_mode
+                        else loss_module)
+
+    def __call__(self, batches, phase: str) -> torch.Tensor:
+        """The step's loss (detached, on the device: reading it would wait for the step)."""
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
+        with self.amp:
+            loss = self.forward(batches, phase)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
 
 
 # ---------------------------------------------------------------- the run
@@ -274,8 +388,14 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     seed_everything(tcfg["seed"])
     train_ds = splits["train"]
     train_counts = train_ds.counts()
+    # only rank 0 evaluates: the other ranks decode the training split alone
     banks = {name: bank_for_training(ds, dcfg["image_size"], workers=dcfg["decode_workers"])
-             for name, ds in splits.items()}
+             for name, ds in splits.items() if ctx.is_main or name == "train"}
+    if device.type == "cuda":
+        # shapes are fixed, so cuDNN may time its algorithms once per shape and keep the fastest; that
+        # choice can differ between runs (the reference's defect 6), so train.deterministic keeps it off
+        torch.backends.cudnn.benchmark = not tcfg["deterministic"]
+        torch.backends.cudnn.deterministic = tcfg["deterministic"]
 
     distributed = ctx.world_size > 1
     sync = memory_sync(len(train_ds.class_names), ctx.world_size, tcfg["batch_size"])
@@ -287,13 +407,17 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
         method = method.to(memory_format=torch.channels_last)
     loss_module: nn.Module = _LossModule(method)
     if distributed:
-        # memories are all-reduced explicitly; broadcasting buffers would copy them every step
+        # memories are all-reduced explicitly; broadcasting buffers would copy them every step.
+        # Gradients are views of the all-reduce buckets (no copy in or out); the graph is static: every
+        # step of every phase uses every parameter (so DDP can skip its per-step search for unused ones)
         loss_module = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            broadcast_buffers=False, gradient_as_bucket_view=True, static_graph=True)
     optimizer = build_optimizer(method.parameters(), tcfg, device)
     source = BatchSource(banks["train"], dcfg, tcfg["batch_size"], tcfg["seed"], device,
                          ctx.data_ranks, ctx.data_world_size)
+    step = TrainStep(loss_module, optimizer, device, autocast=device.type == "cuda" and tcfg["bf16"],
+                     compile_mode=tcfg["compile_mode"] if tcfg["compile"] else None)
 
     start_epoch, best = 0, {"value": -math.inf, "epoch": None}
     last_path = run_dir / "checkpoints" / "last.pt"
@@ -301,7 +425,6 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     if resume and resume_path.exists():
         start_epoch, best = _resume(resume_path, method, optimizer, source, run_dir, ctx)
 
-    autocast = device.type == "cuda" and tcfg["bf16"]
     selection = selection_split(cfg, splits)
     for epoch in range(start_epoch, tcfg["epochs"]):
         t0 = time.time()
@@ -309,8 +432,7 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
         # a warm-up epoch is one pass of the (sharded) uniform sampler over the training set
         steps = (math.ceil(len(train_ds) / (tcfg["batch_size"] * ctx.data_world_size)) if phase == "warmup"
                  else tcfg["steps_per_epoch"])
-        train_loss = _train_epoch(loss_module, optimizer, source, method.batch_kinds(phase), phase,
-                                  steps, autocast, epoch, ctx)
+        train_loss = _train_epoch(step, source, method.batch_kinds(phase), phase, steps, epoch, ctx)
         record = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "steps": steps}
         checkpoint_dir = None
         if ctx.is_main:
@@ -350,28 +472,24 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     return finalize(cfg, run_dir, method, banks, splits, train_counts, device)
 
 
-def _train_epoch(loss_module, optimizer, source: BatchSource, kinds, phase, steps, autocast, epoch,
-                 ctx: RunContext) -> float:
+def _train_epoch(step: TrainStep, source: BatchSource, kinds, phase, steps, epoch, ctx: RunContext) -> float:
     """The mean training loss of the epoch, over the global batch (every rank returns the same)."""
-    loss_module.train()
+    step.loss_module.train()
     total = torch.zeros((), device=source.device)
     bar = None
     if ctx.is_main and ctx.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1} {phase}", leave=False, mininterval=1.0, disable=None)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    for step in range(steps):
-        batches = source.draw(kinds)
-        with amp:
-            loss = loss_module(batches, phase)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
+        try:  # optional: a bare GPU image (torch, torchvision, pandas, pyarrow, PyYAML) trains without it
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1} {phase}", leave=False, mininterval=1.0, disable=None)
+    for i, batches in enumerate(source.batches(kinds, steps)):
+        loss = step(batches, phase)
+        total += loss
         if bar is not None:
             bar.update(1)
-        if step == 0 and not torch.isfinite(loss):
+        if i == 0 and not torch.isfinite(loss):  # the only per-step host read, once per epoch
             raise TallyError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step 1")
     if bar is not None:
         bar.close()
@@ -400,14 +518,17 @@ def _finite(x: float) -> float:
 # ---------------------------------------------------------------- evaluation
 @torch.inference_mode()
 def predict(model: nn.Module, bank: ImageBank, batch_size: int, device: torch.device,
-            autocast: bool = False, confidence: bool = False):
+            confidence: bool = False):
     """Plain forward passes (no mixing) over a whole bank; returns predicted class indices (and, with
-    ``confidence``, each prediction's softmax probability)."""
+    ``confidence``, each prediction's softmax probability).
+
+    Always float32, even inside a caller's autocast: logits rounded to bf16 tie (3 significant
+    digits), and which class wins a tie would then depend on the precision setting, not the model.
+    """
     was_training = model.training
     model.eval()
     preds, confs = [], []
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with ctx:
+    with torch.autocast(device.type, enabled=False):
         for start in range(0, len(bank.labels), batch_size):
             x = to_float_normalized(bank.images[start:start + batch_size].to(device, non_blocking=True))
             logits = model(x).float()
@@ -423,8 +544,7 @@ def predict(model: nn.Module, bank: ImageBank, batch_size: int, device: torch.de
 def evaluate_split(model, name: str, bank: ImageBank, ds, train_counts, cfg, device,
                    keep: list | None = None) -> pd.DataFrame:
     """The split's long table; with ``keep``, its per-example predictions are appended to it too."""
-    preds, conf = predict(model, bank, cfg["train"]["eval_batch_size"], device,
-                          autocast=device.type == "cuda" and cfg["train"]["bf16"], confidence=True)
+    preds, conf = predict(model, bank, cfg["train"]["eval_batch_size"], device, confidence=True)
     if keep is not None:
         keep.append(intervals.prediction_frame(name, preds, bank.labels, bank.domains, conf))
     return evaluation.pair_table(name, preds, bank.labels.numpy(), bank.domains.numpy(),

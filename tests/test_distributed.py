@@ -60,11 +60,15 @@ def _worker(rank, method, rendezvous, run_dir, dump_dir):
 
     torch.set_num_threads(1)
     tally.training.SplitResNet = GroupNormResNet  # this spawned process only
+    decoded = []  # the splits this rank decodes (their sizes)
+    real_bank = tally.training.bank_for_training
+    tally.training.bank_for_training = lambda ds, *a, **k: decoded.append(len(ds)) or real_bank(ds, *a, **k)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         ctx = RunContext(rank=rank, world_size=2, device=torch.device("cpu"), progress=False,
                          memory_dump_dir=dump_dir)
         train_run(_config(method), run_dir, ctx=ctx)
+        torch.save(decoded, f"{run_dir}/../decoded{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -86,6 +90,9 @@ def test_two_workers_compute_what_one_process_computes_on_the_concatenated_batch
     ctx = RunContext(progress=False, emulate_world_size=2, memory_dump_dir=tmp_path / "one")
     train_run(_config(method), tmp_path / "one", ctx=ctx)
 
+    # only rank 0 evaluates: rank 1 decodes the training split alone (148 images), rank 0 every split
+    decoded = [torch.load(tmp_path / f"decoded{r}.pt") for r in range(2)]
+    assert decoded[1] == [148] and decoded[0][0] == 148 and len(decoded[0]) == 3
     ddp, one = results.read_run(tmp_path / "ddp"), results.read_run(tmp_path / "one")
     assert list(ddp.epochs["steps"]) == list(one.epochs["steps"]) == [10, 3]
     assert list(ddp.epochs["train_loss"]) == pytest.approx(list(one.epochs["train_loss"]), abs=1e-5)
@@ -160,3 +167,31 @@ def test_a_warmup_epoch_shows_every_example_once_across_ranks():
     both = BatchSource(bank, cfg["data"], 5, 0, torch.device("cpu"), range(world), world)
     again = torch.cat([both.draw(("uniform",))[0][0] for _ in range(steps)])
     assert torch.equal(again, to_float_normalized(bank.images[seen]))
+
+
+@pytest.mark.parametrize("resources, message", [
+    ("{workers: 2, gpus_per_worker: 0.5}", "two ranks on one GPU"),
+    ("{workers: 1, gpus_per_worker: 2}", "expected at most 1"),
+])
+def test_gpu_shares_that_break_nccl_or_idle_gpus_are_refused_at_spec_validation(resources, message):
+    import yaml
+
+    from tally.errors import TallyError
+    from tally.search.spec import validate_spec
+
+    spec = yaml.safe_load(f"""
+base:
+  data: {{source: embedded}}
+  method: {{name: tally}}
+  train: {{epochs: 2, warmup_epochs: 1}}
+space:
+  train.lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-2}}
+budget: {{trials: 2}}
+resources: {resources}
+""")
+    with pytest.raises(TallyError, match=rf"^resources.gpus_per_worker: .*{message}"):
+        validate_spec(spec)
+    # one trial per quarter GPU stays allowed (one rank each), as does one GPU per worker
+    for fine in ("{workers: 1, gpus_per_worker: 0.25}", "{workers: 4, gpus_per_worker: 1}"):
+        spec["resources"] = yaml.safe_load(fine)
+        assert validate_spec(spec)["resources"]["gpus_per_worker"] == yaml.safe_load(fine)["gpus_per_worker"]

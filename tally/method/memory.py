@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -130,25 +129,32 @@ class FeatureMemory(nn.Module):
     def _update_classes_gathered(self, zhat: torch.Tensor, y: torch.Tensor) -> None:
         """The class update from the global batch (every worker's rows), bit-identical on every worker.
 
-        Per-class sums are a matmul of a one-hot (present classes x rows) with the rows rather than
-        index_add_: CUDA's atomic adds may sum in a different order on each worker, the same matmul
-        of the same inputs does not. Full float32 precision: TF32 would round the sums.
+        Per-class sums are a matmul rather than index_add_: CUDA's atomic adds may sum in a different
+        order on each worker, the same matmul of the same inputs does not. Full float32 precision: TF32
+        would round the sums. No host synchronisation: torch.unique's output size depends on the data
+        (the host must read it back); instead each class is represented by its first row in the batch,
+        a (rows x rows) 0/1 matrix sums every class into its representative row, and each row then
+        copies its representative's new prototype, so all rows of a class write identical values.
         """
         p = self.prototypes
-        classes, inverse = torch.unique(y, return_inverse=True)
-        onehot = F.one_hot(inverse, classes.numel()).T.to(p.dtype)
+        n = y.shape[0]
+        rows = torch.arange(n, device=y.device)
+        same = y[:, None] == y[None, :]
+        first = torch.where(same, rows, n).amin(1)  # each row's class representative
+        members = (first[None, :] == rows[:, None]).to(p.dtype)  # (n, n): representative r <- rows of its class
         precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
-            sums = onehot @ zhat.reshape(zhat.shape[0], -1).to(p.dtype)
+            sums = members @ zhat.reshape(n, -1).to(p.dtype)
         finally:
             torch.set_float32_matmul_precision(precision)
-        mean = (sums / onehot.sum(1, keepdim=True)).reshape(-1, *p.shape[1:])
-        seen = self.class_seen[classes].reshape(-1, *(1,) * (p.dim() - 1))
-        p.index_copy_(0, classes, torch.where(seen, torch.lerp(mean, p[classes], self.momentum), mean))
-        self.class_seen[classes] = True
+        mean = (sums[first] / members.sum(1)[first, None]).reshape(n, *p.shape[1:])
+        seen = self.class_seen[y].reshape(-1, *(1,) * (p.dim() - 1))
+        p.index_put_((y,), torch.where(seen, torch.lerp(mean, p[y], self.momentum), mean))
+        self.class_seen.index_fill_(0, y, True)
 
     @torch.no_grad()
+    @torch.compiler.disable  # in-place buffer updates and collectives stay out of compiled graphs
     def update(
         self,
         class_part: tuple[torch.Tensor, torch.Tensor] | None = None,

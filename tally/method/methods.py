@@ -273,22 +273,30 @@ class MixStyle(Method):
 
     def loss(self, batches, phase):
         ((x, y, _),) = self._unpack(batches, phase)
+        mixing, perm, lam, rows = self._draw(x.shape[0], x.device)
         z = self.net.stem(x)
-        # per rank, from its own stream: mix that rank's rows or not, partners among its rows
+        if any(mixing):
+            mixed = self._mix_styles(z, perm, lam)
+            if not all(mixing):  # the other ranks' rows stay exactly as they were
+                mixed = torch.where(rows, mixed, z)
+            z = mixed
+        return F.cross_entropy(self.net.head(z), y)
+
+    @torch.compiler.disable  # CPU generators: host-side draws, before the stem (train.compile)
+    def _draw(self, rows: int, device: torch.device):
+        """Per rank, from its own stream: mix that rank's rows or not, partners among its rows, lambdas.
+
+        Returns (mixing per rank, perm, lam, a (rows, 1, 1, 1) mask of the mixed rows), tensors on device.
+        """
         k = len(self.generators)
-        n = z.shape[0] // k
+        n = rows // k
         mixing, perms, lams = [], [], []
         for rank, g in enumerate(self.generators):
             mixing.append(torch.rand((), generator=g).item() < self.cfg["p"])
             perms.append((torch.randperm(n, generator=g) if mixing[-1] else torch.arange(n)) + rank * n)
             lams.append(sample_lambdas(n, self.cfg["alpha"], False, g) if mixing[-1] else torch.ones(n))
-        if any(mixing):
-            mixed = self._mix_styles(z, to_device(torch.cat(perms), z.device), to_device(torch.cat(lams), z.device))
-            if not all(mixing):  # the other ranks' rows stay exactly as they were
-                rows = to_device(torch.tensor(mixing).repeat_interleave(n), z.device).reshape(-1, 1, 1, 1)
-                mixed = torch.where(rows, mixed, z)
-            z = mixed
-        return F.cross_entropy(self.net.head(z), y)
+        mask = torch.tensor(mixing).repeat_interleave(n).reshape(-1, 1, 1, 1)
+        return mixing, *(to_device(t, device) for t in (torch.cat(perms), torch.cat(lams), mask))
 
     def _mix_styles(self, z: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """Each example's (mu, sigma) blended with its partner's; statistics in float32, detached."""
@@ -374,28 +382,38 @@ class Tally(Method):
             return self.net.stem(torch.cat([xa, xn])).split(xa.shape[0])
         return self.net.stem(xa), self.net.stem(xn)
 
+    @torch.compiler.disable
+    def _mixing_inputs(self, ya: torch.Tensor, dn: torch.Tensor):
+        """(lam1, lam2, P[y_A] or None, M[d_N], S[d_N]) of every row, each rank's lambdas from its own stream.
+
+        Outside compiled graphs (train.compile): the lambdas come from CPU generators, and the memories
+        are updated in place after the forward, so a graph that saved them for its backward would find
+        them changed. Read here, the graph gets copies, and runs from the stem to the loss unbroken.
+        """
+        mem, cfg, b = self.memory, self.cfg, ya.shape[0]
+        lam = self._per_rank(b, lambda g, n: sample_lambdas(2 * n, cfg["alpha"], cfg["fold"], g).view(2, n))
+        lam = to_device(lam, ya.device)
+        ones = torch.ones(b, device=ya.device)
+        lam1 = torch.where(mem.class_seen[ya], lam[0], 1.0) if cfg["use_prototype"] else ones
+        lam2 = torch.where(mem.domain_seen[dn], lam[1], 1.0) if cfg["use_domain_memory"] else ones
+        proto = mem.prototypes[ya] if cfg["use_prototype"] else None
+        return lam1, lam2, proto, mem.domain_mean[dn], mem.domain_std[dn]
+
     def _main_loss(self, batch_a: Batch, batch_n: Batch) -> torch.Tensor:
         (xa, ya, _), (xn, _, dn) = batch_a, batch_n
         b = xa.shape[0]
         if xn.shape[0] != b:
             raise ValueError(f"TALLY pairs A and N example by example: sizes {b} and {xn.shape[0]} differ")
+        lam1, lam2, proto, mem_mu, mem_sig = self._mixing_inputs(ya, dn)
         za, zn = self._stem_pair(xa, xn)
-        mem, cfg = self.memory, self.cfg
         with _full_precision(za):
             za, zn = za.float(), zn.float()
             mu_a, sig_a = moments(za)
             mu_n, sig_n = moments(zn)
             zhat_a = (za - mu_a) / sig_a
-            # each rank's rows draw (lam1, lam2) from that rank's stream
-            lam = self._per_rank(b, lambda g, n: sample_lambdas(2 * n, cfg["alpha"], cfg["fold"], g).view(2, n))
-            lam = to_device(lam, za.device)
-            ones = torch.ones(b, device=za.device)
-            lam1 = torch.where(mem.class_seen[ya], lam[0], 1.0) if cfg["use_prototype"] else ones
-            lam2 = torch.where(mem.domain_seen[dn], lam[1], 1.0) if cfg["use_domain_memory"] else ones
-            proto = mem.prototypes[ya] if cfg["use_prototype"] else zhat_a
-            z_mix = mix(zhat_a, proto, mu_n, sig_n, mem.domain_mean[dn], mem.domain_std[dn], lam1, lam2)
+            z_mix = mix(zhat_a, zhat_a if proto is None else proto, mu_n, sig_n, mem_mu, mem_sig, lam1, lam2)
         loss = weighted_cross_entropy(self.net.head(z_mix), ya, self.class_weight, self.sync)
-        mem.update((zhat_a.detach(), ya), (mu_n.detach(), sig_n.detach(), dn), self.sync)
+        self.memory.update((zhat_a.detach(), ya), (mu_n.detach(), sig_n.detach(), dn), self.sync)
         return loss
 
 

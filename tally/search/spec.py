@@ -219,6 +219,13 @@ def _check_resources(raw) -> dict:
     gpus = check_number("resources.gpus_per_worker", res["gpus_per_worker"], "a number >= 0")
     if gpus < 0:
         raise TallyError(f"resources.gpus_per_worker: expected a number >= 0, got {res['gpus_per_worker']!r}")
+    # a worker drives one device: a second GPU would sit idle, and two ranks sharing one GPU break NCCL
+    if gpus > 1:
+        raise TallyError(f"resources.gpus_per_worker: expected at most 1 (a worker uses one GPU; add workers "
+                         f"for more), got {res['gpus_per_worker']!r}")
+    if 0 < gpus < 1 and res["workers"] > 1:
+        raise TallyError(f"resources.gpus_per_worker: a fraction ({res['gpus_per_worker']!r}) with "
+                         f"resources.workers {res['workers']} would put two ranks on one GPU (NCCL refuses); use 1")
     res["cpus_per_worker"], res["gpus_per_worker"] = cpus, gpus
     return res
 
