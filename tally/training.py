@@ -372,11 +372,22 @@ def _record_ending(run_dir: Path, e: BaseException) -> None:
         results.write_status(run_dir, status, error=error, ended=time.time())
 
 
+def _same_config(stored: dict, cfg: dict) -> bool:
+    """A run's stored config is the given one, also when it was written before a field was added
+    (validation fills the new field's default, which reproduces what that run did)."""
+    if stored == cfg:
+        return True
+    try:
+        return validate(stored) == cfg
+    except TallyError:
+        return False
+
+
 def _prepare_run_dir(run_dir: Path, cfg: dict, resume: bool) -> None:
     existing = results.read_yaml(run_dir / "config.yaml")
     if existing is not None and not resume and (run_dir / "checkpoints" / "last.pt").exists():
         raise TallyError(f"{run_dir}: already holds a run; pass --resume to continue it or pick another --out")
-    if existing is not None and resume and existing != cfg:
+    if existing is not None and resume and not _same_config(existing, cfg):
         raise TallyError(f"{run_dir}: config.yaml differs from the config given; refusing to resume")
     results.write_yaml(run_dir / "config.yaml", cfg)
     results.write_status(run_dir, "running", error=None, started=time.time(), ended=None,

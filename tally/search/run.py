@@ -141,6 +141,19 @@ def _first_line(text: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------- the search
+def _same_spec(stored: dict, spec) -> bool:
+    """The experiment's spec.yaml is the spec given, also when written before a run-config field was
+    added (resolving it again fills the new defaults)."""
+    from tally.search.spec import validate_spec
+
+    if stored == spec.resolved:
+        return True
+    try:
+        return validate_spec(stored, name=spec.name) == spec.resolved
+    except TallyError:
+        return False
+
+
 def _tuner_path(exp_dir: Path) -> str:
     return f"{bucket.ray_path(exp_dir)}/tune"
 
@@ -172,7 +185,7 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
         stored = results.read_yaml(exp_dir / "spec.yaml")
         if stored is None:
             raise TallyError(f"{bucket.display(exp_dir)}: nothing to resume (no spec.yaml)")
-        if stored != spec.resolved:
+        if not _same_spec(stored, spec):
             raise TallyError(f"{bucket.display(exp_dir)}/spec.yaml differs from the spec given; refusing to resume")
     budget = spec.resolved["budget"]
     connect(address, budget["concurrency"], quiet=quiet)

@@ -24,3 +24,23 @@ def test_orphans_are_closed_in_the_study_and_the_store(tmp_path):
     assert [results.read_json(exp / "trials" / t / "status.json")["status"] for t in "abc"] == ["done", "failed",
                                                                                                  "failed"]
     assert results.read_json(exp / "trials" / "b" / "status.json")["error"].startswith("interrupted:")
+
+
+def test_a_spec_written_before_a_field_was_added_still_resumes(tmp_path):
+    from tally.search import spec_from_raw
+    from tally.search.run import _same_spec
+
+    spec = spec_from_raw({"name": "e", "base": {"train": {"epochs": 3, "warmup_epochs": 1}},
+                          "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+                          "budget": {"trials": 2}})
+    older = json_copy(spec.resolved)
+    del older["base"]["train"]["select_from"]  # as a spec.yaml written before that field existed
+    assert older != spec.resolved and _same_spec(older, spec)
+    older["base"]["train"]["epochs"] = 4
+    assert not _same_spec(older, spec)
+
+
+def json_copy(d):
+    import json
+
+    return json.loads(json.dumps(d))
