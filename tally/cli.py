@@ -89,6 +89,21 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from tally import results
+    from tally.search import benchmark
+
+    spec = benchmark.load_benchmark_spec(args.spec, name_override=args.name)  # validated before Ray
+    print(benchmark.dry_run_text(spec), flush=True)
+    if args.dry_run:
+        return 0
+    out = benchmark.run_benchmark(spec, args.storage, address=args.address, quiet=not args.verbose)
+    print("\n" + benchmark.markdown(out))
+    print(f"results: {results.experiment_dir(args.storage, spec.name)} "
+          "(table.md, table.tex, table.csv, differences.csv)")
+    return 0
+
+
 def cmd_report(args) -> int:
     from tally.report import experiment_table, format_table, seed_table
 
@@ -186,6 +201,15 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show Ray's own progress output")
 
 
+def _benchmark_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--storage", default="results", help="results store root (shared storage on a cluster)")
+    p.add_argument("--name", help="benchmark name (default: the spec's name)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the planned runs")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own progress output")
+
+
 def _interval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicates", type=_ranged_int(1), default=1000, metavar="R",
                    help="bootstrap replicates for the 95%% intervals (default 1000)")
@@ -272,6 +296,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, "one training run from a config YAML", _train_args),
     "evaluate": Command(cmd_evaluate, "evaluate a run's kept checkpoint on one split", _evaluate_args),
     "search": Command(cmd_search, "run a hyperparameter search from a spec YAML on Ray", _search_args),
+    "benchmark": Command(cmd_benchmark, "methods x seeds x settings on Ray: the MDLT table, paired differences",
+                         _benchmark_args),
     "report": Command(cmd_report, "DomainBed-style tables of an experiment, with intervals", _report_args),
     "compare": Command(cmd_compare, "paired difference of two runs on the same test set, with intervals",
                        _compare_args),

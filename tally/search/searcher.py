@@ -23,10 +23,18 @@ class PruneAwareOptunaSearch(OptunaSearch):
     once counts as a success. Here: error -> FAIL, stopped before its final report -> PRUNED (Optuna
     keeps its intermediate values, reported per epoch), final report -> COMPLETE with the metric.
     A final report without a finite metric is a FAIL.
+
+    Multi-objective (``metric`` a list of validation columns): a trial's values are those of its kept
+    epoch (the report whose epoch is its best_epoch), remembered here because the final report holds
+    only the single objective; Optuna takes no intermediate values for several objectives.
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if not (isinstance(self.metric, list) or _finite(result.get(self.metric))):
+        if isinstance(self.metric, list):
+            if result.get("epoch") is not None and result.get("epoch") == result.get("best_epoch"):
+                self.__dict__.setdefault("_kept_values", {})[trial_id] = [result.get(m) for m in self.metric]
+            return
+        if not _finite(result.get(self.metric)):
             return
         try:
             super().on_trial_result(trial_id, result)
@@ -36,18 +44,21 @@ class PruneAwareOptunaSearch(OptunaSearch):
             logger.info("optuna: trial %s already finished in the study; result not re-reported", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if isinstance(self.metric, list):
-            return super().on_trial_complete(trial_id, result, error)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return None
         result = result or {}
-        value = result.get(self.metric)
+        if isinstance(self.metric, list):
+            value = self.__dict__.get("_kept_values", {}).pop(trial_id, None)
+            finite = value is not None and all(_finite(v) for v in value)
+        else:
+            value = result.get(self.metric)
+            finite = _finite(value)
         if error:
             state, value = TrialState.FAIL, None
         elif not result.get(FINAL):
             state, value = TrialState.PRUNED, None
-        elif _finite(value):
-            state, value = TrialState.COMPLETE, float(value)
+        elif finite:
+            state, value = TrialState.COMPLETE, [float(v) for v in value] if isinstance(value, list) else float(value)
         else:
             state, value = TrialState.FAIL, None
         try:
