@@ -13,8 +13,8 @@ accuracy, worst domain / class / pair, many / medium / few / zero-shot and macro
 error over seeds (and each seed's value), read from each run's own metrics.json (per-domain
 accuracies from its eval.parquet, the same long table). Written as markdown, LaTeX and CSV.
 
-Paired differences against the baseline: for each seed, the method's run and the baseline's run with
-that seed are compared on the same test images (tally.intervals.compare_runs: a paired bootstrap
+Paired differences against the baseline (or each of several): for each seed, a method's run and the
+baseline's run with that seed are compared on the same test images (tally.intervals.compare_runs: a paired bootstrap
 within (domain, class) pairs, 95% percentile interval). Across seeds: the mean difference ± standard
 error, and a verdict by one stated rule (VERDICT_RULE): "better" only when the interval lies above zero
 for EVERY seed, "worse" when below zero for every seed, else "no clear difference". The rule asks each
@@ -125,10 +125,13 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
         if not isinstance(label, str) or not METHOD_RE.fullmatch(label):
             raise TallyError(f"methods.{label}: expected a label of letters, digits, '_' or '.'")
         out["methods"][label] = _resolve_method(label, entry, out)
-    baseline = raw.get("baseline", next(iter(methods)))
-    if baseline not in out["methods"]:
-        raise TallyError(f"baseline: expected one of the methods ({', '.join(out['methods'])}), got {baseline!r}")
-    out["baseline"] = baseline
+    baselines = raw.get("baseline", next(iter(methods)))
+    baselines = [baselines] if isinstance(baselines, str) else baselines
+    if (not isinstance(baselines, list) or not baselines or len(set(baselines)) < len(baselines)
+            or any(b not in out["methods"] for b in baselines) or len(baselines) == len(out["methods"])):
+        raise TallyError(f"baseline: expected one or more of the methods ({', '.join(out['methods'])}), "
+                         f"leaving at least one to compare, got {raw.get('baseline')!r}")
+    out["baseline"] = baselines
 
     runs, plan = {}, []
     for label, cfg in out["methods"].items():
@@ -346,21 +349,23 @@ def seed_table(values: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
 
 
-def paired_differences(exp_dir: Path, plan: pd.DataFrame, baseline: str, replicates: int = 1000,
+def paired_differences(exp_dir: Path, plan: pd.DataFrame, baselines: list[str], replicates: int = 1000,
                        bootstrap_seed: int = 0) -> pd.DataFrame:
-    """Per seed and setting: every method minus the baseline's run with the same seed, on the setting's
-    test split (paired bootstrap; rows metric, diff, low, high)."""
-    done = {r.run for r in plan.itertuples() if (Path(exp_dir) / RUNS_DIR / r.run / "metrics.json").is_file()}
-    base = plan[(plan["method"] == baseline) & plan["run"].isin(done)].set_index(["setting", "seed"])["run"]
+    """Per seed and setting: every other method minus each baseline's run with the same seed, on the
+    setting's test split (paired bootstrap; rows metric, diff, low, high)."""
+    baselines = [baselines] if isinstance(baselines, str) else list(baselines)
+    done = plan[[(Path(exp_dir) / RUNS_DIR / r / "metrics.json").is_file() for r in plan["run"]]]
     rows = []
-    for p in plan[(plan["method"] != baseline) & plan["run"].isin(done)].itertuples(index=False):
-        other = base.get((p.setting, p.seed))
-        if other is None:
-            continue
-        frame, _ = intervals.compare_runs(Path(exp_dir) / RUNS_DIR / p.run, Path(exp_dir) / RUNS_DIR / other,
-                                          splits=[p.split], replicates=replicates, seed=bootstrap_seed)
-        rows.append(frame.drop(columns=["split"]).assign(method=p.method, baseline=baseline, setting=p.setting,
-                                                          seed=p.seed))
+    for baseline in baselines:
+        base = done[done["method"] == baseline].set_index(["setting", "seed"])["run"]
+        for p in done[~done["method"].isin(baselines)].itertuples(index=False):
+            other = base.get((p.setting, p.seed))
+            if other is None:
+                continue
+            frame, _ = intervals.compare_runs(Path(exp_dir) / RUNS_DIR / p.run, Path(exp_dir) / RUNS_DIR / other,
+                                              splits=[p.split], replicates=replicates, seed=bootstrap_seed)
+            rows.append(frame.drop(columns=["split"]).assign(method=p.method, baseline=baseline,
+                                                              setting=p.setting, seed=p.seed))
     columns = ["method", "baseline", "setting", "seed", "metric", "a", "b", "diff", "low", "high"]
     return pd.concat(rows, ignore_index=True)[columns] if rows else pd.DataFrame(columns=columns)
 
@@ -369,12 +374,13 @@ def difference_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Across seeds: mean difference ± standard error, the per-seed intervals, and the verdict
     (VERDICT_RULE)."""
     rows = []
-    for (method, setting, metric), r in per_seed.groupby(["method", "setting", "metric"], sort=False):
+    for (method, baseline, setting, metric), r in per_seed.groupby(["method", "baseline", "setting", "metric"],
+                                                                   sort=False):
         diffs = r["diff"].to_numpy(float)
         k = len(diffs)
-        verdict = ("better" if (r["low"] > 0).all() else "worse" if (r["high"] < 0).all()
-                   else "no clear difference")
-        rows.append({"method": method, "baseline": r["baseline"].iat[0], "setting": setting, "metric": metric,
+        verdict = ("n/a" if r["diff"].isna().all() else "better" if (r["low"] > 0).all()
+                   else "worse" if (r["high"] < 0).all() else "no clear difference")
+        rows.append({"method": method, "baseline": baseline, "setting": setting, "metric": metric,
                      "mean_diff": float(diffs.mean()),
                      "stderr": float(diffs.std(ddof=1) / math.sqrt(k)) if k > 1 else math.nan, "seeds": k,
                      "per_seed": tuple(zip(r["seed"].tolist(), diffs.tolist(), r["low"].tolist(),
@@ -384,12 +390,12 @@ def difference_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
                                        "seeds", "per_seed", "verdict"])
 
 
-def tables(exp_dir: Path, plan: pd.DataFrame, baseline: str, replicates: int = 1000,
+def tables(exp_dir: Path, plan: pd.DataFrame, baselines: list[str], replicates: int = 1000,
            bootstrap_seed: int = 0) -> dict[str, pd.DataFrame]:
     """Everything a benchmark shows, from the store alone: ``values`` (per run), ``table`` (over seeds),
     ``differences`` (per seed) and ``difference_summary``. The dashboard's benchmark view reads these."""
     values = run_values(exp_dir, plan)
-    per_seed = paired_differences(exp_dir, plan, baseline, replicates, bootstrap_seed)
+    per_seed = paired_differences(exp_dir, plan, baselines, replicates, bootstrap_seed)
     return {"values": values, "table": seed_table(values), "differences": per_seed,
             "difference_summary": difference_summary(per_seed)}
 
@@ -480,7 +486,7 @@ def write_tables(exp_dir: Path, out: dict[str, pd.DataFrame]) -> None:
 def dry_run_text(spec: BenchmarkSpec) -> str:
     lines = [f"benchmark {spec.name}: {len(spec.resolved['methods'])} methods x {len(spec.resolved['settings'])} "
              f"settings x {len(spec.resolved['seeds'])} seeds = {len(spec.runs)} runs, "
-             f"{spec.resolved['concurrency']} at a time; baseline {spec.resolved['baseline']}"]
+             f"{spec.resolved['concurrency']} at a time; baseline {', '.join(spec.resolved['baseline'])}"]
     for label, cfg in spec.resolved["methods"].items():
         where = f" (from {cfg['from']})" if "from" in cfg else ""
         lines.append(f"  {label}: method {cfg['method']['name']}{where}")

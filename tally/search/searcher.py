@@ -24,17 +24,13 @@ class PruneAwareOptunaSearch(OptunaSearch):
     keeps its intermediate values, reported per epoch), final report -> COMPLETE with the metric.
     A final report without a finite metric is a FAIL.
 
-    Multi-objective (``metric`` a list of validation columns): a trial's values are those of its kept
-    epoch (the report whose epoch is its best_epoch), remembered here because the final report holds
-    only the single objective; Optuna takes no intermediate values for several objectives.
+    Multi-objective (``metric`` a list of validation columns): the final report's values, which are the
+    kept checkpoint's; Optuna takes no intermediate values for several objectives, so the same states
+    apply without them.
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, list):
-            if result.get("epoch") is not None and result.get("epoch") == result.get("best_epoch"):
-                self.__dict__.setdefault("_kept_values", {})[trial_id] = [result.get(m) for m in self.metric]
-            return
-        if not _finite(result.get(self.metric)):
+        if not (isinstance(self.metric, list) or _finite(result.get(self.metric))):
             return
         try:
             super().on_trial_result(trial_id, result)
@@ -48,8 +44,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
             return None
         result = result or {}
         if isinstance(self.metric, list):
-            value = self.__dict__.get("_kept_values", {}).pop(trial_id, None)
-            finite = value is not None and all(_finite(v) for v in value)
+            value = [result.get(m) for m in self.metric]
+            finite = all(_finite(v) for v in value)
         else:
             value = result.get(self.metric)
             finite = _finite(value)

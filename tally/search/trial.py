@@ -52,6 +52,8 @@ def train_worker(loop_config: dict) -> None:
     if metrics:
         selection = metrics.get("val", {}).get(metric)
         final[OBJECTIVE] = selection if selection is not None else best["value"]
+        # the kept checkpoint's validation numbers: a multi-objective searcher reads its objectives here
+        final.update({f"val/{k}": v for k, v in metrics.get("val", {}).items()})
     ray.train.report(final)
 
 

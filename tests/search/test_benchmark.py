@@ -77,6 +77,7 @@ def test_each_domain_and_seed_lists():
     ({"methods": {"e-rm": {"method": {"name": "erm"}}}}, "methods.e-rm"),
     ({"methods": {"erm": {"method": {"name": "erm"}, "optimiser": {}}}}, "methods.erm.optimiser"),
     ({"baseline": "focal"}, "baseline:"),
+    ({"baseline": ["erm", "tally"]}, "baseline: .* leaving at least one"),
     ({"settings": ["domain:sepia"]}, r"settings\[0\]: unknown domain 'sepia'"),
     ({"settings": ["sub", "sub"]}, r"settings\[1\]: sub is listed twice"),
     ({"settings": ["ood"]}, r"settings\[0\]"),

@@ -82,21 +82,20 @@ def test_selection_of_a_multi_objective_spec_drives_best_of_experiment(tmp_path)
 
 
 # ---------------------------------------------------------------- what Optuna is told
-def test_searcher_tells_the_kept_epochs_values():
+def test_searcher_tells_the_final_reports_values():
     study_storage = optuna.storages.InMemoryStorage()
-    searcher = PruneAwareOptunaSearch(space=DefineByRun(SPEC["space"] | {}), metric=list(OBJ), mode=["max", "max"],
+    searcher = PruneAwareOptunaSearch(space=DefineByRun(SPEC["space"]), metric=list(OBJ), mode=["max", "max"],
                                       sampler=optuna.samplers.TPESampler(seed=0), study_name="s",
                                       storage=study_storage)
-    assert searcher.suggest("t1") and searcher.suggest("t2") and searcher.suggest("t3")
-    epochs = [(0, 0, 0.5, 0.1), (1, 1, 0.7, 0.2), (2, 1, 0.9, 0.0)]  # epoch 2 is worse on worst pair: kept epoch 1
-    for epoch, best, mean, worst in epochs:
-        searcher.on_trial_result("t1", {"epoch": epoch, "best_epoch": best, OBJ[0]: mean, OBJ[1]: worst,
-                                        OBJECTIVE: 0.2, FINAL: 0})
-    searcher.on_trial_complete("t1", {OBJECTIVE: 0.2, FINAL: 1})
-    searcher.on_trial_result("t2", {"epoch": 0, "best_epoch": 0, OBJ[0]: 0.4, OBJ[1]: 0.1, FINAL: 0})
-    searcher.on_trial_complete("t2", {OBJECTIVE: 0.1, FINAL: 0})  # stopped before its last epoch
+    assert searcher.suggest("t1") and searcher.suggest("t2") and searcher.suggest("t3") and searcher.suggest("t4")
+    for epoch in range(3):  # epoch reports: Optuna takes no intermediate values for several objectives
+        searcher.on_trial_result("t1", {"epoch": epoch, OBJ[0]: 0.9, OBJ[1]: 0.0, OBJECTIVE: 0.2, FINAL: 0})
+    # the final report carries the kept checkpoint's validation values (tally.search.trial)
+    searcher.on_trial_complete("t1", {OBJECTIVE: 0.2, FINAL: 1, OBJ[0]: 0.7, OBJ[1]: 0.2})
+    searcher.on_trial_complete("t2", {OBJECTIVE: 0.1, FINAL: 0, OBJ[0]: 0.4, OBJ[1]: 0.1})  # stopped early
     searcher.on_trial_complete("t3", None, error=True)
+    searcher.on_trial_complete("t4", {OBJECTIVE: 0.1, FINAL: 1, OBJ[0]: float("nan"), OBJ[1]: 0.1})
     study = optuna.load_study(study_name="s", storage=study_storage)
     states = [(t.state, t.values) for t in study.trials]
     assert states == [(optuna.trial.TrialState.COMPLETE, [0.7, 0.2]), (optuna.trial.TrialState.PRUNED, None),
-                      (optuna.trial.TrialState.FAIL, None)]
+                      (optuna.trial.TrialState.FAIL, None), (optuna.trial.TrialState.FAIL, None)]
