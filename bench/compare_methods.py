@@ -5,7 +5,7 @@ instead of as Tune trials, then the same table (mean ± standard error over seed
 paired differences against each baseline (per seed: paired 95% bootstrap interval; verdict "better"
 only when the interval is above zero on every seed).
 
-    .venv/bin/python bench/compare_methods.py [--seeds 3] [--epochs 6] [--steps 30] [--settings sub]
+    .venv/bin/python bench/compare_methods.py [--seeds 3] [--epochs 6] [--steps 25] [--settings sub]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--methods", default="tally,erm,reweight")
     parser.add_argument("--baselines", default="erm,reweight")

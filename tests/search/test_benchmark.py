@@ -295,3 +295,21 @@ def test_multi_objective_search_then_benchmark_end_to_end(tmp_path, local_ray, c
         results.read_yaml(exp / "trials" / best["trial_id"] / "config.yaml")["train"]["lr"])
     assert main(["benchmark", str(tmp_path / "bench.yaml"), "--storage", str(tmp_path / "store")]) == 0
     assert "all 8 runs done" in capsys.readouterr().out  # the store is the truth: nothing re-run
+
+
+def test_shipped_benchmark_spec_dry_run_writes_nothing(tmp_path, capsys):
+    from pathlib import Path
+
+    from tally.cli import main
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "embedded.yaml"
+    spec = benchmark.load_benchmark_spec(path)
+    assert spec.name == "benchmark-embedded" and len(spec.runs) == 3 * 4 * 3
+    assert spec.resolved["baseline"] == ["erm", "reweight"]
+    assert main(["benchmark", str(path), "--dry-run", "--storage", str(tmp_path / "store")]) == 0
+    assert "36 runs" in capsys.readouterr().out and not (tmp_path / "store").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("seeds: 3", "seeds: -1"))
+    assert main(["benchmark", str(bad), "--storage", str(tmp_path / "store")]) == 2
+    assert capsys.readouterr().err.strip() == "error: seeds: expected an integer >= 1, got -1"
+    assert not (tmp_path / "store").exists()
