@@ -1,49 +1,34 @@
-"""Time per training step of TALLY (main phase) against ERM, side by side in one process.
+"""Time per training step of TALLY (main phase, both stem passes) against ERM, side by side in one process.
 
-All runners use the same backbone, batch size and input size; a step covers the whole hot path: sampler
-draws, the data path from a pre-decoded uint8 bank (index -> float -> normalise), forward, backward,
-TALLY's memory update, and the optimiser step (Adam, amsgrad). FLOPs of one forward+backward are counted
-with FlopCounterMode; "floor" = TALLY FLOPs / ERM FLOPs (stem over A and N, head over A only), and
-meas/floor shows how much of TALLY's extra time its extra arithmetic does not explain.
-A control, "2xstem", runs the same two batches through the joint stem pass and the head with plain CE
-and nothing else: TALLY/2xstem is the cost of TALLY's own work (statistics, mixing, memories, lambdas);
-2xstem/ERM is what doubling the stem costs on this machine, memory-bound layers (BN, ReLU, pooling)
-included, which the FLOP count leaves out.
-Images/s counts labelled images: B per step for every runner.
+Runners: ERM (its warm-up step), TALLY with A and N through the stem in two passes (stem_pass: separate,
+the default and the reference's protocol: BatchNorm normalises each batch by its own statistics) and
+TALLY with one concatenated pass (stem_pass: joint). All use the same backbone, batch size and input size;
+a step covers the whole hot path: sampler draws, the data path from a pre-decoded uint8 bank (index ->
+float -> normalise), forward, backward, TALLY's memory update, and the optimiser step (Adam, amsgrad).
+FLOPs of one forward+backward are counted with FlopCounterMode; "floor" = TALLY FLOPs / ERM FLOPs (stem
+over A and N, head over A only; the same for both passes), and meas/floor shows how much of TALLY's extra
+time its extra arithmetic does not explain. Images/s counts labelled images: B per step for every runner.
 
-    python bench/train_step.py [--quick] [--device cpu|cuda] [--channels-last] [--threads N]
+    python bench/train_step.py [--quick] [--device cpu|cuda] [--bf16] [--channels-last] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from tally.method import SplitResNet, TrainInfo, build_method, build_sampler
-from tally.method.methods import Method
 from tally.method.perf import keep_cpu_memory
 
+# runner -> the phase it is timed in; "tally" is stem_pass: separate (the default)
+RUNNERS = {"erm": "warmup", "tally": "main", "tally-joint": "main"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 K, D, BANK = 7, 4, 256  # PACS-like: 7 classes, 4 domains; a small bank of pre-decoded images
-
-
-class TwoStem(Method):
-    """Control: TALLY's two batches and joint stem pass, plain CE on A, no statistics/mixing/memories."""
-
-    name = "2xstem"
-
-    def batch_kinds(self, phase):
-        return ("class_balanced", "domain_balanced")
-
-    def loss(self, batches, phase):
-        (xa, ya, _), (xn, _, _) = batches
-        za, _ = self.net.stem(torch.cat([xa, xn])).split(xa.shape[0])
-        return F.cross_entropy(self.net.head(za), ya)
 
 
 def make_bank(size: int, seed: int = 0):
@@ -60,17 +45,15 @@ def make_bank(size: int, seed: int = 0):
 class Runner:
     """One method, its optimiser, samplers and data path; `step(phase)` is one full training step."""
 
-    def __init__(self, name, arch, size, bank, device, channels_last, batch):
+    def __init__(self, name, arch, size, bank, device, channels_last, batch, bf16=False):
         images, labels, domains = bank
         torch.manual_seed(0)
         net = SplitResNet(arch, "layer2", K)
         info = TrainInfo(K, D, torch.bincount(labels, minlength=K), size)
-        method = (
-            TwoStem(net, info, {"seed": 0})
-            if name == "2xstem"
-            else build_method(name, net, info, {"seed": 0})
-        )
-        self.method = method.to(device)
+        method_name, _, stem_pass = name.partition("-")  # "tally-joint" -> ("tally", "joint")
+        cfg = {"seed": 0} | ({"stem_pass": stem_pass} if stem_pass else {})
+        self.method = build_method(method_name, net, info, cfg).to(device)
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.method.net.to(memory_format=self.fmt)
         self.method.train()
@@ -98,7 +81,8 @@ class Runner:
         return tuple(out)
 
     def step(self, phase):
-        loss = self.method(self.batches(phase), phase)
+        with self.amp:
+            loss = self.method(self.batches(phase), phase)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -106,7 +90,7 @@ class Runner:
 
     def flops(self, phase):
         batches = self.batches(phase)
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, self.amp:
             self.method(batches, phase).backward()
         self.opt.zero_grad(set_to_none=True)
         return fc.get_total_flops()
@@ -132,20 +116,18 @@ def timed(runner, phase, steps, device):
 
 def bench(arch, size, args, device):
     bank = make_bank(size)
-    runs = {
-        "erm": (Runner("erm", arch, size, bank, device, args.channels_last, args.batch), "warmup"),
-        "tally": (Runner("tally", arch, size, bank, device, args.channels_last, args.batch), "main"),
-        "2xstem": (Runner("2xstem", arch, size, bank, device, args.channels_last, args.batch), "main"),
-    }
+    runs = {name: (Runner(name, arch, size, bank, device, args.channels_last, args.batch, args.bf16), phase)
+            for name, phase in RUNNERS.items()}
     floor = runs["tally"][0].flops("main") / runs["erm"][0].flops("warmup")
     for _ in range(args.warmup):  # also fills TALLY's memories, as its warm-up epochs would
-        runs["tally"][0].step("warmup")
         for runner, phase in runs.values():
+            if phase == "main":
+                runner.step("warmup")
             runner.step(phase)
     times = {k: [] for k in runs}
     order = list(runs)
     for r in range(args.repeats):  # interleaved, rotating order, so drifting load hits all alike
-        for k in order[r % 3 :] + order[: r % 3]:
+        for k in order[r % len(order) :] + order[: r % len(order)]:
             times[k] += timed(*runs[k], args.steps, device)
     wall = {k: statistics.median(w for w, _ in ts) for k, ts in times.items()}
     cpu = {k: statistics.median(c for _, c in ts) for k, ts in times.items()}
@@ -158,6 +140,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=18)
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (as training on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--default-malloc", action="store_true", help="skip keep_cpu_memory() (glibc defaults)")
     args = p.parse_args(argv)
@@ -167,34 +150,35 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     # arch, px, steps per round, rounds, warm-up steps
     configs = (
-        [("resnet18", 64, 2, 3, 2)] if args.quick else [("resnet18", 64, 3, 4, 3), ("resnet50", 224, 1, 4, 1)]
+        [("resnet18", 64, 2, 3, 2)] if args.quick else [("resnet18", 64, 5, 8, 3), ("resnet50", 224, 1, 4, 1)]
     )
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"batch {args.batch} (+{args.batch} for TALLY), cut layer2, "
+        f"batch {args.batch} (+{args.batch} for TALLY), cut layer2, {'bf16 autocast, ' if args.bf16 else ''}"
         f"{'channels_last' if args.channels_last else 'contiguous'}, malloc {malloc}"
     )
     print(
-        f"{'arch':9} {'px':>4} {'ERM s/step':>10} {'TALLY s/step':>12} {'ERM img/s':>9} {'TALLY img/s':>11} "
-        f"{'TALLY/ERM':>9} {'FLOP floor':>10} {'meas/floor':>10} {'(cpu time)':>10} "
-        f"{'2xstem/ERM':>10} {'TALLY/2xstem':>12} {'steps':>5}"
+        f"{'arch':9} {'px':>4} {'ERM img/s':>9} {'2-pass img/s':>12} {'joint img/s':>11} {'2-pass/ERM':>10} "
+        f"{'joint/ERM':>9} {'2-pass/joint':>12} {'FLOP floor':>10} {'2-pass meas/floor':>17} "
+        f"{'cpu: 2-pass/ERM':>15} {'joint/ERM':>9} {'2-pass/joint':>12} {'steps':>5}"
     )
     for arch, size, steps, repeats, warmup in configs:
         args.steps, args.repeats, args.warmup = steps, repeats, warmup
         r = bench(arch, size, args, device)
         w, c, b = r["wall"], r["cpu"], args.batch
-        ratio = w["tally"] / w["erm"]
+        two, joint = w["tally"] / w["erm"], w["tally-joint"] / w["erm"]
         print(
-            f"{arch:9} {size:>4} {w['erm']:>10.3f} {w['tally']:>12.3f} {b / w['erm']:>9.1f} "
-            f"{b / w['tally']:>11.1f} {ratio:>9.3f} {r['floor']:>10.3f} {ratio / r['floor']:>10.3f} "
-            f"{c['tally'] / c['erm'] / r['floor']:>10.3f} {w['2xstem'] / w['erm']:>10.3f} "
-            f"{w['tally'] / w['2xstem']:>12.3f} {r['n']:>5}",
+            f"{arch:9} {size:>4} {b / w['erm']:>9.1f} {b / w['tally']:>12.1f} {b / w['tally-joint']:>11.1f} "
+            f"{two:>10.3f} {joint:>9.3f} {w['tally'] / w['tally-joint']:>12.3f} {r['floor']:>10.3f} "
+            f"{two / r['floor']:>17.3f} {c['tally'] / c['erm']:>15.3f} {c['tally-joint'] / c['erm']:>9.3f} "
+            f"{c['tally'] / c['tally-joint']:>12.3f} {r['n']:>5}",
             flush=True,
         )
     print(
-        f"optimizer: Adam(amsgrad, {r['opt']}); medians over interleaved rounds of wall-clock time ('cpu time':\n"
-        "the same ratio on process CPU time, steadier on a shared machine); img/s = labelled images (B per\n"
-        "step for every runner); goal: meas/floor <= 1.05"
+        f"optimizer: Adam(amsgrad, {r['opt']}); medians over interleaved rounds of wall-clock time; ratios are of\n"
+        "seconds per step ('cpu:' the same ratios on process CPU time, steadier on a shared machine);\n"
+        "img/s = labelled images (B per step for every runner); 2-pass = stem_pass separate (default), joint =\n"
+        "one concatenated stem pass"
     )
 
 

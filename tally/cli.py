@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from tally.evaluate_run import evaluate_run_split
+    from tally.training import evaluate_run_split
 
     table, metrics = evaluate_run_split(Path(args.run_dir), args.split)
     if args.out:
@@ -105,8 +105,13 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from tally.report import experiment_table, format_table, seed_table
+    from tally.report import experiment_table, format_table, left_out, seed_table
 
+    missing = left_out(Path(args.experiment), args.group)
+    if missing:  # said first: a table without them must not read as the whole experiment
+        print(f"not in the table ({len(missing)} of the {args.group}):", file=sys.stderr)
+        for line in missing:
+            print(f"  {line}", file=sys.stderr)
     frame = experiment_table(Path(args.experiment), args.split, args.group, replicates=args.replicates,
                              seed=args.bootstrap_seed, many_above=args.many_above, few_at_most=args.few_at_most)
     print(format_table(seed_table(frame) if args.seeds else frame, args.format))

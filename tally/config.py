@@ -108,8 +108,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "sgd_momentum": Field(float, 0.9, low=0.0, high=1.0),
         "seed": Field(int, 0, low=0),
         "selection_metric": Field(str, "pair_acc_mean", choices=METRICS),
+        # which epochs may be kept as the best: 'main' = only after the warm-up (the reference's protocol)
+        "select_from": Field(str, "main", choices=("main", "all")),
         "device": Field(str, "auto", choices=("auto", "cpu", "cuda")),
         "bf16": Field(bool, True),
+        # data-parallel runs: BatchNorm over the global batch (SyncBatchNorm, CUDA only); off = per worker
+        "sync_bn": Field(bool, False),
     },
 }
 SECTIONS = (*SCHEMA, "method")
@@ -143,6 +147,7 @@ def validate(raw: dict, source: str = "config") -> dict:
         raise TallyError(f"model.pretrained: no weights file at {pretrained!r} (or use 'imagenet' or null)")
     if pretrained == "imagenet" and out["model"]["arch"] == "resnet10":
         raise TallyError("model.pretrained: 'imagenet' weights do not exist for resnet10")
+    _check_main_phase(train, out["method"]["name"])
     data = out["data"]
     if data["setting"] == "domain" and not data["held_out"] and data["source"] != "wilds":
         raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
@@ -155,6 +160,20 @@ def validate(raw: dict, source: str = "config") -> dict:
     if data["source"] != "embedded" and not data["root"]:
         raise TallyError(f"data.root: expected a path for data.source {data['source']!r}")
     return out
+
+
+def _check_main_phase(train: dict, method: str) -> None:
+    """Refuse, before any training, a run that would end in its warm-up with nothing to keep or test."""
+    from tally.method.methods import METHODS
+
+    if train["epochs"] > train["warmup_epochs"]:
+        return
+    if METHODS[method].needs_main_phase:
+        raise TallyError(f"train.warmup_epochs: expected < train.epochs ({train['epochs']}) for method "
+                         f"{method!r} (it trains as itself only after the warm-up), got {train['warmup_epochs']}")
+    if train["select_from"] == "main":
+        raise TallyError(f"train.select_from: 'main' keeps only epochs after the warm-up, but train.warmup_epochs "
+                         f"({train['warmup_epochs']}) = train.epochs; use 'all' or fewer warm-up epochs")
 
 
 def _validate_method(given: dict, train_seed: int) -> dict:
@@ -186,6 +205,10 @@ def _validate_method(given: dict, train_seed: int) -> dict:
     if unknown:
         raise TallyError(f"method.{unknown[0]}: unknown field for method {name!r} "
                          f"(expected one of {', '.join(sorted(defaults))})")
+    try:
+        METHODS[name].check_config(out)
+    except ValueError as e:
+        raise TallyError(f"method.{e}") from None
     if out.get("seed", 0) is None:
         out["seed"] = train_seed  # the mixing draws repeat with the run
     return out

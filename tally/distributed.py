@@ -1,13 +1,36 @@
-"""What DDP workers share besides gradients: memory updates, the kept epoch, sampler states.
+"""What DDP workers share besides gradients (memory updates, loss normalisers, the kept epoch, sampler
+states), and the random streams they must not share.
 
 Plain torch.distributed (gloo on CPU, NCCL on GPU); every worker must make the same calls in the
-same order. Single-process runs never come here.
+same order. Single-process runs never make these calls, but draw from the same streams as rank 0.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+# the consumers of randomness that each rank owns a stream for
+RANK_STREAMS = ("class_balanced", "domain_balanced", "augment", "mixing")
+_SHARED, _PER_RANK = 0, 1
+
+
+def stream_seed(seed: int, rank: int | None, stream: str) -> int:
+    """A torch seed for one consumer's stream: rank None = shared by every rank (the uniform sampler's
+    permutations, which the ranks shard), else that rank's own.
+
+    numpy SeedSequence spawn keys (seed; shared/per-rank, rank, consumer) make every stream statistically
+    independent of every other; `seed + rank`-style offsets would make one rank's stream another's.
+    Rank r's streams do not depend on the number of ranks, so rank 0 of any run draws what a
+    one-process run draws.
+    """
+    if rank is None:
+        key = (_SHARED, ("uniform", *RANK_STREAMS).index(stream))
+    else:
+        key = (_PER_RANK, int(rank), RANK_STREAMS.index(stream))
+    state = np.random.SeedSequence(int(seed), spawn_key=key).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))  # 63 bits: torch.Generator.manual_seed takes any of them
 
 
 def gather_is_cheaper(num_classes: int, world_size: int, batch_size: int) -> bool:
@@ -24,6 +47,7 @@ class DistributedSync:
 
     def __init__(self, gather_classes: bool):
         self.gather_classes = gather_classes
+        self.world_size = dist.get_world_size()
 
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
         for t in tensors:

@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -350,6 +351,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _checked_contents(bundle: Path) -> tuple[dict, dict, dict]:
+    """(config, labels, preprocessing) of a bundle, each checked; one-line errors name file and field."""
+    from tally import config as config_mod
+
+    config = config_mod.validate(config_mod.read_yaml_file(bundle / "config.yaml"), source=f"{bundle}/config.yaml")
+    labels = results.read_json(bundle / "labels.json")
+    classes = (labels or {}).get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise TallyError(f"{bundle}/labels.json: classes: expected a non-empty list of names")
+    pre = results.read_json(bundle / "preprocessing.json")
+    if pre is None:
+        raise TallyError(f"{bundle}/preprocessing.json: {results.problem(bundle / 'preprocessing.json') or 'missing'}")
+    size = pre.get("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 1024 or size != config["data"]["image_size"]:
+        raise TallyError(f"{bundle}/preprocessing.json: image_size: expected the config's "
+                         f"{config['data']['image_size']} (8..1024), got {size!r}")
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if not (isinstance(values, list) and len(values) == 3
+                and all(isinstance(v, int | float) and math.isfinite(v) and (key == "mean" or v > 0) for v in values)):
+            raise TallyError(f"{bundle}/preprocessing.json: {key}: expected 3 finite numbers, got {values!r}")
+    return config, labels, pre
+
+
 class Predictor:
     """A verified bundle's network on a device: classifies decoded images in bounded batches."""
 
@@ -358,14 +383,19 @@ class Predictor:
 
         self.bundle = Path(bundle)
         manifest = verify_bundle(self.bundle)
-        config = results.read_yaml(self.bundle / "config.yaml")
-        self.labels = json.loads((self.bundle / "labels.json").read_text())
-        self.pre = json.loads((self.bundle / "preprocessing.json").read_text())
+        # A manifest proves the files were not changed after export, not who exported them: every
+        # value that sizes an allocation or builds the network is checked before it is used.
+        config, self.labels, self.pre = _checked_contents(self.bundle)
         self.classes = np.asarray(self.labels["classes"], dtype=object)
         # the trial and the weights' hash: two bundles with the same id hold the same model
-        self.bundle_id = f"{manifest['trial']}@{manifest['sha256']['model.pt'][:12]}"
+        self.bundle_id = f"{manifest.get('trial')}@{manifest['sha256']['model.pt'][:12]}"
         self.net = SplitResNet(config["model"]["arch"], config["model"]["cut"], len(self.classes))
-        self.net.load_state_dict(torch.load(self.bundle / "model.pt", map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(self.bundle / "model.pt", map_location="cpu", weights_only=True)
+            self.net.load_state_dict(state)
+        except Exception as e:  # unpickling refused, or weights of another shape
+            raise TallyError(f"{self.bundle / 'model.pt'}: cannot load the weights "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         self.device = resolve_device(device)
         self.net.to(self.device).eval()
 

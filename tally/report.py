@@ -71,7 +71,9 @@ def experiment_table(exp_dir: Path, split: str | None = None, group: str = resul
     rows = []
     for path in sorted((Path(exp_dir) / group).glob("*/eval.parquet")):
         run_dir = path.parent
-        table = pd.read_parquet(path)
+        table = results.read_parquet(path)
+        if table is None:  # listed by left_out(), not raised on: one bad file hides only its run
+            continue
         cfg = results.read_yaml(run_dir / "config.yaml") or {}
         data = {**(cfg.get("data") or {}), **{k: v for k, v in (("shot_many_above", many_above),
                                                                  ("shot_few_at_most", few_at_most)) if v is not None}}
@@ -90,6 +92,24 @@ def experiment_table(exp_dir: Path, split: str | None = None, group: str = resul
     if not rows:
         raise TallyError(f"{exp_dir}: no finished runs with evaluation tables under {group}/")
     return pd.DataFrame(rows)
+
+
+def left_out(exp_dir: Path, group: str = results.TRIALS_DIR) -> list[str]:
+    """One line per run of ``group`` that the table cannot show, and why: failed (with its error),
+    stopped, lost, still running, or finished with unreadable files."""
+    lines = []
+    for run_dir in sorted(p for p in (Path(exp_dir) / group).glob("*") if p.is_dir()):
+        record = results.read_run(run_dir)
+        state = record.state
+        if record.eval_table is not None and state not in ("failed", "stopped", "lost", "running"):
+            continue  # in the table (an older store may lack status.json)
+        why = {"failed": f"failed: {record.status.get('error') or 'no error recorded'}",
+               "stopped": f"stopped: {record.status.get('reason') or record.status.get('error') or 'early'}",
+               "lost": "lost: its owner stopped without a final status (killed?)"}.get(state, state)
+        if record.unreadable:
+            why += "; " + "; ".join(f"{name} {reason}" for name, reason in record.unreadable.items())
+        lines.append(f"{run_dir.name}: {why}")
+    return lines
 
 
 def seed_table(frame: pd.DataFrame) -> pd.DataFrame:

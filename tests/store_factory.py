@@ -4,10 +4,12 @@ Why synthetic: a real search takes minutes; the dashboard only reads files. Ever
 with the store's own writers (``tally.results``) and every eval table with the evaluator's
 ``pair_table`` on synthetic predictions, so the store has exactly the layout and columns a real run
 writes: long-tailed training counts per domain, pairs without test examples, a held-out domain,
-trials that are done, running (with and without results), failed and ASHA-stopped.
+trials that are done, running (with and without results), failed and ASHA-stopped, and on request
+the robustness runs of the chosen config and an Optuna study.
 
 Use ``make_store(tmp_path)`` for the standard two-experiment store and ``make_experiment`` for one
-experiment of any size (the benchmark makes 500 trials).
+experiment of any size (the benchmark makes 500 and 5,000 trials; ``classes=345`` makes a
+DomainNet-sized grid).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Experiment:
     domains: tuple[str, ...] = DOMAINS
     classes: tuple[str, ...] = CLASSES
     metric: str = "val/pair_acc_worst"
+    robustness: dict[str, str] = field(default_factory=dict)  # run id -> status, as written
 
     def trials_with(self, status: str) -> list[str]:
         return [t for t, s in self.statuses.items() if s == status]
@@ -53,12 +56,27 @@ class Store:
     experiments: dict[str, Experiment] = field(default_factory=dict)
 
 
-def _train_counts(rng: np.random.Generator, held_out: tuple[str, ...]) -> np.ndarray:
+@dataclass(frozen=True)
+class Names:
+    """The domains and classes of a generated dataset (PACS-like by default)."""
+
+    domains: tuple[str, ...] = DOMAINS
+    classes: tuple[str, ...] = CLASSES
+
+    @classmethod
+    def of(cls, domains=DOMAINS, classes=CLASSES) -> Names:
+        """``classes`` may be a count: ``class_000`` ... (a DomainNet-sized grid is ``classes=345``)."""
+        if isinstance(classes, int):
+            classes = tuple(f"class_{i:03d}" for i in range(classes))
+        return cls(tuple(domains), tuple(classes))
+
+
+def _train_counts(rng: np.random.Generator, held_out: tuple[str, ...], names: Names = Names()) -> np.ndarray:
     """Per-domain long tails: each domain ranks the classes its own way; a few zero-shot pairs."""
-    D, C = len(DOMAINS), len(CLASSES)
+    D, C = len(names.domains), len(names.classes)
     counts = np.zeros((D, C), dtype=np.int64)
     ladder = np.round(300 * 0.02 ** (np.arange(C) / (C - 1))).astype(np.int64)  # 300 .. 6
-    for d, name in enumerate(DOMAINS):
+    for d, name in enumerate(names.domains):
         if name in held_out:
             continue
         counts[d, rng.permutation(C)] = ladder
@@ -66,40 +84,43 @@ def _train_counts(rng: np.random.Generator, held_out: tuple[str, ...]) -> np.nda
     return counts
 
 
-def _split_data(rng, train_counts, split: str, held_out: tuple[str, ...], per_pair: int):
+def _split_data(split: str, held_out: tuple[str, ...], per_pair: int, names: Names):
     """Labels and domains of a balanced evaluation split; some pairs have no examples."""
-    labels, domains = [], []
-    for d, name in enumerate(DOMAINS):
+    C = len(names.classes)
+    cells = []
+    for d, name in enumerate(names.domains):
         wanted = name == split.split(":", 1)[1] if split.startswith("test_domain:") else name not in held_out
         if not wanted:
             continue
-        for c in range(len(CLASSES)):
-            if split != "val" and (d + 3 * c) % 11 == 5:
-                continue  # a pair the split does not contain: an empty cell in the grid
-            labels += [c] * per_pair
-            domains += [d] * per_pair
-    return np.asarray(labels, dtype=np.int64), np.asarray(domains, dtype=np.int64)
+        c = np.arange(C)
+        if split != "val":
+            c = c[(d + 3 * c) % 11 != 5]  # pairs the split does not contain: empty cells in the grid
+        cells.append(np.stack([np.full(len(c), d), c], axis=1))
+    cells = np.concatenate(cells) if cells else np.zeros((0, 2), dtype=np.int64)
+    pairs = np.repeat(cells, per_pair, axis=0)
+    return pairs[:, 1].astype(np.int64), pairs[:, 0].astype(np.int64)
 
 
-def _predict(rng, labels, domains, train_counts, quality: float, held_out_ids) -> np.ndarray:
+def _predict(rng, labels, domains, train_counts, quality: float, held_out_ids, n_classes: int) -> np.ndarray:
     """Predictions whose accuracy grows with the pair's training count and the trial's quality."""
     n_train = train_counts[domains, labels]
     p = quality * (0.35 + 0.6 * np.log1p(n_train) / math.log1p(300))
     p = np.where(np.isin(domains, held_out_ids), p - 0.15, p)
     p = np.clip(p + rng.normal(0, 0.03, len(labels)), 0.02, 0.98)
     right = rng.random(len(labels)) < p
-    wrong = (labels + rng.integers(1, len(CLASSES), len(labels))) % len(CLASSES)
+    wrong = (labels + rng.integers(1, n_classes, len(labels))) % n_classes
     return np.where(right, labels, wrong)
 
 
-def eval_table(rng, train_counts, splits, held_out, quality) -> pd.DataFrame:
+def eval_table(rng, train_counts, splits, held_out, quality, names: Names = Names()) -> pd.DataFrame:
     """The long table of every split, via ``evaluation.pair_table``."""
-    held_ids = [DOMAINS.index(h) for h in held_out]
+    held_ids = [names.domains.index(h) for h in held_out]
     parts = []
     for split in splits:
-        labels, domains = _split_data(rng, train_counts, split, held_out, 20 if split == "val" else 10)
-        preds = _predict(rng, labels, domains, train_counts, quality, held_ids)
-        parts.append(ev.pair_table(split, preds, labels, domains, list(CLASSES), list(DOMAINS), train_counts))
+        labels, domains = _split_data(split, held_out, 20 if split == "val" else 10, names)
+        preds = _predict(rng, labels, domains, train_counts, quality, held_ids, len(names.classes))
+        parts.append(ev.pair_table(split, preds, labels, domains, list(names.classes), list(names.domains),
+                                   train_counts))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -160,9 +181,10 @@ def _status_plan(n: int) -> list[str]:
 
 
 def make_trial(exp_dir: Path, trial_id: str, status: str, params: dict, rng, *, setting: str,
-               held_out: tuple[str, ...], order: int, train_counts: np.ndarray) -> dict | None:
-    """One trial folder; returns its metrics (None when it has none)."""
-    run_dir = exp_dir / results.TRIALS_DIR / trial_id
+               held_out: tuple[str, ...], order: int, train_counts: np.ndarray, names: Names = Names(),
+               group: str = results.TRIALS_DIR) -> dict | None:
+    """One trial folder (under ``group``: trials, or robustness); returns its metrics (None when it has none)."""
+    run_dir = exp_dir / group / trial_id
     seed = order
     results.write_yaml(run_dir / "config.yaml", _config(params, setting, held_out, seed))
     if status == "pending":  # a trial Ray has just started: config.yaml only
@@ -171,7 +193,7 @@ def make_trial(exp_dir: Path, trial_id: str, status: str, params: dict, rng, *, 
     splits = ("val", "test_sub", *(f"test_domain:{h}" for h in held_out))
     last = {"done": EPOCHS, "running": 2, "failed": 4, "stopped": 5}[status]
     if status in ("done", "stopped"):
-        table = eval_table(rng, train_counts, splits, held_out, _quality(params))
+        table = eval_table(rng, train_counts, splits, held_out, _quality(params), names)
         metrics = ev.all_metrics(table)
         best_epoch = max(1, last - int(rng.integers(0, 3)))
         _epochs(rng, run_dir, last, metrics["val"], best_epoch)
@@ -183,20 +205,25 @@ def make_trial(exp_dir: Path, trial_id: str, status: str, params: dict, rng, *, 
                                      "macro_f1": 0.4}, last)
         metrics = None
         fields = {"error": ERROR, "ended": started + 30.0 * last} if status == "failed" else {}
-    results.write_status(run_dir, status, started=started, epoch=last, params=params, node="node-0", **fields)
+    results.write_status(run_dir, status, started=started, epoch=last, params=params,
+                         node=f"node-{order % 2}", **fields)
     return metrics
 
 
 def make_experiment(root: Path, name: str = "pacs-domain", n_trials: int = 10, *, seed: int = 0,
                     setting: str = "domain", held_out: tuple[str, ...] = ("sketch",), summary: bool = True,
                     spec: bool = True, study: bool = False, statuses: list[str] | None = None,
-                    methods: tuple[str, ...] = ("tally",),
-                    selection: str = "val/pair_acc_worst") -> Experiment:
-    """One experiment folder: spec.yaml, trials/<id>/, summary.parquet (and study.db if asked)."""
+                    methods: tuple[str, ...] = ("tally",), selection: str = "val/pair_acc_worst",
+                    domains: tuple[str, ...] = DOMAINS, classes: tuple[str, ...] | int = CLASSES,
+                    robustness: bool = False) -> Experiment:
+    """One experiment folder: spec.yaml, trials/<id>/, summary.parquet; study.db and the robustness
+    runs of the best trial (robustness/<run>/ and robustness.parquet, as ``tally search`` writes
+    them) when asked for."""
     rng = np.random.default_rng(seed)
+    names = Names.of(domains, classes)
     exp_dir = Path(root) / name
     held_out = held_out if setting == "domain" else ()
-    train_counts = _train_counts(rng, held_out)
+    train_counts = _train_counts(rng, held_out, names)
     if spec:
         results.write_yaml(exp_dir / "spec.yaml", {
             "name": name, "data": {"source": "embedded", "setting": setting, "held_out": list(held_out)},
@@ -206,14 +233,15 @@ def make_experiment(root: Path, name: str = "pacs-domain", n_trials: int = 10, *
                        "method.fold": {"choice": [True, False]}},
             "budget": {"num_samples": n_trials, "max_concurrent": 2},
             "selection": {"metric": selection.removeprefix("val/"), "mode": "max"},
-            "scheduler": {"name": "asha", "grace_period": 3}})
+            "scheduler": {"name": "asha", "grace_period": 3},
+            "robustness": {"settings": ["sub", "each_domain"] if robustness else [], "seeds": 1}})
     plan = statuses or _status_plan(n_trials)
     written, objective, all_params = {}, {}, {}
     for i, status in enumerate(plan):
         trial_id = f"trial_{i:04d}"
         params = _params(rng, methods[i % len(methods)])
         metrics = make_trial(exp_dir, trial_id, status, params, rng, setting=setting, held_out=held_out,
-                             order=i, train_counts=train_counts)
+                             order=i, train_counts=train_counts, names=names)
         written[trial_id] = status
         all_params[trial_id] = params
         if metrics is not None:  # done and ASHA-stopped trials: both reach the Optuna study
@@ -222,15 +250,40 @@ def make_experiment(root: Path, name: str = "pacs-domain", n_trials: int = 10, *
     if summary:
         results.refresh_summary(exp_dir)
     if study:
-        _write_study(exp_dir / "study.db", name, {t: all_params[t] for t in objective}, objective)
+        _write_study(exp_dir / "study.db", name, all_params, objective, written)
     values = {t: v for t, v in objective.items() if written[t] == "done"}
     best = max(values, key=values.get) if values else None  # first max = lowest id, as results.best_trial
     splits = ("val", "test_sub", *(f"test_domain:{h}" for h in held_out))
-    return Experiment(exp_dir, written, best, splits, metric=selection)
+    exp = Experiment(exp_dir, written, best, splits, names.domains, names.classes, metric=selection)
+    if robustness and best is not None:
+        exp.robustness = _robustness(exp_dir, all_params[best], rng, names, seed=len(plan))
+    return exp
 
 
-def _write_study(path: Path, name: str, params: dict[str, dict], values: dict[str, float]) -> None:
-    """An Optuna study as OptunaSearch would store it (one COMPLETE trial per finished trial)."""
+def _robustness(exp_dir: Path, params: dict, rng, names: Names, seed: int) -> dict[str, str]:
+    """The chosen config re-run on the sub-shift setting and with each domain held out (one seed),
+    plus robustness.parquet, with the rows ``tally.search.run.robustness`` writes (test splits only).
+    The last held-out run is left running: its row is what a store looks like mid-way."""
+    runs = [("sub", "sub", ())] + [(f"heldout-{d}", "domain", (d,)) for d in names.domains]
+    written, rows = {}, []
+    for k, (label, setting, held) in enumerate(runs):
+        run_id = f"{label}-seed{seed}"
+        status = "running" if k == len(runs) - 1 else "done"
+        counts = _train_counts(rng, held, names)
+        metrics = make_trial(exp_dir, run_id, status, params, rng, setting=setting, held_out=held,
+                             order=seed + k, train_counts=counts, names=names, group="robustness")
+        written[run_id] = status
+        rows += [{"run": run_id, "split": split, **values}
+                 for split, values in (metrics or {}).items() if split != "val"]
+    results.write_parquet(exp_dir / "robustness.parquet", pd.DataFrame(rows))
+    return written
+
+
+def _write_study(path: Path, name: str, params: dict[str, dict], values: dict[str, float],
+                 statuses: dict[str, str]) -> None:
+    """An Optuna study as the search stores it: done trials COMPLETE with their selection value,
+    ASHA-stopped ones PRUNED with their intermediate value (tally.search.searcher tells Optuna so),
+    in trial order."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -240,8 +293,14 @@ def _write_study(path: Path, name: str, params: dict[str, dict], values: dict[st
              "model.cut": optuna.distributions.CategoricalDistribution(["layer1", "layer2", "layer3"]),
              "method.fold": optuna.distributions.CategoricalDistribution([True, False])}
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{path}", direction="maximize")
-    trials = [optuna.trial.create_trial(params={k: p[k] for k in dists}, distributions=dists, value=values[t])
-              for t, p in params.items()]
+    trials = []
+    for trial_id, value in values.items():
+        chosen = {k: params[trial_id][k] for k in dists}
+        if statuses[trial_id] == "done":
+            trials.append(optuna.trial.create_trial(params=chosen, distributions=dists, value=value))
+        else:
+            trials.append(optuna.trial.create_trial(params=chosen, distributions=dists, intermediate_values={
+                0: value}, state=optuna.trial.TrialState.PRUNED))
     study.add_trials(trials)
 
 

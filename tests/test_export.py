@@ -281,3 +281,41 @@ def test_predict_uses_the_gpu_when_there_is_one_and_bounded_batches(bundle, size
     paths = [str(p) for p in sized_images] * 3
     table = predictor.predict_files(paths, batch_size=4, progress=False)
     assert seen == [4, 4, 4, 3] and list(table["path"]) == paths
+
+
+@pytest.mark.parametrize(("name", "change", "message"), [
+    ("preprocessing.json", {"image_size": 200000}, r"preprocessing\.json: image_size: expected the config's"),
+    ("preprocessing.json", {"std": [0, 1, 1]}, r"preprocessing\.json: std: expected 3 finite numbers"),
+    ("labels.json", {"classes": "abc"}, r"labels\.json: classes: expected a non-empty list"),
+])
+def test_a_consistent_but_malicious_bundle_is_refused_before_any_allocation(bundle, tmp_path, tally, name, change,
+                                                                             message):
+    """The manifest is re-signed, as an attacker would: the contents themselves are checked."""
+    from tally.export import MANIFEST, _sha256
+
+    copy = Path(shutil.copytree(bundle, tmp_path / "evil"))
+    content = json.loads((copy / name).read_text())
+    content.update(change)
+    (copy / name).write_text(json.dumps(content))
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["sha256"][name] = _sha256(copy / name)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TallyError, match=message):
+        Predictor(copy)
+    proc = tally("predict", copy, bundle / "MODEL_CARD.md")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+def test_a_pickle_in_place_of_the_weights_is_refused_with_one_line(bundle, tmp_path, tally):
+    import pickle
+
+    from tally.export import MANIFEST, _sha256
+
+    copy = Path(shutil.copytree(bundle, tmp_path / "pickled"))
+    (copy / "model.pt").write_bytes(pickle.dumps({"x": os.system}))  # weights_only refuses globals
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["sha256"]["model.pt"] = _sha256(copy / "model.pt")
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    proc = tally("predict", copy, bundle / "MODEL_CARD.md")
+    assert proc.returncode == 2 and "model.pt: cannot load the weights" in proc.stderr
+    assert proc.stderr.count("\n") == 1

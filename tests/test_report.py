@@ -100,3 +100,19 @@ def test_report_command_with_interval_and_seed_flags(experiment, capsys):
     assert r"\pm" in capsys.readouterr().out
     assert cli.main(["report", str(exp), "--many-above", "5", "--few-at-most", "5"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_failed_lost_and_unreadable_runs_are_listed_not_dropped(experiment, capsys):
+    from tally import results
+
+    exp, _ = experiment
+    results.write_status(exp / "trials" / "broken", "failed", error="TallyError: training diverged")
+    (exp / "trials" / "torn").mkdir()
+    (exp / "trials" / "torn" / "eval.parquet").write_bytes(b"PAR1 torn")
+    results.write_json(exp / "trials" / "torn" / "status.json", {"status": "done"})
+    assert cli.main(["report", str(exp), "--replicates", "10"]) == 0
+    out, err = capsys.readouterr()
+    assert "not in the table (2 of the trials):" in err
+    assert "broken: failed: TallyError: training diverged" in err
+    assert "torn: done; eval.parquet unreadable: " in err
+    assert "broken" not in out and "torn" not in out and "tally-s0" in out

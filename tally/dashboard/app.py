@@ -15,11 +15,11 @@ from pathlib import Path
 import streamlit as st
 
 from tally import results
-from tally.dashboard import cache, views
+from tally.dashboard import cache, grid_views, search_views, views
 from tally.dashboard import data as dd
 
 ROOT_ENV = "TALLY_RESULTS_ROOT"
-TABS = ("Trials", "Accuracy grid", "Compare", "Curves", "Search", "Export")
+TABS = ("Trials", "Accuracy grid", "Robustness", "Compare", "Curves", "Search", "Timeline", "Export")
 
 
 def results_root(argv: list[str] | None = None) -> Path:
@@ -33,9 +33,9 @@ def _experiment_label(root: Path, exp: Path) -> str:
     return exp.name if exp != root else f"{exp.name} (the root)"
 
 
-def body(exp_dir: Path) -> None:
+def body(trials: dd.TrialSet) -> None:
     """Everything about one experiment."""
-    trials = cache.trials(exp_dir)
+    exp_dir = trials.exp_dir
     st.subheader(f"Experiment {trials.name}")
     views.header(trials)
     if trials.frame.empty:
@@ -47,10 +47,12 @@ def body(exp_dir: Path) -> None:
     tabs = st.tabs(list(TABS), key="view", on_change="rerun")
     sections = {
         "Trials": lambda: views.trials_view(trials),
-        "Accuracy grid": lambda: views.grid_view(trials, trial_id),
+        "Accuracy grid": lambda: grid_views.grid_view(trials, trial_id),
+        "Robustness": lambda: views.robustness_view(trials, best_id),
         "Compare": lambda: views.compare_view(trials, best_id or trial_id),
-        "Curves": lambda: views.curves_view(trials, trial_id),
-        "Search": lambda: views.search_view(trials),
+        "Curves": lambda: search_views.curves_view(trials, trial_id),
+        "Search": lambda: search_views.search_view(trials),
+        "Timeline": lambda: search_views.timeline_view(trials),
         "Export": lambda: views.export_view(trials, best_id or trial_id),
     }
     for name, tab in zip(TABS, tabs, strict=True):
@@ -93,9 +95,11 @@ def main() -> None:
 def page(root: Path, exp_dir: Path) -> None:
     """The main area, rerun alone by the auto-refresh: the experiment list, then the chosen one."""
     experiments = dd.experiments_under(root)
-    with st.expander(f"All experiments under the root ({len(experiments)})", expanded=len(experiments) > 1):
-        views.experiment_list([dd.experiment_overview(cache.trials(e)) for e in experiments])
-    body(exp_dir)
+    loaded = {e: cache.trials(e) for e in experiments}  # one signature (stats) per experiment and rerun
+    if len(experiments) > 1:  # one experiment: its header below says it all
+        with st.expander(f"All experiments under the root ({len(experiments)})", expanded=True):
+            views.experiment_list([dd.experiment_overview(t) for t in loaded.values()])
+    body(loaded.get(exp_dir) or cache.trials(exp_dir))
 
 
 if __name__ == "__main__":

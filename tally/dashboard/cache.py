@@ -1,12 +1,13 @@
 """Store reads memoised with st.cache_data, keyed on the files' mtimes and sizes.
 
 Why keys of mtimes rather than a TTL: a finished search never changes, so it is read once; a running
-one is re-read as soon as a trial writes a file, and only then. The signature is a few stats per
-trial, cheap enough for every rerun of the auto-refresh.
+one is re-read as soon as a trial writes a file, and only then. The signature is one stat per trial
+(the trial folder's mtime), cheap enough for every rerun of the auto-refresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import streamlit as st
@@ -17,12 +18,15 @@ from tally.dashboard import search_data as dsearch
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _trials(exp_dir: str, signature: str) -> dd.TrialSet:
-    return dd.load_trials(Path(exp_dir))
+def _trials(exp_dir: str, signature: str, _stamps: dict | None = None) -> dd.TrialSet:
+    trials = dd.load_trials(Path(exp_dir), _stamps)
+    trials.signature = signature
+    return trials
 
 
 def trials(exp_dir: Path) -> dd.TrialSet:
-    return _trials(str(exp_dir), dd.experiment_signature(exp_dir))
+    stamps = dd.trial_stamps(exp_dir)  # one stat per trial, shared by the key and a cache miss
+    return _trials(str(exp_dir), dd.experiment_signature(exp_dir, stamps), stamps)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -36,9 +40,32 @@ def run(run_dir: Path) -> results.RunRecord:
 
 @st.cache_data(show_spinner="Computing parameter importance ...", max_entries=16)
 def _importance(exp_dir: str, signature: str, study: tuple | None) -> dsearch.Importance:
-    return dsearch.param_importance(dd.load_trials(Path(exp_dir)))
+    return dsearch.param_importance(_trials(exp_dir, signature))
 
 
-def importance(exp_dir: Path) -> dsearch.Importance:
-    study = dd.file_stamp(Path(exp_dir) / "study.db")
-    return _importance(str(exp_dir), dd.experiment_signature(exp_dir), study)
+def importance(trials: dd.TrialSet) -> dsearch.Importance:
+    study = dd.file_stamp(trials.exp_dir / "study.db")
+    return _importance(str(trials.exp_dir), trials.signature, study)
+
+
+@st.cache_data(show_spinner="Reading the trials' epochs ...", max_entries=8)
+def _epochs(exp_dir: str, signature: str, ids_digest: str, _trial_ids: tuple[str, ...]) -> dict:
+    return dd.read_epochs(Path(exp_dir), list(_trial_ids))
+
+
+def epochs(trials: dd.TrialSet, trial_ids: list[str]) -> dict:
+    """epochs.jsonl of several trials, re-read when the experiment's files change (status.json is
+    rewritten after every epoch line, so the signature the trials were read under moves with them)."""
+    ids = tuple(str(t) for t in trial_ids)  # hashed by us: Streamlit hashes long tuples slowly
+    digest = hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest()
+    return _epochs(str(trials.exp_dir), trials.signature, digest, ids)
+
+
+@st.cache_resource(show_spinner="Building the Optuna study of the finished trials ...", max_entries=8)
+def _param_study(exp_dir: str, signature: str):
+    return dsearch.param_study(_trials(exp_dir, signature))
+
+
+def param_study(trials: dd.TrialSet):
+    """(study, parameters) for Optuna's slice and contour plots; shared, never modified after creation."""
+    return _param_study(str(trials.exp_dir), trials.signature)

@@ -1,4 +1,4 @@
-"""Plotly figures of the dashboard: pure functions from tally.dashboard.data values to figures.
+"""Plotly figures of the dashboard: pure functions from the data layer's values to figures.
 
 Kept apart from the Streamlit views so figures can be built and checked in tests without a server.
 """
@@ -9,35 +9,83 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from tally.dashboard.data import Grid
+from tally.dashboard.grids import Grid
 from tally.dashboard.search_data import Dimension
 
-_CELL = 54  # pixels per grid row: room for two lines of cell text
+_CELL = 34  # pixels per grid row when cells carry text
+_ROW = 22  # pixels per grid row of a large grid (no text)
+STATUS_COLORS = {"done": "#2a9d8f", "running": "#457b9d", "stopped": "#e9c46a", "failed": "#e63946",
+                 "pending": "#adb5bd"}
 
 
-def _grid_layout(fig: go.Figure, title: str, rows: list[str], cols: list[str]) -> go.Figure:
-    fig.update_layout(title=title, height=140 + _CELL * len(rows),
+def _grid_layout(fig: go.Figure, title: str, rows: list[str], cols: list[str], all_ticks: bool = True,
+                 row_px: int = _CELL, extra: int = 0, **where) -> go.Figure:
+    """Title, height and category axes of a grid; ``where`` (row=, col=) picks the grid's subplot."""
+    fig.update_layout(title=title, height=140 + extra + row_px * len(rows),
                       margin={"l": 10, "r": 10, "t": 50, "b": 10})
-    # every tick shown (plotly would thin out category labels) and the first domain on top
-    fig.update_xaxes(type="category", tickmode="array", tickvals=cols, ticktext=cols, side="bottom")
-    fig.update_yaxes(type="category", tickmode="array", tickvals=rows, ticktext=rows, autorange="reversed")
+    if all_ticks:  # every tick shown (plotly would thin out category labels)
+        fig.update_xaxes(type="category", tickmode="array", tickvals=cols, ticktext=cols, side="bottom", **where)
+    else:  # hundreds of classes: plotly thins the labels; zoom in to read them, hover for any cell
+        fig.update_xaxes(type="category", side="bottom", **where)
+    fig.update_yaxes(type="category", tickmode="array", tickvals=rows, ticktext=rows, autorange="reversed",
+                     **where)
     return fig
 
 
-def accuracy_heatmap(grid: Grid, title: str | None = None) -> go.Figure:
-    """Pair accuracy heat map; each cell shows its accuracy and training count, empty pairs blank."""
+def accuracy_heatmap(grid: Grid, title: str | None = None, profile: pd.Series | None = None,
+                     profile_label: str = "training count") -> go.Figure:
+    """Pair accuracy heat map in the grid's class order; empty pairs blank.
+
+    Each cell shows its accuracy (2 decimals; nothing else, so it always fits the cell) and, on hover,
+    its training count and test n. Above the cells, sharing their x axis (zoom and pan move both), the
+    training-count profile of the classes: the long tail the grid is read against. Above
+    LARGE_GRID_CLASSES classes the cells carry no text and the grid is a zoomable overview.
+    """
     rows, cols = [str(d) for d in grid.acc.index], [str(c) for c in grid.acc.columns]
     z = grid.acc.to_numpy(dtype=float)
     custom = np.dstack([grid.n.to_numpy(), grid.n_train.to_numpy()])
-    fig = go.Figure(go.Heatmap(
+    heat = go.Heatmap(
         z=np.where(np.isnan(z), None, z).tolist(), x=cols, y=rows, zmin=0.0, zmax=1.0, colorscale="Viridis",
-        text=grid.labels(), texttemplate="%{text}", textfont={"size": 11}, customdata=custom,
-        hoverongaps=False, xgap=1, ygap=1,
-        colorbar={"title": "acc"},
+        customdata=custom, hoverongaps=False, xgap=0 if grid.large else 1, ygap=1,
+        colorbar={"title": "acc", "len": 0.7, "y": 0.35 if profile is not None else 0.5},
         hovertemplate="domain %{y}<br>class %{x}<br>accuracy %{z:.3f}<br>n test %{customdata[0]}"
-                      "<br>n train %{customdata[1]}<extra></extra>"))
-    return _grid_layout(fig, title or grid.split, rows, cols)
+                      "<br>n train %{customdata[1]}<extra></extra>")
+    if not grid.large:
+        heat.update(text=grid.labels(), texttemplate="%{text}", textfont={"size": 11})
+    row_px = _ROW if grid.large else _CELL
+    if profile is None:
+        fig = go.Figure(heat)
+        return _grid_layout(fig, title or grid.split, rows, cols, not grid.large, row_px)
+    profile_px = 110
+    grid_px = row_px * len(rows) + 40
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.03,
+                        row_heights=[profile_px / (profile_px + grid_px), grid_px / (profile_px + grid_px)])
+    fig.add_trace(heat, row=2, col=1)
+    fig.add_trace(go.Bar(x=cols, y=profile.reindex(cols).to_numpy(), marker={"color": "#888"},
+                         name=profile_label, showlegend=False,
+                         hovertemplate="class %{x}<br>" + profile_label + " %{y}<extra></extra>"), row=1, col=1)
+    log = bool((profile > 0).any())  # long tails span decades; zero-shot classes get no bar
+    fig.update_yaxes(title_text="train n", type="log" if log else "linear", dtick=1 if log else None, row=1, col=1)
+    fig.update_xaxes(type="category", showticklabels=False, row=1, col=1)
+    return _grid_layout(fig, title or grid.split, rows, cols, not grid.large, row_px, extra=profile_px,
+                        row=2, col=1)
+
+
+def shot_heatmap(shots: pd.DataFrame, title: str) -> go.Figure:
+    """Mean pair accuracy per domain (rows) and shot bucket (columns); pair counts on hover."""
+    buckets = [b for b in ("many", "medium", "few", "zero") if b in shots.columns]
+    z = shots[buckets].to_numpy(dtype=float)
+    pairs = shots[[f"{b} pairs" for b in buckets]].to_numpy()
+    text = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
+    rows = [str(i) for i in shots.index]
+    fig = go.Figure(go.Heatmap(
+        z=np.where(np.isnan(z), None, z).tolist(), x=buckets, y=rows, zmin=0.0, zmax=1.0,
+        colorscale="Viridis", text=text, texttemplate="%{text}", customdata=pairs, hoverongaps=False,
+        xgap=1, ygap=1, colorbar={"title": "acc"},
+        hovertemplate="domain %{y}<br>%{x}-shot pairs: %{customdata}<br>mean accuracy %{z:.3f}<extra></extra>"))
+    return _grid_layout(fig, title, rows, buckets)
 
 
 def difference_heatmap(diff: pd.DataFrame, title: str) -> go.Figure:
@@ -96,3 +144,48 @@ def parallel_figure(dims: list[Dimension], color: list[float], metric: str) -> g
                                  line={"color": color, "colorscale": "Viridis", "showscale": True,
                                        "colorbar": {"title": metric}}))
     return fig.update_layout(margin={"l": 60, "r": 60, "t": 60, "b": 30}, height=420)
+
+
+def timeline_figure(frame: pd.DataFrame, lane: str = "trial_id") -> go.Figure:
+    """Gantt chart of trials (start to end, coloured by status); one lane per trial or per node."""
+    fig = px.timeline(frame, x_start="start", x_end="end", y=lane, color="status",
+                      color_discrete_map=STATUS_COLORS, hover_data=["trial_id", "node", "duration_s"],
+                      title="Trials over time")
+    lanes = frame[lane].nunique()
+    fig.update_yaxes(autorange="reversed", type="category")
+    return fig.update_layout(margin={"t": 50}, height=min(900, 160 + (14 if lane == "trial_id" else 40) * lanes))
+
+
+def intermediate_figure(frame: pd.DataFrame, metric: str) -> go.Figure:
+    """Every trial's per-epoch ``metric``, one WebGL trace per status (lines split by gaps), so thousands
+    of trials draw fast; trials stopped early end where the scheduler stopped them."""
+    fig = go.Figure()
+    for status, group in frame.groupby("status", sort=True):
+        xs, ys, ids = [], [], []
+        for trial_id, t in group.groupby("trial_id", sort=False):
+            t = t.sort_values("epoch")
+            xs += [*t["epoch"].tolist(), None]
+            ys += [*t["value"].tolist(), None]
+            ids += [trial_id] * len(t) + [None]
+        fig.add_trace(go.Scattergl(x=xs, y=ys, mode="lines+markers", name=f"{status} ({group['trial_id'].nunique()})",
+                                   line={"color": STATUS_COLORS.get(status), "width": 1}, marker={"size": 3},
+                                   customdata=ids, connectgaps=False,
+                                   hovertemplate="%{customdata}<br>epoch %{x}<br>%{y:.4f}<extra></extra>"))
+    return fig.update_layout(title=f"{metric} per epoch, every trial", xaxis_title="epoch", yaxis_title=metric,
+                             margin={"t": 50}, height=380)
+
+
+def slice_figure(study, params: list[str], metric: str) -> go.Figure:
+    """Optuna's slice plot: the metric against each parameter, one panel per parameter."""
+    import optuna  # only when the Search view draws it
+
+    fig = optuna.visualization.plot_slice(study, params=params, target_name=metric)
+    return fig.update_layout(height=380, margin={"t": 50})
+
+
+def contour_figure(study, x: str, y: str, metric: str) -> go.Figure:
+    """Optuna's contour plot of the metric over two parameters (interpolated; trials as dots)."""
+    import optuna
+
+    fig = optuna.visualization.plot_contour(study, params=[x, y], target_name=metric)
+    return fig.update_layout(height=480, margin={"t": 50})

@@ -27,7 +27,6 @@ DEFAULT_TABLE_METRICS = ("acc", "pair_acc_mean", "pair_acc_worst", "macro_f1")
 SHOT_METRICS = ("shot_many", "shot_medium", "shot_few", "shot_zero")
 CURVE_BASE_COLUMNS = ("epoch", "phase", "train_loss", "seconds")
 RUN_FILES = ("config.yaml", "status.json", "epochs.jsonl", "eval.parquet", "metrics.json")
-SIGNATURE_FILES = ("status.json", "metrics.json", "config.yaml", "eval.parquet")
 
 
 # ---------------------------------------------------------------- cache keys
@@ -40,26 +39,34 @@ def file_stamp(path: Path | str) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def experiment_signature(exp_dir: Path) -> str:
-    """Fingerprint (a digest of mtimes and sizes) of the files the experiment views read: a cache key.
+def trial_stamps(exp_dir: Path) -> dict[str, int]:
+    """mtime_ns of each trial folder, by trial id: one stat per trial tells whether anything in it changed.
 
-    Stats only (4 per trial), so it can run on every rerun while a search writes the store; a short
-    digest rather than the tuple itself because Streamlit hashes cache arguments slowly (0.25 s for
-    the tuple of a 500-trial experiment, 20 ms for the stats).
+    Why the folder's mtime: every store write is a temporary file renamed into the trial folder
+    (``tally.results``), which moves the folder's mtime; the one append (epochs.jsonl) is always
+    followed by a status.json rewrite. One stat instead of one per file: at 5,000 trials the
+    difference is a quarter of a second on every rerun of the page.
+    """
+    try:
+        with os.scandir(Path(exp_dir) / results.TRIALS_DIR) as entries:
+            return {e.name: e.stat().st_mtime_ns for e in entries if e.is_dir()}
+    except OSError:
+        return {}
+
+
+def experiment_signature(exp_dir: Path, stamps: dict[str, int] | None = None) -> str:
+    """Fingerprint (a digest of mtimes) of what the experiment views read: a cache key.
+
+    Stats only (one per trial, see ``trial_stamps``), so it can run on every rerun while a search
+    writes the store; a short digest rather than the stamps themselves because Streamlit hashes cache
+    arguments slowly (0.25 s for a tuple of a 500-trial experiment's stamps).
     """
     exp_dir = Path(exp_dir)
+    stamps = trial_stamps(exp_dir) if stamps is None else stamps
     digest = hashlib.blake2b(digest_size=16)
-    for name in ("spec.yaml", "summary.parquet"):
+    for name in ("spec.yaml", "summary.parquet", "study.db"):
         digest.update(repr(file_stamp(exp_dir / name)).encode())
-    trials_dir = exp_dir / results.TRIALS_DIR
-    try:  # scandir: the listing without a stat per folder (iter_trial_dirs costs 4x more here)
-        with os.scandir(trials_dir) as entries:
-            names = sorted(e.name for e in entries if e.is_dir())
-    except OSError:
-        names = []
-    for name in names:
-        base = f"{trials_dir}{os.sep}{name}{os.sep}"
-        digest.update(repr((name, *(file_stamp(base + f) for f in SIGNATURE_FILES))).encode())
+    digest.update(repr(sorted(stamps.items())).encode())
     return digest.hexdigest()
 
 
@@ -85,46 +92,47 @@ class TrialSet:
     spec: dict | None
     selection: results.Selection
     notes: list[str] = field(default_factory=list)
+    signature: str = ""  # the experiment_signature it was read under (set by the cache): key of derived reads
 
     @property
     def name(self) -> str:
         return self.exp_dir.name
 
 
-def load_trials(exp_dir: Path) -> TrialSet:
+def load_trials(exp_dir: Path, stamps: dict[str, int] | None = None) -> TrialSet:
     """The trials table of an experiment, fresh even while a search is writing it.
 
-    The stored summary.parquet is used for speed, but rows of trials whose files are newer than it
-    (or absent from it) are rebuilt with ``results.trial_row``; without a summary every row is built
-    from the trial folders. Trials without metrics.json but with eval.parquet (older stores) get their
-    metrics recomputed from the long table.
+    The stored summary.parquet is used for speed, but rows of trials whose folders changed after it
+    was written (or absent from it) are rebuilt with ``results.trial_row``; without a summary every
+    row is built from the trial folders. Trials without metrics.json but with eval.parquet (older
+    stores) get their metrics recomputed from the long table. ``stamps``: ``trial_stamps`` when the
+    caller has them already.
     """
     exp_dir = Path(exp_dir)
+    stamps = trial_stamps(exp_dir) if stamps is None else stamps
     notes: list[str] = []
     spec = results.read_yaml(exp_dir / "spec.yaml")
     if spec is None:
         notes.append("no spec.yaml: the spec is not shown and the best trial uses the default metric")
-    frame = _fresh_summary(exp_dir, notes)
+    frame = _fresh_summary(exp_dir, stamps, notes)
     frame = _backfill_metrics(exp_dir, frame, notes)
     frame = _normalise(frame)
     return TrialSet(exp_dir, frame, spec if isinstance(spec, dict) else None, results.selection_of(spec), notes)
 
 
-def _fresh_summary(exp_dir: Path, notes: list[str]) -> pd.DataFrame:
+def _fresh_summary(exp_dir: Path, stamps: dict[str, int], notes: list[str]) -> pd.DataFrame:
     stored_path = exp_dir / "summary.parquet"
-    stored = results.read_parquet(stored_path)
-    dirs = list(results.iter_trial_dirs(exp_dir))
+    written = file_stamp(stored_path)
+    stored = results.read_parquet(stored_path) if written else None
     if stored is None or "trial_id" not in stored.columns:
-        if dirs:
+        if stamps:
             notes.append("no summary.parquet: the trials table was built from the trial folders")
         return results.summarise(exp_dir)
-    stamp = stored_path.stat().st_mtime_ns
     known = set(stored["trial_id"].astype(str))
-    stale = [p for p in dirs if p.name not in known or any(
-        (s := file_stamp(p / f)) is not None and s[0] > stamp for f in SIGNATURE_FILES)]
+    stale = sorted(name for name, mtime in stamps.items() if name not in known or mtime >= written[0])
     if not stale:
         return stored
-    fresh = pd.DataFrame([results.trial_row(p) for p in stale])
+    fresh = pd.DataFrame([results.trial_row(exp_dir / results.TRIALS_DIR / name) for name in stale])
     kept = stored[~stored["trial_id"].astype(str).isin(set(fresh["trial_id"]))]
     parts = [df for df in (kept, fresh) if not df.empty]
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
@@ -266,6 +274,36 @@ def failed_errors(frame: pd.DataFrame) -> list[tuple[str, str]]:
             for r in rows.itertuples()]
 
 
+PAGE_SIZES = (25, 50, 100, 200)
+
+
+def sort_trials(frame: pd.DataFrame, by: str | None, descending: bool = False) -> pd.DataFrame:
+    """Rows sorted by one column over the whole table (the browser's header click would sort a page
+    only); blanks last whatever the direction, ties in trial order."""
+    if not by or by not in frame.columns or frame.empty:
+        return frame
+    numeric = pd.to_numeric(frame[by], errors="coerce")
+    key = numeric if numeric.notna().sum() >= frame[by].notna().sum() else frame[by].astype(str)
+    key = key.where(frame[by].notna())
+    order = key.sort_values(ascending=not descending, na_position="last", kind="stable").index
+    return frame.loc[order]
+
+
+def page_count(rows: int, size: int) -> int:
+    return max(1, math.ceil(rows / max(1, size)))
+
+
+def page(frame: pd.DataFrame, number: int, size: int) -> pd.DataFrame:
+    """Rows of page ``number`` (from 1; clamped to the last page) of ``size`` rows."""
+    number = min(max(1, int(number)), page_count(len(frame), size))
+    return frame.iloc[(number - 1) * size: number * size]
+
+
+def csv_bytes(frame: pd.DataFrame, index: bool = False) -> bytes:
+    """A table as UTF-8 CSV, what every download button of the dashboard serves."""
+    return frame.to_csv(index=index).encode()
+
+
 # ---------------------------------------------------------------- one trial
 def trial_dir(trials: TrialSet, trial_id: str) -> Path:
     return trials.exp_dir / results.TRIALS_DIR / str(trial_id)
@@ -278,6 +316,12 @@ def load_run(run_dir: Path) -> results.RunRecord:
         run.eval_table, notes = compat_table(run.eval_table)
         run.missing.extend(notes)
     return run
+
+
+def read_epochs(exp_dir: Path, trial_ids: list[str]) -> dict[str, pd.DataFrame]:
+    """epochs.jsonl of several trials (learning curves of a whole search); empty frames where absent."""
+    base = Path(exp_dir) / results.TRIALS_DIR
+    return {t: pd.DataFrame(results.read_jsonl(base / t / "epochs.jsonl")) for t in trial_ids}
 
 
 def compat_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -314,6 +358,11 @@ def run_metrics(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_metrics_frame(table: pd.DataFrame, splits: list[str]) -> pd.DataFrame:
+    """``run_metrics`` as a table: metrics (rows) by split (columns, in ``splits`` order)."""
+    return pd.DataFrame(run_metrics(table)).reindex(columns=splits)
+
+
 def table_splits(table: pd.DataFrame | None) -> list[str]:
     if table is None or table.empty:
         return []
@@ -323,50 +372,6 @@ def table_splits(table: pd.DataFrame | None) -> list[str]:
 def test_splits(splits: list[str]) -> list[str]:
     """The splits shown side by side: subpopulation shift (test_sub) and held-out domains."""
     return [s for s in splits if s.startswith("test")]
-
-
-@dataclass
-class Grid:
-    """One split's grid: accuracy (NaN where n = 0), test counts and training counts."""
-
-    split: str
-    acc: pd.DataFrame
-    n: pd.DataFrame
-    n_train: pd.DataFrame
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.acc.shape
-
-    def without_empty_domains(self) -> tuple[Grid, list[str]]:
-        """The grid minus domains with no test example at all (e.g. training domains in a held-out
-        domain's split): whole blank rows carry no information; blank cells inside a row still do."""
-        keep = self.n.sum(axis=1) > 0
-        dropped = [str(d) for d in self.n.index[~keep]]
-        if not dropped or not keep.any():
-            return self, []
-        return Grid(self.split, self.acc[keep], self.n[keep], self.n_train[keep]), dropped
-
-    def labels(self) -> list[list[str]]:
-        """Cell text: accuracy and training count; empty for pairs without test examples."""
-        acc, nt = self.acc.to_numpy(), self.n_train.to_numpy()
-        return [["" if math.isnan(a) else f"{a:.2f}<br>n_train={int(t)}" for a, t in zip(ra, rt, strict=True)]
-                for ra, rt in zip(acc, nt, strict=True)]
-
-
-def grid(table: pd.DataFrame, split: str) -> Grid:
-    return Grid(split, ev.accuracy_grid(table, split, "acc"), ev.accuracy_grid(table, split, "n"),
-                ev.accuracy_grid(table, split, "n_train"))
-
-
-def worst_pairs(table: pd.DataFrame, split: str, k: int = 10) -> pd.DataFrame:
-    cols = ["domain", "class", "acc", "correct", "n", "n_train"]
-    rows = ev.worst_pairs(table, split, k)
-    return rows[[c for c in cols if c in rows.columns]]
-
-
-def difference(table_a: pd.DataFrame, table_b: pd.DataFrame, split: str) -> pd.DataFrame:
-    return ev.difference_grid(table_a, table_b, split)
 
 
 def shot_frame(tables: dict[str, pd.DataFrame], split: str) -> pd.DataFrame:

@@ -1,9 +1,12 @@
 """Start the dashboard as a Streamlit server on a results store (``tally dashboard``).
 
-Why a subprocess of ``python -m streamlit``: Streamlit owns its event loop and signal handling, and
-the same interpreter (the venv's) guarantees the app imports this installed package. Binds to
-127.0.0.1 by default: the store may hold unpublished results; expose it deliberately with
+Why a subprocess running Streamlit's own command line: Streamlit owns its event loop and signal
+handling, and the same interpreter (the venv's) guarantees the app imports this installed package.
+Binds to 127.0.0.1 by default: the store may hold unpublished results; expose it deliberately with
 ``address="0.0.0.0"`` (or an SSH tunnel).
+
+The subprocess is ``python -m tally.dashboard.serve`` rather than ``python -m streamlit``: it
+imports what the first page needs before the server listens (see that module).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from tally.dashboard import APP_PATH
 
 
 def command(root: Path | str, port: int = 8501, address: str = "127.0.0.1") -> list[str]:
-    """The streamlit command line (shown by callers, used by ``launch`` and the browser test)."""
-    return [sys.executable, "-m", "streamlit", "run", str(APP_PATH),
+    """The server's command line (shown by callers, used by ``launch`` and the browser test): Streamlit's
+    ``streamlit run APP ...`` arguments, run through ``tally.dashboard.serve``'s warm start."""
+    return [sys.executable, "-m", "tally.dashboard.serve", "run", str(APP_PATH),
             "--server.address", str(address), "--server.port", str(int(port)),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--", "--root", str(Path(root).expanduser().resolve())]
@@ -47,3 +51,4 @@ def launch(root: Path | str, port: int = 8501, address: str = "127.0.0.1") -> in
             proc.wait()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+

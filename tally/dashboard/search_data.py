@@ -166,3 +166,67 @@ def parallel_dimensions(trials: TrialSet) -> tuple[list[Dimension], list[float]]
     if dims:
         dims.append(Dimension(trials.selection.metric, metric))
     return dims, metric
+
+
+# ---------------------------------------------------------------- intermediate values (all trials)
+def intermediate_values(trials: TrialSet, epochs_by_trial: dict[str, pd.DataFrame],
+                        metric: str | None = None) -> pd.DataFrame:
+    """Long frame (trial_id, status, epoch, value) of one per-epoch metric (default: the selection
+    metric) for every trial with epoch records: done, running, failed and ASHA-stopped alike, so the
+    trials the scheduler stopped show where they were when it stopped them (Optuna's
+    intermediate-values plot)."""
+    metric = metric or trials.selection.metric
+    status = dict(zip(trials.frame["trial_id"], trials.frame["status"], strict=True))
+    parts = []
+    for trial_id, epochs in epochs_by_trial.items():
+        if epochs.empty or metric not in epochs or "epoch" not in epochs:
+            continue
+        part = pd.DataFrame({"trial_id": trial_id, "status": status.get(trial_id, "pending"),
+                             "epoch": pd.to_numeric(epochs["epoch"], errors="coerce"),
+                             "value": pd.to_numeric(epochs[metric], errors="coerce")})
+        parts.append(part.dropna())
+    if not parts:
+        return pd.DataFrame(columns=["trial_id", "status", "epoch", "value"])
+    return pd.concat(parts, ignore_index=True)
+
+
+# ---------------------------------------------------------------- Optuna's slice and contour plots
+def param_study(trials: TrialSet):
+    """The finished trials as an in-memory Optuna study, for optuna.visualization's slice and contour
+    plots (what optuna-dashboard users know) without depending on study.db: a store without one
+    (fixed runs, an older version) plots the same way.
+
+    Done trials are COMPLETE with the selection metric; ASHA-stopped ones are PRUNED (Optuna leaves
+    them out of these plots, as the search's own study does). Distributions are inferred from the
+    values: numbers as floats (log scale when positive and spanning more than a decade), the rest as
+    categories. Returns (study, parameter names); parameters that never vary are left out.
+    """
+    import optuna  # heavy import, only for the Search view
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    frame, sel = trials.frame, trials.selection
+    values = pd.to_numeric(frame[sel.metric], errors="coerce") if sel.metric in frame else None
+    done = frame[(frame["status"] == "done") & values.notna()] if values is not None else frame.iloc[0:0]
+    dists, columns = {}, {}
+    for col in param_columns(frame):
+        x = done[col]
+        name = col.removeprefix("param.").removeprefix("config.")
+        if x.isna().any() or x.astype(str).nunique() < 2:
+            continue
+        numeric = pd.to_numeric(x, errors="coerce")
+        is_bool = x.map(lambda v: isinstance(v, bool | np.bool_)).any()
+        if numeric.notna().all() and not is_bool:
+            lo, hi = float(numeric.min()), float(numeric.max())
+            dists[name] = optuna.distributions.FloatDistribution(lo, hi, log=lo > 0 and hi / lo > 10)
+            columns[name] = numeric.astype(float)
+        else:
+            as_text = x.astype(str) if x.map(type).nunique() > 1 else x
+            choices = sorted(pd.unique(as_text), key=str)
+            dists[name] = optuna.distributions.CategoricalDistribution(
+                [c.item() if hasattr(c, "item") else c for c in choices])
+            columns[name] = as_text.map(lambda c: c.item() if hasattr(c, "item") else c)
+    study = optuna.create_study(direction="maximize" if sel.mode == "max" else "minimize")
+    study.add_trials([optuna.trial.create_trial(
+        params={n: columns[n].loc[i] for n in dists}, distributions=dists, value=float(values.loc[i]),
+        user_attrs={"trial_id": str(done.at[i, "trial_id"])}) for i in done.index])
+    return study, list(dists)

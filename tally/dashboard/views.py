@@ -1,7 +1,9 @@
-"""The dashboard's sections: each function lays out one view with Streamlit.
+"""The dashboard's sections: each function lays out one view with Streamlit (the grid and the search
+views have modules of their own: grid_views, search_views).
 
-Numbers come from ``tally.dashboard.data`` (hence from the evaluator's long table) and figures from
-``charts``; this module only arranges them and explains what is missing, never raises on partial data.
+Numbers come from the data layer (hence from the evaluator's long table) and figures from ``charts``;
+this module only arranges them and explains what is missing, never raises on partial data. Every table
+shown has a CSV download of what it shows (all rows, also when the table is paged).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import streamlit as st
 import yaml
 
 from tally import results
-from tally.dashboard import cache
+from tally.dashboard import cache, grids, progress
 from tally.dashboard import data as dd
-from tally.dashboard import search_data as dsearch
+from tally.dashboard import robustness as drob
 
-MAX_CURVE_TRIALS = 12
+MAX_ERRORS_SHOWN = 20  # failed trials listed with their error below the table (the table has them all)
 
 
 def _fmt(value) -> str:
@@ -30,10 +32,31 @@ def _fmt(value) -> str:
     return "–" if math.isnan(value) else f"{value:.4f}"
 
 
-def _metric_table(frame: pd.DataFrame) -> None:
+def data_table(frame: pd.DataFrame, key: str, file_name: str, *, full: pd.DataFrame | None = None,
+               hide_index: bool = True, page_rows: int = 200, **kwargs) -> None:
+    """st.dataframe of ``frame`` under a stable CSS hook (``st-key-table_<key>``) and a button that
+    downloads ``full`` (default: all of ``frame``) as CSV, built only when the button is clicked.
+
+    A frame longer than ``page_rows`` is shown a page at a time (a page number input), so a long table
+    never goes to the browser whole; callers that page themselves pass the page and ``full``.
+    """
+    data = frame if full is None else full
+    if full is None and len(frame) > page_rows:
+        pages = dd.page_count(len(frame), page_rows)
+        number = st.number_input(f"Page (of {pages}, {page_rows} rows each)", min_value=1, step=1,
+                                 key=f"page_{key}")
+        frame = dd.page(frame, number, page_rows)
+    with st.container(key=f"table_{key}"):
+        st.dataframe(frame, hide_index=hide_index, **kwargs)
+    st.download_button("Download CSV", lambda: dd.csv_bytes(data, index=not hide_index), file_name=file_name,
+                       mime="text/csv", key=f"csv_{key}", on_click="ignore", type="tertiary",
+                       icon=":material/download:")
+
+
+def metric_table(frame: pd.DataFrame, key: str, file_name: str) -> None:
     """Metrics (rows) by split or trial (columns), every row visible, 4 decimals."""
     config = {c: st.column_config.NumberColumn(str(c), format="%.4f") for c in frame.columns}
-    st.dataframe(frame, column_config=config, height=35 * (len(frame) + 1) + 3)
+    data_table(frame, key, file_name, hide_index=False, column_config=config, height=35 * (len(frame) + 1) + 3)
 
 
 # ---------------------------------------------------------------- experiment level
@@ -42,8 +65,8 @@ def experiment_list(overviews: list[dict]) -> None:
     frame = pd.DataFrame(overviews)
     statuses = [c for c in frame.columns if c in results.STATUSES]
     frame[statuses] = frame[statuses].fillna(0).astype(int)  # a status one experiment lacks counts 0
-    st.dataframe(frame, hide_index=True,
-                 column_config={"best_value": st.column_config.NumberColumn("best value", format="%.4f")})
+    data_table(frame, "experiments", "experiments.csv",
+               column_config={"best_value": st.column_config.NumberColumn("best value", format="%.4f")})
 
 
 def header(trials: dd.TrialSet) -> None:
@@ -61,11 +84,13 @@ def header(trials: dd.TrialSet) -> None:
     else:
         st.success(f"Best trial: **{best['trial_id']}**, {sel.metric} = {_fmt(best[sel.metric])} "
                    f"({sel.mode}, {sel.source})")
-    with st.expander("Search spec (spec.yaml)"):
-        if trials.spec is None:
-            st.caption("This experiment has no spec.yaml.")
-        else:
-            st.code(yaml.safe_dump(trials.spec, sort_keys=False), language="yaml")
+    spec = st.expander("Search spec (spec.yaml)", key=f"spec_open:{trials.name}", on_change="rerun")
+    if spec.open:  # drawn only when opened: highlighted code costs the first page load ~0.15 s
+        with spec:
+            if trials.spec is None:
+                st.caption("This experiment has no spec.yaml.")
+            else:
+                st.code(yaml.safe_dump(trials.spec, sort_keys=False), language="yaml")
     for note in trials.notes:
         st.caption(f"Note: {note}")
 
@@ -88,85 +113,91 @@ def trial_picker(trials: dd.TrialSet, label: str, key: str, default: str | None,
 
 
 # ---------------------------------------------------------------- trials table
+def _duration(seconds: float) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def running_view(trials: dd.TrialSet) -> None:
+    """Running trials: epochs done of the total, the last validation value, seconds per epoch, ETA."""
+    ids = trials.frame.loc[trials.frame["status"] == "running", "trial_id"].tolist()
+    if not ids:
+        return
+    table = progress.running_progress(trials, cache.epochs(trials, ids))
+    table["done"] = (table["epochs_done"] / table["epochs_total"]).clip(0, 1)
+    table["eta"] = table["eta_s"].map(_duration)
+    metric = trials.selection.metric
+    st.markdown(f"**Running trials ({len(table)})**: last {metric}, and the time left at the median "
+                "duration of each trial's own epochs")
+    cols = ["trial_id", "node", "epochs_done", "epochs_total", "done", "last_value", "seconds_per_epoch", "eta"]
+    data_table(table[cols], "running", f"{trials.name}-running.csv", column_config={
+        "epochs_done": st.column_config.NumberColumn("epochs done", format="%d"),
+        "epochs_total": st.column_config.NumberColumn("of", format="%d"),
+        "done": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+        "last_value": st.column_config.NumberColumn(f"last {metric}", format="%.4f"),
+        "seconds_per_epoch": st.column_config.NumberColumn("s / epoch", format="%.1f"),
+        "eta": st.column_config.TextColumn("ETA")})
+
+
 def trials_view(trials: dd.TrialSet) -> None:
-    """Sortable, filterable trials table; failed trials' errors below it."""
+    """Running trials first, then the trials table: filtered, sorted over all rows, paged (only one
+    page goes to the browser: 5,000 rows would cost seconds), downloadable whole; errors below it."""
     frame = trials.frame
     if frame.empty:
         st.info("No trials yet: they appear here as the search starts them.")
         return
+    running_view(trials)
+    name = trials.name
     seen = set(frame["status"])
     present = [s for s in dict.fromkeys([*dd.SHOWN_STATUSES, *frame["status"]]) if s in seen]
     c1, c2, c3 = st.columns([2, 2, 3])
-    statuses = c1.multiselect("Status", present, default=present, key=f"status_filter:{trials.name}")
-    text = c2.text_input("Filter (any shown column contains)", key=f"text_filter:{trials.name}")
+    statuses = c1.multiselect("Status", present, default=present, key=f"status_filter:{name}")
+    text = c2.text_input("Filter (any shown column contains)", key=f"text_filter:{name}")
     names = dd.metric_names(frame)
-    metrics = c3.multiselect("Metrics", names, key=f"metrics:{trials.name}",
+    metrics = c3.multiselect("Metrics", names, key=f"metrics:{name}",
                              default=[m for m in dd.DEFAULT_TABLE_METRICS if m in names])
     cols = dd.table_columns(trials, metrics)
     shown = dd.filter_trials(frame, statuses, text, columns=cols)
+    s1, s2, s3, s4 = st.columns([3, 2, 2, 2])
+    sort_by = s1.selectbox("Sort by", cols, index=0, key=f"sort_by:{name}")
+    descending = s2.toggle("Descending", key=f"sort_desc:{name}")
+    size = s3.selectbox("Rows per page", dd.PAGE_SIZES, index=1, key=f"page_size:{name}")
+    pages = dd.page_count(len(shown), size)
+    number = min(int(s4.number_input(f"Page (of {pages})", min_value=1, step=1, key=f"page:{name}")), pages)
+    ordered = dd.sort_trials(shown, sort_by, descending)
+    rows = dd.page(ordered, number, size)
     config = {"duration_s": st.column_config.NumberColumn("duration (s)", format="%.0f"),
               "error": st.column_config.TextColumn("error", width="large")}
     for col in cols:
         if "/" in col and not col.startswith(("param.", "config.")):
             config[col] = st.column_config.NumberColumn(col, format="%.4f")
-    st.caption(f"{len(shown)} of {len(frame)} trials; click a column header to sort.")
-    with st.container(key="trials_table"):  # a stable CSS hook (st-key-trials_table) for browser tests
-        st.dataframe(shown[cols], hide_index=True, column_config=config)
+    first = (number - 1) * size + 1 if len(rows) else 0
+    st.caption(f"Trials {first}–{first + len(rows) - 1 if len(rows) else 0} of {len(shown)} shown "
+               f"({len(frame)} in the experiment), sorted by {sort_by}; the CSV holds all {len(shown)}.")
+    data_table(rows[cols], "trials", f"{name}-trials.csv", full=ordered[cols], column_config=config)
     failed = dd.failed_errors(shown)
     if failed:
-        st.markdown(f"**Failed trials ({len(failed)})**")
-        for trial_id, error in failed:
+        st.markdown(f"**Failed trials ({len(failed)})**"
+                    + (f", the first {MAX_ERRORS_SHOWN} (all are in the table)" if len(failed) > MAX_ERRORS_SHOWN
+                       else ""))
+        for trial_id, error in failed[:MAX_ERRORS_SHOWN]:
             last = error.strip().splitlines()[-1] if error.strip() else error
             st.error(f"{trial_id}: {last}")
-            with st.expander(f"{trial_id}: full error"):
-                st.code(error, language="text")
+            full = st.expander(f"{trial_id}: full error", key=f"error_open:{trial_id}", on_change="rerun")
+            if full.open:
+                with full:
+                    st.code(error, language="text")
 
 
 # ---------------------------------------------------------------- one trial
-def _missing(run, trial_id: str, what: str) -> None:
+def missing(run, trial_id: str, what: str) -> None:
     state = run.state
     hint = " (it is still running: results come when it finishes)" if state in ("running", "pending") else ""
     lacks = ", ".join(run.missing) or "nothing"
     st.info(f"Trial {trial_id} ({state}) has no {what} yet{hint}. Missing in its folder: {lacks}.")
-
-
-def grid_view(trials: dd.TrialSet, trial_id: str) -> None:
-    """Accuracy grids (test_sub and held-out domains side by side), metrics and worst pairs."""
-    from tally.dashboard import charts  # plotly: imported when a chart is drawn
-    run = cache.run(dd.trial_dir(trials, trial_id))
-    table = run.eval_table
-    if table is None or table.empty:
-        _missing(run, trial_id, "evaluation table (eval.parquet)")
-        return
-    notes = [m for m in run.missing if m.startswith("eval.parquet")]
-    for note in notes:
-        st.caption(f"Note: {note}")
-    splits = dd.table_splits(table)
-    tests = dd.test_splits(splits) or splits
-    for start in range(0, len(tests), 2):
-        cols = st.columns(2)
-        for col, split in zip(cols, tests[start:start + 2], strict=False):
-            g, dropped = dd.grid(table, split).without_empty_domains()
-            col.plotly_chart(charts.accuracy_heatmap(g, f"{split}: pair accuracy ({trial_id})"),
-                             key=f"grid:{split}")
-            if dropped:
-                col.caption(f"Not in {split} (no test examples): {', '.join(dropped)}")
-    st.caption("Cells: pair accuracy and the pair's training count (n_train); blank = no test examples.")
-    split = st.selectbox("Split for the details below", splits, key=f"detail_split:{trials.name}",
-                         index=splits.index(tests[0]) if tests else 0)
-    metrics = pd.DataFrame(dd.run_metrics(table)).reindex(columns=splits)
-    c1, c2 = st.columns([3, 2])
-    with c1:
-        st.markdown("**Metrics of this trial** (from its eval table)")
-        _metric_table(metrics)
-    with c2:
-        st.markdown(f"**Worst pairs on {split}**")
-        st.dataframe(dd.worst_pairs(table, split, 10), hide_index=True,
-                     column_config={"acc": st.column_config.NumberColumn(format="%.3f")})
-    with st.expander(f"{split} grid as a table"):
-        g = dd.grid(table, split)
-        st.dataframe(g.acc.round(3))
-        st.dataframe(g.n_train)
 
 
 def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
@@ -184,7 +215,7 @@ def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
     run_a, run_b = cache.run(dd.trial_dir(trials, a)), cache.run(dd.trial_dir(trials, b))
     for run, tid in ((run_a, a), (run_b, b)):
         if run.eval_table is None:
-            _missing(run, tid, "evaluation table (eval.parquet)")
+            missing(run, tid, "evaluation table (eval.parquet)")
             return
     common = [s for s in dd.table_splits(run_a.eval_table) if s in set(dd.table_splits(run_b.eval_table))]
     if not common:
@@ -196,8 +227,9 @@ def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
                              key=f"cmp_split:{trials.name}")
     left, right = st.columns(2)
     try:
-        diff = dd.difference(run_a.eval_table, run_b.eval_table, split).dropna(how="all")
-        left.plotly_chart(charts.difference_heatmap(diff, f"{split}: accuracy of {a} minus {b}"), key="diff")
+        diff = grids.difference(run_a.eval_table, run_b.eval_table, split).dropna(how="all")
+        left.plotly_chart(charts.difference_heatmap(diff, f"{split}: accuracy of {a} minus {b}"), key="diff",
+                          config={"scrollZoom": True})
     except ValueError as exc:
         left.warning(f"No difference grid: {exc}")
     shots = dd.shot_frame({a: run_a.eval_table, b: run_b.eval_table}, split)
@@ -205,59 +237,35 @@ def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
     ma, mb = dd.run_metrics(run_a.eval_table)[split], dd.run_metrics(run_b.eval_table)[split]
     table = pd.DataFrame({a: ma, b: mb})
     table["A - B"] = table[a] - table[b]
-    _metric_table(table)
+    metric_table(table, "compare_metrics", f"{trials.name}-{a}-vs-{b}-{split}.csv")
 
 
-def curves_view(trials: dd.TrialSet, trial_id: str) -> None:
-    """Per-epoch learning curves (train loss, validation metrics) of chosen trials."""
-    from tally.dashboard import charts  # plotly: imported when a chart is drawn
-    ids = trials.frame["trial_id"].tolist()
-    chosen = st.multiselect("Trials", ids, default=[trial_id] if trial_id in ids else ids[:1],
-                            key=f"curve_trials:{trials.name}", max_selections=MAX_CURVE_TRIALS)
-    epochs = {t: cache.run(dd.trial_dir(trials, t)).epochs for t in chosen}
-    frame = dsearch.curves(epochs)
-    empty = [t for t, df in epochs.items() if df.empty]
-    if empty:
-        st.caption(f"No epochs.jsonl lines yet for: {', '.join(empty)}")
-    if frame.empty:
-        st.info("No per-epoch records for the chosen trials.")
+# ---------------------------------------------------------------- robustness
+def robustness_view(trials: dd.TrialSet, best_id: str | None) -> None:
+    """The chosen config on the subpopulation split and on each held-out domain, one row per setting."""
+    runs = drob.robustness_runs(trials.exp_dir)
+    if runs.empty:
+        st.info("No robustness runs in this experiment. With `robustness: {settings: [sub, each_domain]}` in "
+                "the spec, `tally search` re-runs the chosen config on the subpopulation split and with "
+                f"each domain held out; they appear here (from {trials.exp_dir / drob.GROUP}).")
         return
-    metrics = dsearch.curve_metrics(frame)
-    vals = [m for m in metrics if m != "train_loss"]
-    default = trials.selection.metric if trials.selection.metric in vals else (vals[0] if vals else None)
-    warm = dsearch.warmup_end(next(df for df in epochs.values() if not df.empty))
-    left, right = st.columns(2)
-    if "train_loss" in metrics:
-        left.plotly_chart(charts.curves_figure(frame, "train_loss", warm), key="curve_loss")
-    if vals:
-        metric = right.selectbox("Validation metric", vals, index=vals.index(default), key="curve_metric")
-        right.plotly_chart(charts.curves_figure(frame, metric, warm), key="curve_metric_chart")
-
-
-def search_view(trials: dd.TrialSet) -> None:
-    """How the search went: metric by trial order, parameter importance, parallel coordinates."""
-    from tally.dashboard import charts  # plotly: imported when a chart is drawn
-    metric = trials.selection.metric
-    progress = dsearch.search_progress(trials)
-    if progress.empty:
-        st.info(f"No trial has {metric} yet.")
-        return
-    st.plotly_chart(charts.progress_figure(progress, metric), key="progress")
-    left, right = st.columns([2, 3])
-    with left:
-        imp = cache.importance(trials.exp_dir)
-        if imp.values.empty:
-            st.info(f"Parameter importance {imp.method}.")
-        else:
-            st.plotly_chart(charts.importance_bars(imp.values, "Parameter importance"), key="importance")
-            st.caption(imp.method)
-    with right:
-        dims, color = dsearch.parallel_dimensions(trials)
-        if len(dims) < 2:
-            st.info("Parallel coordinates need searched parameters and finished trials.")
-        else:
-            st.plotly_chart(charts.parallel_figure(dims, color, metric), key="parallel")
-            st.caption("One line per finished trial; drag along an axis to filter.")
+    table = drob.robustness_table(runs)
+    params = trials.frame.set_index("trial_id").filter(like="param.").loc[[best_id]] if best_id in set(
+        trials.frame["trial_id"]) else None
+    chosen = "" if params is None else ", ".join(f"{c.removeprefix('param.')}={v}"
+                                                 for c, v in params.iloc[0].dropna().items())
+    st.markdown(f"**The chosen config{f' (trial {best_id})' if best_id else ''}** on each setting"
+                f"{f': {chosen}' if chosen else ''}. Each held-out run selects its epoch on "
+                "training-domain validation; the numbers are test numbers of that selection.")
+    config = {m: st.column_config.NumberColumn(m, format="%.4f") for m in (*drob.SHOWN_METRICS,
+                                                                          "pair_acc_worst_stderr")}
+    data_table(table, "robustness", f"{trials.name}-robustness.csv", column_config=config)
+    unfinished = table[table["runs_done"] < table["runs"]]
+    if not unfinished.empty:
+        st.caption("Settings with runs not finished (their metrics are blank until one finishes): "
+                   + ", ".join(unfinished["setting"]))
+    with st.expander("Every run on every test split"):
+        data_table(runs, "robustness_runs", f"{trials.name}-robustness-runs.csv")
 
 
 def export_view(trials: dd.TrialSet, default: str | None) -> None:

@@ -7,6 +7,7 @@ Readers (folder layout, reference split lists, WILDS, the embedded default) all 
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -109,10 +110,44 @@ class MultiDomainDataset:
         return h.hexdigest()
 
 
+MAX_PIXELS = 40_000_000  # width x height; override with TALLY_MAX_PIXELS (the paper's images are < 4M)
+
+
+def max_pixels() -> int:
+    value = os.environ.get("TALLY_MAX_PIXELS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
+
+
+def check_pixels(path: str) -> None:
+    """Refuse an image whose header declares more than max_pixels(), before any decoder allocates:
+    a 1 MB PNG can declare 20000 x 20000 pixels (1.2 GB decoded), and torchvision's decoder has no limit."""
+    from PIL import Image
+
+    limit = max_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                width, height = im.size
+    except FileNotFoundError:
+        raise TallyError(f"image not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TallyError(f"{path}: image too large (more pixels than PIL allows); limit {limit} pixels, "
+                         "TALLY_MAX_PIXELS raises it") from None
+    except Exception:
+        return  # not a format PIL can read the header of: the decoders below say what is wrong
+    if width * height > limit:
+        raise TallyError(f"{path}: image too large ({width} x {height} = {width * height} pixels > {limit}; "
+                         "TALLY_MAX_PIXELS raises the limit)")
+
+
 def read_image(path: str) -> torch.Tensor:
-    """uint8 (3, H, W) RGB: torchvision's decoder first (fast), PIL for what it cannot read (bmp, tiff, ...)."""
+    """uint8 (3, H, W) RGB: torchvision's decoder first (fast), PIL for what it cannot read (bmp, tiff, ...).
+    The header's size is checked first (check_pixels)."""
     import torch
     import torchvision.io as tio
+
+    check_pixels(path)
 
     try:
         with warnings.catch_warnings():

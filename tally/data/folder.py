@@ -15,6 +15,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", 
                               ".pgm"})
 
 
+TINY_DOMAIN = 10  # fewer images than this in a domain gets a warning in the split report
+
+
 def _subdirs(path: Path) -> list[str]:
     with os.scandir(path) as it:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
@@ -57,13 +60,19 @@ def read_folder(root: str | Path, domains: list[str] | None = None) -> MultiDoma
     class_dirs = {d: _subdirs(root / d) for d in chosen}
     class_names = sorted({c for names in class_dirs.values() for c in names})
     class_index = {c: i for i, c in enumerate(class_names)}
-    paths, labels, doms = [], [], []
+    paths, labels, doms, notes = [], [], [], []
     for d_idx, d in enumerate(chosen):
+        start = len(paths)
         for c in class_dirs[d]:
             files = _images_under(root / d / c)
+            if not files:
+                notes.append(f"warning: class folder {d}/{c} holds no images")
             paths.extend(files)
             labels.extend([class_index[c]] * len(files))
             doms.extend([d_idx] * len(files))
+        if len(paths) - start < TINY_DOMAIN:
+            notes.append(f"warning: domain {d} has only {len(paths) - start} images: its pairs can hardly "
+                         "be both trained and scored")
     if not paths:
         raise TallyError(f"no images under {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return MultiDomainDataset(make_samples(paths, labels, doms), class_names, chosen)
+    return MultiDomainDataset(make_samples(paths, labels, doms), class_names, chosen, notes)

@@ -47,6 +47,14 @@ def parse_list(path: str | Path) -> tuple[list[str], list[int]]:
             if not label.isdigit():
                 raise TallyError(f"{path}:{lineno}: malformed line {text!r} "
                                  "(expected '<relative/path> <non-negative integer label>')")
+            where = parts[0].replace("\\", "/")
+            if where.startswith("/") or ".." in where.split("/") or (len(where) > 1 and where[1] == ":"):
+                # the lists name images relative to the image root; a path that leaves it could read
+                # any file the process can (a list is data, often downloaded, never trusted)
+                raise TallyError(f"{path}:{lineno}: path {parts[0]!r} leaves the image root "
+                                 "(expected a relative path without '..')")
+            if len(label) > 6:
+                raise TallyError(f"{path}:{lineno}: label {label} is not a class index (at most 999999)")
             rel.append(parts[0])
             labels.append(int(label))
     return rel, labels
@@ -130,6 +138,11 @@ def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
 
     all_labels = [lab for rel, labs in tables.values() for lab in labs]
     n_classes = max(all_labels) + 1 if all_labels else 0
+    absent = sorted(set(range(n_classes)) - set(all_labels))
+    if absent and not manifest.get("class_names"):
+        # labels index the classes; one no list uses would be a phantom class in every metric
+        raise TallyError(f"{list_dir}: labels run to {n_classes - 1} but {len(absent)} of them are in no list "
+                         f"(first: {absent[:3]}); labels must be 0..K-1 for K classes")
     if manifest.get("class_names"):
         class_names = list(manifest["class_names"])
         if n_classes > len(class_names):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tally.method.memory import MemorySync
 
 
 def effective_number_weights(class_counts: torch.Tensor, beta: float = 0.999) -> torch.Tensor:
@@ -22,6 +27,28 @@ def effective_number_weights(class_counts: torch.Tensor, beta: float = 0.999) ->
     w = 1.0 / safe if beta == 1.0 else (1.0 - beta) / (1.0 - torch.pow(beta, safe))
     w = torch.where(present, w, 0.0)
     return (w * present.sum() / w.sum()).float()
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, sync: MemorySync | None = None
+) -> torch.Tensor:
+    """F.cross_entropy(weight=...): sum_i w_{y_i} l_i / sum_i w_{y_i}, over the GLOBAL batch under DDP.
+
+    Each worker only sees its own rows, and DDP averages the workers' gradients. So a worker returns
+    world_size * (its sum of w l) / (all workers' sum of w): the average of those over the workers is
+    exactly the one-process loss of the concatenated batch, and so are the averaged gradients.
+    Normalising by the local sum instead would weight the examples of a worker whose batch happened to
+    hold light (head) classes more than the same examples in one big batch.
+    """
+    if weight is None and sync is None:
+        return F.cross_entropy(logits, y)
+    if sync is None:
+        return F.cross_entropy(logits, y, weight=weight)
+    per_example = F.cross_entropy(logits.float(), y, reduction="none")
+    w = weight[y] if weight is not None else torch.ones_like(per_example)
+    total = w.detach().sum().reshape(1).clone()
+    sync.all_reduce_sum([total])
+    return (per_example * w).sum() * sync.world_size / total[0]
 
 
 def focal_loss(

@@ -16,9 +16,10 @@ from torch import nn
 
 
 class MemorySync(Protocol):
-    """How DDP workers combine their memory updates (tally.distributed implements it)."""
+    """How DDP workers combine their memory updates and loss normalisers (tally.distributed implements it)."""
 
     gather_classes: bool  # share the global batch's rows, not dense per-class sums
+    world_size: int
 
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None: ...  # in place
 
@@ -34,8 +35,8 @@ class FeatureMemory(nn.Module):
 
     def __init__(self, num_classes: int, num_domains: int, stem_shape: Sequence[int], momentum: float = 0.8):
         super().__init__()
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not 0.0 <= momentum <= 1.0:  # 1 keeps each entry's first observation
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         c, h, w = (int(s) for s in stem_shape)
         self.momentum = float(momentum)
         self.register_buffer("prototypes", torch.zeros(num_classes, c, h, w))
@@ -162,7 +163,14 @@ class FeatureMemory(nn.Module):
         which moves less when the global batch has fewer rows than twice the classes) the batch's
         rows are all-gathered and the small domain sums all-reduced. Every worker must call update in the same
         order with the same parts given.
+
+        Always float32 and outside autocast: under bf16 autocast the gathered path's matmul would
+        otherwise run in bf16 and round every prototype to 3 significant digits.
         """
+        with torch.autocast(self.prototypes.device.type, enabled=False):
+            self._update(class_part, domain_part, sync)
+
+    def _update(self, class_part, domain_part, sync) -> None:
         if sync is None:
             if class_part is not None:
                 self._update_classes_sparse(*class_part)
@@ -173,7 +181,8 @@ class FeatureMemory(nn.Module):
         if sync.gather_classes:
             if class_part is not None:
                 zhat, y = class_part
-                self._update_classes_gathered(sync.all_gather(zhat.detach().contiguous()), sync.all_gather(y))
+                rows = zhat.detach().to(self.prototypes.dtype).contiguous()
+                self._update_classes_gathered(sync.all_gather(rows), sync.all_gather(y))
             sums = self._domain_sums(mu, sigma, d)
             sync.all_reduce_sum(sums)
             self._apply_domains(*sums)

@@ -10,6 +10,12 @@ order; two equal kinds mean two consecutive draws from that sampler), calls `los
 Phases: "warmup" and "main". Every method gets the same warm-up epochs from the loop; the baselines
 use their own loss with the uniform sampler in both phases, TALLY trains plain ERM in warm-up while
 filling its memories.
+
+Data parallelism: a method's random draws (mixing coefficients, partners) come from one generator per
+data-parallel rank whose rows the batch holds, in rank order (`seeds`; normally just this process's
+rank). A process that plays several ranks at once therefore draws exactly what those ranks draw apart,
+and no two ranks share a stream. Losses normalised over the batch are normalised over the global batch
+(`sync`), so K workers with batch B compute what one process computes on their concatenated K*B batch.
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tally.method.losses import balanced_softmax_loss, effective_number_weights, focal_loss, log_prior
+from tally.method.losses import (
+    balanced_softmax_loss,
+    effective_number_weights,
+    focal_loss,
+    log_prior,
+    weighted_cross_entropy,
+)
 from tally.method.memory import FeatureMemory, MemorySync
 from tally.method.stats import mix, moments, sample_lambdas, to_device
 
@@ -59,28 +71,41 @@ def register(name: str):
 
 
 class Method(nn.Module):
-    """Base: config with defaults (unknown keys rejected), a seeded CPU generator, the interface.
+    """Base: config with defaults (unknown keys rejected), seeded CPU generators, the interface.
 
     Every method accepts `seed` (its own RNG stream: lambdas, pairings; None = drawn from the global torch
-    RNG at construction, so a seeded run stays reproducible). The generator state is saved as the
-    module's extra state, so `state_dict()` / `load_state_dict()` resume it exactly.
+    RNG at construction, so a seeded run stays reproducible). `seeds`, when given, replace it: one
+    independent stream per data-parallel rank in the batch (module docstring). The generator states are
+    saved as the module's extra state, so `state_dict()` / `load_state_dict()` resume them exactly.
     """
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    # the loop must run epochs after the warm-up for this method to be itself (TALLY's mixing)
+    needs_main_phase: ClassVar[bool] = False
 
     def __init__(
-        self, net: nn.Module, info: TrainInfo, cfg: dict | None = None, sync: MemorySync | None = None
+        self,
+        net: nn.Module,
+        info: TrainInfo,
+        cfg: dict | None = None,
+        sync: MemorySync | None = None,
+        seeds: list[int] | None = None,
     ):
         super().__init__()
         self.net = net
         self.info = info
         self.sync = sync
         self.cfg = self.resolve_config(cfg)
-        seed = self.cfg["seed"]
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.generator = torch.Generator().manual_seed(int(seed))
+        if seeds is None:
+            seed = self.cfg["seed"]
+            seeds = [int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed]
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The stream of the first (usually only) rank."""
+        return self.generators[0]
 
     @classmethod
     def resolve_config(cls, cfg: dict | None) -> dict[str, Any]:
@@ -93,13 +118,35 @@ class Method(nn.Module):
         unknown = sorted(set(cfg) - set(known))
         if unknown:
             raise ValueError(f"method {cls.name!r}: unknown config key(s) {unknown}; known: {sorted(known)}")
-        return known | cfg
+        cfg = known | cfg
+        cls.check_config(cfg)
+        return cfg
+
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any]) -> None:
+        """Refuse values that cannot work, before any training (ValueError "key: expected ..., got ...").
+
+        Types are checked by tally.config; this is the method's own knowledge of its admissible values.
+        """
 
     def get_extra_state(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        # one tensor (not a list), so state dicts compare and load like every other entry
+        return {"generators": torch.stack([g.get_state() for g in self.generators])}
 
     def set_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        # {"generator": state}: a checkpoint from before per-rank streams (re-evaluating an old run)
+        states = state["generators"] if "generators" in state else [state["generator"]]
+        if len(states) != len(self.generators):
+            raise ValueError(f"the saved state holds {len(states)} random streams, this method {len(self.generators)}")
+        for g, s in zip(self.generators, states, strict=True):
+            g.set_state(s.clone())
+
+    def _per_rank(self, n: int, draw) -> torch.Tensor:
+        """draw(generator, rows) for each rank's share of the n rows, concatenated along the last dim."""
+        k = len(self.generators)
+        if n % k:
+            raise ValueError(f"a batch of {n} rows cannot be split over {k} ranks' streams")
+        return torch.cat([draw(g, n // k) for g in self.generators], dim=-1)
 
     def _device(self) -> torch.device:
         return next(self.net.parameters()).device
@@ -133,6 +180,26 @@ def _check_phase(phase: str) -> None:
         raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
 
 
+def _check(cfg: dict, key: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: expected {expected}, got {cfg[key]!r}")
+
+
+def _check_beta(cfg: dict, key: str, nullable: bool) -> None:
+    """An effective-number beta in [0, 1) (the effective number (1 - beta^n) / (1 - beta) needs beta < 1),
+    or null = re-weighting off, where the method allows it."""
+    value = cfg[key]
+    if value is None:
+        _check(cfg, key, nullable, "a number in [0, 1)")
+        return
+    _check(cfg, key, 0.0 <= value < 1.0, "a number in [0, 1)" + (" or null" if nullable else ""))
+
+
+def _full_precision(t: torch.Tensor):
+    """No autocast: feature statistics (and what the memories store) stay float32 under bf16 training."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 @register("erm")
 class ERM(Method):
     """Empirical risk minimisation: unweighted cross-entropy on uniform batches."""
@@ -148,22 +215,26 @@ class Reweight(Method):
 
     defaults = {"beta": 0.999}
 
-    def __init__(self, net, info, cfg=None, sync=None):
-        super().__init__(net, info, cfg, sync)
+    def __init__(self, net, info, cfg=None, sync=None, seeds=None):
+        super().__init__(net, info, cfg, sync, seeds)
         w = effective_number_weights(info.class_counts, self.cfg["beta"])
         self.register_buffer("class_weight", w.to(self._device()), persistent=False)
 
+    @classmethod
+    def check_config(cls, cfg):
+        _check_beta(cfg, "beta", nullable=False)
+
     def loss(self, batches, phase):
         ((x, y, _),) = self._unpack(batches, phase)
-        return F.cross_entropy(self.net(x), y, weight=self.class_weight)
+        return weighted_cross_entropy(self.net(x), y, self.class_weight, self.sync)
 
 
 @register("balanced_softmax")
 class BalancedSoftmax(Method):
     """Balanced softmax: CE on logits + log class prior; prediction uses the plain logits."""
 
-    def __init__(self, net, info, cfg=None, sync=None):
-        super().__init__(net, info, cfg, sync)
+    def __init__(self, net, info, cfg=None, sync=None, seeds=None):
+        super().__init__(net, info, cfg, sync, seeds)
         self.register_buffer("log_prior", log_prior(info.class_counts).to(self._device()), persistent=False)
 
     def loss(self, batches, phase):
@@ -176,6 +247,10 @@ class Focal(Method):
     """Focal loss with focusing parameter gamma."""
 
     defaults = {"gamma": 2.0}
+
+    @classmethod
+    def check_config(cls, cfg):
+        _check(cfg, "gamma", cfg["gamma"] >= 0, "a number >= 0")
 
     def loss(self, batches, phase):
         ((x, y, _),) = self._unpack(batches, phase)
@@ -191,30 +266,52 @@ class MixStyle(Method):
 
     defaults = {"p": 0.5, "alpha": 0.1}
 
+    @classmethod
+    def check_config(cls, cfg):
+        _check(cfg, "p", 0.0 <= cfg["p"] <= 1.0, "a number in [0, 1]")
+        _check(cfg, "alpha", cfg["alpha"] > 0, "a number > 0")
+
     def loss(self, batches, phase):
         ((x, y, _),) = self._unpack(batches, phase)
         z = self.net.stem(x)
-        if torch.rand((), generator=self.generator).item() < self.cfg["p"]:
-            b = z.shape[0]
-            perm = to_device(torch.randperm(b, generator=self.generator), z.device)
-            lam = sample_lambdas(b, self.cfg["alpha"], False, self.generator, z.device)
-            mu, sigma = (t.detach() for t in moments(z))
-            zhat = (z - mu) / sigma
-            z = mix(zhat, zhat, mu, sigma, mu[perm], sigma[perm], torch.ones_like(lam), lam)
+        # per rank, from its own stream: mix that rank's rows or not, partners among its rows
+        k = len(self.generators)
+        n = z.shape[0] // k
+        mixing, perms, lams = [], [], []
+        for rank, g in enumerate(self.generators):
+            mixing.append(torch.rand((), generator=g).item() < self.cfg["p"])
+            perms.append((torch.randperm(n, generator=g) if mixing[-1] else torch.arange(n)) + rank * n)
+            lams.append(sample_lambdas(n, self.cfg["alpha"], False, g) if mixing[-1] else torch.ones(n))
+        if any(mixing):
+            mixed = self._mix_styles(z, to_device(torch.cat(perms), z.device), to_device(torch.cat(lams), z.device))
+            if not all(mixing):  # the other ranks' rows stay exactly as they were
+                rows = to_device(torch.tensor(mixing).repeat_interleave(n), z.device).reshape(-1, 1, 1, 1)
+                mixed = torch.where(rows, mixed, z)
+            z = mixed
         return F.cross_entropy(self.net.head(z), y)
+
+    def _mix_styles(self, z: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """Each example's (mu, sigma) blended with its partner's; statistics in float32, detached."""
+        with _full_precision(z):
+            zf = z.float()
+            mu, sigma = (t.detach() for t in moments(zf))
+            zhat = (zf - mu) / sigma
+            return mix(zhat, zhat, mu, sigma, mu[perm], sigma[perm], torch.ones_like(lam), lam)
 
 
 @register("tally")
 class Tally(Method):
     """TALLY (METHOD.md): warm-up = ERM on uniform batches while filling the memories; main = class-balanced
-    batch A + domain-balanced batch N, one stem pass over both, A's semantics mixed with its class
-    prototype and N's style mixed with its domain's stored statistics, head, class-weighted CE on y_A.
+    batch A + domain-balanced batch N through the stem, A's semantics mixed with its class prototype and
+    N's style mixed with its domain's stored statistics, head, class-weighted CE on y_A.
 
     The memories are updated after the mix (mixing uses the memories from before the step). An example
     whose class (domain) has never been observed keeps its own zhat (mu, sigma): lam = 1 for it.
-    A and N share one stem pass (torch.cat), so BatchNorm normalises over both (the reference ran two
-    passes). Ablations: use_prototype / use_domain_memory False fix lam1 / lam2 to 1; class_balanced /
-    domain_balanced False draw A / N from the uniform sampler instead.
+    stem_pass "separate" (the reference's protocol) runs A and N through the stem in two passes, so
+    BatchNorm normalises each batch by its own statistics and updates its running statistics once per
+    batch; "joint" runs one concatenated pass (faster on small batches; BatchNorm then mixes A's and
+    N's statistics). Ablations: use_prototype / use_domain_memory False fix lam1 / lam2 to 1;
+    class_balanced / domain_balanced False draw A / N from the uniform sampler instead.
     """
 
     defaults = {
@@ -226,10 +323,20 @@ class Tally(Method):
         "use_domain_memory": True,
         "class_balanced": True,
         "domain_balanced": True,
+        "stem_pass": "separate",
     }
+    needs_main_phase = True
+    STEM_PASSES = ("separate", "joint")
 
-    def __init__(self, net, info, cfg=None, sync=None):
-        super().__init__(net, info, cfg, sync)
+    @classmethod
+    def check_config(cls, cfg):
+        _check(cfg, "alpha", cfg["alpha"] > 0, "a number > 0")
+        _check(cfg, "momentum", 0.0 <= cfg["momentum"] <= 1.0, "a number in [0, 1]")
+        _check_beta(cfg, "loss_beta", nullable=True)
+        _check(cfg, "stem_pass", cfg["stem_pass"] in cls.STEM_PASSES, f"one of {', '.join(cls.STEM_PASSES)}")
+
+    def __init__(self, net, info, cfg=None, sync=None, seeds=None):
+        super().__init__(net, info, cfg, sync, seeds)
         device = self._device()
         shape = _stem_shape(net, info.image_size)
         self.memory = FeatureMemory(info.num_classes, info.num_domains, shape, self.cfg["momentum"])
@@ -255,35 +362,39 @@ class Tally(Method):
         x, y, d = batch
         z = self.net.stem(x)
         loss = F.cross_entropy(self.net.head(z), y)
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision(z):
             zf = z.detach().float()
             mu, sigma = moments(zf)
             self.memory.update(((zf - mu) / sigma, y), (mu, sigma, d), self.sync)
         return loss
+
+    def _stem_pair(self, xa: torch.Tensor, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg["stem_pass"] == "joint" and xa.shape[1:] == xn.shape[1:] and xa.dtype == xn.dtype:
+            # split, not slicing: its backward is one cat, slicing's is a zero-filled full map per slice
+            return self.net.stem(torch.cat([xa, xn])).split(xa.shape[0])
+        return self.net.stem(xa), self.net.stem(xn)
 
     def _main_loss(self, batch_a: Batch, batch_n: Batch) -> torch.Tensor:
         (xa, ya, _), (xn, _, dn) = batch_a, batch_n
         b = xa.shape[0]
         if xn.shape[0] != b:
             raise ValueError(f"TALLY pairs A and N example by example: sizes {b} and {xn.shape[0]} differ")
-        if xa.shape[1:] == xn.shape[1:] and xa.dtype == xn.dtype:
-            # split, not slicing: its backward is one cat, slicing's is a zero-filled full map per slice
-            za, zn = self.net.stem(torch.cat([xa, xn])).float().split(b)
-        else:
-            za, zn = self.net.stem(xa).float(), self.net.stem(xn).float()
-        mu_a, sig_a = moments(za)
-        mu_n, sig_n = moments(zn)
-        zhat_a = (za - mu_a) / sig_a
-
-        mem, cfg, dev = self.memory, self.cfg, za.device
-        ones = torch.ones(b, device=dev)
-        lam = sample_lambdas(2 * b, cfg["alpha"], cfg["fold"], self.generator, dev)
-        lam1 = torch.where(mem.class_seen[ya], lam[:b], 1.0) if cfg["use_prototype"] else ones
-        lam2 = torch.where(mem.domain_seen[dn], lam[b:], 1.0) if cfg["use_domain_memory"] else ones
-        proto = mem.prototypes[ya] if cfg["use_prototype"] else zhat_a
-        z_mix = mix(zhat_a, proto, mu_n, sig_n, mem.domain_mean[dn], mem.domain_std[dn], lam1, lam2)
-        loss = F.cross_entropy(self.net.head(z_mix), ya, weight=self.class_weight)
-
+        za, zn = self._stem_pair(xa, xn)
+        mem, cfg = self.memory, self.cfg
+        with _full_precision(za):
+            za, zn = za.float(), zn.float()
+            mu_a, sig_a = moments(za)
+            mu_n, sig_n = moments(zn)
+            zhat_a = (za - mu_a) / sig_a
+            # each rank's rows draw (lam1, lam2) from that rank's stream
+            lam = self._per_rank(b, lambda g, n: sample_lambdas(2 * n, cfg["alpha"], cfg["fold"], g).view(2, n))
+            lam = to_device(lam, za.device)
+            ones = torch.ones(b, device=za.device)
+            lam1 = torch.where(mem.class_seen[ya], lam[0], 1.0) if cfg["use_prototype"] else ones
+            lam2 = torch.where(mem.domain_seen[dn], lam[1], 1.0) if cfg["use_domain_memory"] else ones
+            proto = mem.prototypes[ya] if cfg["use_prototype"] else zhat_a
+            z_mix = mix(zhat_a, proto, mu_n, sig_n, mem.domain_mean[dn], mem.domain_std[dn], lam1, lam2)
+        loss = weighted_cross_entropy(self.net.head(z_mix), ya, self.class_weight, self.sync)
         mem.update((zhat_a.detach(), ya), (mu_n.detach(), sig_n.detach(), dn), self.sync)
         return loss
 
@@ -311,9 +422,15 @@ def method_defaults(name: str) -> dict[str, Any]:
 
 
 def build_method(
-    name: str, net: nn.Module, info: TrainInfo, cfg: dict | None = None, sync: MemorySync | None = None
+    name: str,
+    net: nn.Module,
+    info: TrainInfo,
+    cfg: dict | None = None,
+    sync: MemorySync | None = None,
+    seeds: list[int] | None = None,
 ) -> Method:
-    """Build a registered method; cfg holds method params only (a `name` key, if present, must match)."""
+    """Build a registered method; cfg holds method params only (a `name` key, if present, must match);
+    seeds: one per data-parallel rank whose rows a batch holds (see the module docstring)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
-    return METHODS[name](net, info, cfg, sync)
+    return METHODS[name](net, info, cfg, sync, seeds)

@@ -41,17 +41,32 @@ class _Sampler:
 
 
 class UniformSampler(_Sampler):
-    """Epoch permutations: every example once per pass, reshuffled at each pass; draws cross passes."""
+    """Epoch permutations: every example once per pass, reshuffled at each pass; draws cross passes.
 
-    def __init__(self, size: int, seed: int = 0):
+    Sharded for data parallelism (as torch's DistributedSampler): every rank holds the same permutation
+    stream (the same seed on purpose) and a draw of n takes block `rank` of the next world_size * n
+    entries, so the ranks' draws are disjoint and their concatenation in rank order is what one
+    unsharded sampler draws with batch world_size * n: each example once per pass across all ranks.
+    """
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if size < 1:
             raise ValueError("UniformSampler needs at least one example")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
         super().__init__(size, seed)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.perm = torch.randperm(self.size, generator=self.generator)
         self.pos = 0
         self.epoch = 0
 
     def draw(self, n: int) -> torch.Tensor:
+        if self.world_size == 1:
+            return self._next(n)
+        return self._next(n * self.world_size)[self.rank * n : (self.rank + 1) * n]
+
+    def _next(self, n: int) -> torch.Tensor:
+        """The next n entries of the permutation stream (all ranks see the same ones)."""
         parts = []
         while n > 0:
             if self.pos == self.size:
@@ -109,13 +124,17 @@ class DomainBalancedSampler(GroupBalancedSampler):
         super().__init__(domains, seed, name="domains")
 
 
-def build_sampler(kind: str, labels, domains, seed: int = 0) -> _Sampler:
-    """kind in KINDS; labels and domains: int64 tensors over the training set (same length)."""
+def build_sampler(kind: str, labels, domains, seed: int = 0, rank: int = 0, world_size: int = 1) -> _Sampler:
+    """kind in KINDS; labels and domains: int64 tensors over the training set (same length).
+
+    rank / world_size shard the uniform sampler (see UniformSampler); the balanced samplers draw with
+    replacement, so a rank needs only a seed of its own.
+    """
     labels, domains = _as_index(labels, "labels"), _as_index(domains, "domains")
     if labels.numel() != domains.numel():
         raise ValueError(f"labels ({labels.numel()}) and domains ({domains.numel()}) differ in length")
     if kind == "uniform":
-        return UniformSampler(labels.numel(), seed)
+        return UniformSampler(labels.numel(), seed, rank, world_size)
     if kind == "class_balanced":
         return ClassBalancedSampler(labels, seed)
     if kind == "domain_balanced":

@@ -203,7 +203,32 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
         )
     with _console(quiet):
         tuner.fit()
+    _close_orphans(exp_dir, spec.name)
     return results.refresh_summary(exp_dir)
+
+
+def _close_orphans(exp_dir: Path, study_name: str) -> None:
+    """After the Tuner returns, nothing of this search can still be running: the experiment lock is
+    ours and every trial Tune knew of has ended. A trial the killed driver had started but Tune's last
+    experiment checkpoint never recorded is an orphan: Tune does not resume it, so without this the
+    study would keep it RUNNING forever and the store would keep it "running". Both close it the same
+    way: FAIL in the study, failed in the store, with the reason.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    reason = "interrupted: the search driver stopped and the resumed search could not continue this trial"
+    try:
+        study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{exp_dir / 'study.db'}")
+    except KeyError:  # no study (a search that failed before its first trial)
+        study = None
+    if study is not None:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(trial.number, state=TrialState.FAIL)
+    for run_dir in results.iter_trial_dirs(exp_dir):
+        status = results.read_json(run_dir / "status.json") or {}
+        if status.get("status") in ("pending", "running"):
+            results.write_status(run_dir, "failed", ended=time.time(), error=reason)
 
 
 def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:

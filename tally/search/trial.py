@@ -36,9 +36,13 @@ def train_worker(loop_config: dict) -> None:
     best = {"value": -math.inf}
 
     def report(record: dict, _checkpoint_dir) -> None:
-        value = record.get(f"val/{metric}")
+        # the objective follows the kept-epoch rule (train.select_from): the kept epoch's value; before
+        # any epoch may be kept (warm-up), this epoch's value, so early stopping has a signal
+        value = record.get("best_value")
+        if value is None:
+            value = record.get(f"val/{metric}")
         if value is not None and not math.isnan(value):
-            best["value"] = max(best["value"], value)
+            best["value"] = value if record.get("best_value") is not None else max(best["value"], value)
         numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         ray.train.report({**numbers, OBJECTIVE: best["value"], FINAL: 0})
 
@@ -95,7 +99,15 @@ def trial_function(params: dict, *, plan: dict) -> None:
         shown_params = params
     run_dir = exp_dir / plan["group"] / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (results.read_json(run_dir / "status.json") or {}).get("status") is None:
+    status = results.read_json(run_dir / "status.json") or {}
+    metrics = results.clean_metrics(results.read_json(run_dir / "metrics.json"))
+    value = (metrics or {}).get("val", {}).get(config["train"]["selection_metric"])
+    if status.get("status") == "done" and value is not None:
+        # A resumed search replays a trial that finished after the killed driver's last Tune
+        # checkpoint: the store already holds its result, so report it instead of training again.
+        ray.tune.report({OBJECTIVE: value, FINAL: 1})
+        return
+    if status.get("status") is None:
         results.write_status(run_dir, "pending", params=shown_params)
     # Final states the worker cannot write (stopped early, killed) are written by the driver's
     # StoreCallback: only it knows whether an ending was the scheduler's decision or an error.

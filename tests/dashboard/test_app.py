@@ -11,6 +11,7 @@ or call ``check_overview(root, monkeypatch)``, ``check_grid(...)``, ``check_all_
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import types
@@ -24,7 +25,7 @@ from streamlit.testing.v1 import AppTest
 
 from tally import evaluation as ev
 from tally import results
-from tally.dashboard import APP_PATH
+from tally.dashboard import APP_PATH, grids
 from tally.dashboard import data as dd
 from tally.dashboard import search_data as dsearch
 from tally.dashboard.app import ROOT_ENV, TABS
@@ -61,6 +62,15 @@ def assert_ok(at: AppTest) -> None:
 
 def figures(at: AppTest) -> list[dict]:
     return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def plotly_array(value) -> np.ndarray:
+    """A figure's array as JSON holds it: a list, or plotly's typed array ({dtype, bdata, shape})."""
+    if isinstance(value, dict) and "bdata" in value:
+        data = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        shape = value.get("shape")
+        return data.reshape([int(n) for n in str(shape).split(",")]) if shape else data
+    return np.asarray(value)
 
 
 def texts(at: AppTest) -> str:
@@ -113,7 +123,10 @@ def check_overview(root: Path, monkeypatch) -> AppTest:
 
 
 def check_grid(root: Path, monkeypatch) -> AppTest:
-    """Selecting a trial shows one heat map per test split with D x C cells, empty pairs blank."""
+    """Selecting a trial shows one heat map per test split with D x C cells in training-count order,
+    each non-empty cell labelled with its accuracy alone (counts on hover), empty pairs blank, under
+    the classes' training-count profile; the shot-bucket summary agrees with the evaluator and the
+    worst pairs are the evaluator's."""
     exp = first_experiment(root)
     trial = trial_with_eval(exp)
     at = run_app(root, monkeypatch)
@@ -121,30 +134,52 @@ def check_grid(root: Path, monkeypatch) -> AppTest:
     assert_ok(at)
     table = results.read_parquet(exp / results.TRIALS_DIR / trial / "eval.parquet")
     tests = dd.test_splits(dd.table_splits(table)) or dd.table_splits(table)
-    heatmaps = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]
+    heatmaps = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"
+                and "pair accuracy" in f["layout"]["title"]["text"]]
     assert len(heatmaps) == len(tests)
+    order = grids.class_order(table, "training count")
+    counts = ev.accuracy_grid(table, tests[0], "n_train")
+    assert list(counts.sum(axis=0)[order]) == sorted(counts.sum(axis=0), reverse=True)  # long tail to the right
     for fig, split in zip(heatmaps, tests, strict=True):
-        acc = ev.accuracy_grid(table, split)
-        acc = acc[ev.accuracy_grid(table, split, "n").sum(axis=1) > 0]  # absent domains get no row
-        trace = fig["data"][0]
+        keep = ev.accuracy_grid(table, split, "n").sum(axis=1) > 0  # absent domains get no row
+        acc = ev.accuracy_grid(table, split)[keep][order]
+        n_train = ev.accuracy_grid(table, split, "n_train")[keep][order]
+        trace, bars = fig["data"]
         assert split in fig["layout"]["title"]["text"] and trial in fig["layout"]["title"]["text"]
-        assert trace["y"] == list(acc.index) and trace["x"] == list(acc.columns)
+        assert trace["y"] == list(acc.index) and trace["x"] == order
         z = np.array([[np.nan if v is None else v for v in row] for row in trace["z"]], dtype=float)
         np.testing.assert_allclose(z, acc.to_numpy(), equal_nan=True)
-        empty = np.isnan(acc.to_numpy())
-        assert all((text == "") == e for trow, erow in zip(trace["text"], empty, strict=True)
-                   for text, e in zip(trow, erow, strict=True))
-    worst = frame(at, "domain", "class", "acc", "n_train")
+        if len(order) <= grids.LARGE_GRID_CLASSES:
+            want = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in acc.to_numpy()]
+            assert trace["text"] == want  # the value alone: nothing to cut off
+        else:
+            assert "text" not in trace
+        assert plotly_array(trace["customdata"])[:, :, 1].tolist() == n_train.to_numpy().tolist()  # hover
+        assert "n train %{customdata[1]}" in trace["hovertemplate"]
+        assert bars["type"] == "bar" and bars["x"] == order
+        assert plotly_array(bars["y"]).tolist() == counts.sum(axis=0)[order].tolist()
+    split = at.selectbox(key=f"detail_split:{exp.name}").value
+    worst = frame(at, "rank", "domain", "class", "acc", "n_train", "shot")
+    expected = ev.worst_pairs(table, split, len(worst))
+    assert list(zip(worst["domain"], worst["class"], strict=True)) == list(
+        zip(expected["domain"], expected["class"], strict=True))
     assert list(worst["acc"]) == sorted(worst["acc"])
+    shots = frame(at, "many", "medium", "few", "zero", index="all domains")
+    metrics = ev.split_metrics(table[table["split"] == split])
+    for bucket in grids.SHOT_BUCKETS:
+        np.testing.assert_allclose(shots.at["all domains", bucket], metrics[f"shot_{bucket}"], equal_nan=True)
     return at
 
 
 def check_all_views(root: Path, monkeypatch) -> None:
-    """Every tab renders for the default trial and for a trial without results."""
+    """Every tab renders for the default trial and for a trial without results; every table shown
+    comes with its CSV download button."""
     exp = first_experiment(root)
     at = run_app(root, monkeypatch)
     for view in TABS:
         assert_ok(show(at, view))
+        labels = [b.proto.label for b in at.get("download_button")]
+        assert labels.count("Download CSV") == len(at.dataframe), (view, labels, len(at.dataframe))
     missing = trial_without_eval(exp)
     if missing is not None:
         at = show(at, "Trials", **{f"trial:{exp.name}": missing})
@@ -196,6 +231,9 @@ def test_best_trial_and_spec(store, monkeypatch):
     at = run_app(store.root, monkeypatch)
     assert f"Best trial: **{exp.best}**" in texts(at)
     assert at.selectbox(key="trial:pacs-domain").value == exp.best
+    assert not at.code  # the spec is drawn when its expander opens (it slowed the first page)
+    at.session_state["spec_open:pacs-domain"] = True
+    at.run()
     assert any("pair_acc_worst" in c.value for c in at.code)  # spec.yaml shown
 
 
@@ -205,6 +243,8 @@ def test_failed_trial_shows_error(store, monkeypatch):
     assert failed
     errors = [e.value for e in at.error]
     assert any(failed[0] in e and "CUDA out of memory" in e for e in errors), errors
+    at.session_state[f"error_open:{failed[0]}"] = True
+    at.run()
     assert any("Traceback" in c.value for c in at.code)
     table = frame(at, "trial_id", "status", "error")
     assert "CUDA out of memory" in table.loc[table["trial_id"] == failed[0], "error"].iloc[0]
@@ -316,8 +356,8 @@ def test_export_panel(store, monkeypatch):
     assert at.selectbox(key="export:pacs-domain").value == best
     at.button(key="build_bundle").click().run()
     assert_ok(at)
-    buttons = at.get("download_button")
-    assert [b.proto.label for b in buttons] == ["Download config.yaml", "Download bundle (zip)"]
+    buttons = [b.proto.label for b in at.get("download_button") if b.proto.label != "Download CSV"]
+    assert buttons == ["Download config.yaml", "Download bundle (zip)"]
 
 
 def test_export_panel_errors(store, monkeypatch):
@@ -383,7 +423,7 @@ def test_launch_command_binds_localhost(tmp_path):
     from tally.dashboard import launch
 
     cmd = launch.command(tmp_path, port=8765)
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]).is_file()
+    assert cmd[1:4] == ["-m", "tally.dashboard.serve", "run"] and Path(cmd[4]).is_file()
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--server.port") + 1] == "8765"
     assert cmd[-2:] == ["--root", str(tmp_path.resolve())]

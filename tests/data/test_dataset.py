@@ -100,3 +100,23 @@ def test_load_image_decodes_sample(tmp_path):
 def test_out_of_range_labels_rejected():
     with pytest.raises(TallyError, match="label out of range"):
         MultiDomainDataset(make_samples(["/x.png"], [2], [0]), ["a", "b"], ["d"])
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    big = tmp_path / "big.png"
+    Image.new("L", (3000, 2000)).save(big)  # small file, 6 M pixels declared
+    monkeypatch.setenv("TALLY_MAX_PIXELS", "5000000")
+    with pytest.raises(TallyError, match=r"big.png: image too large \(3000 x 2000 = 6000000 pixels > 5000000"):
+        read_image(str(big))
+    monkeypatch.setenv("TALLY_MAX_PIXELS", "7000000")
+    assert tuple(read_image(str(big)).shape) == (3, 2000, 3000)
+
+
+def test_empty_class_folders_and_tiny_domains_are_stated(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", ("a", "b"), ("x", "y"), per_pair=6)
+    (root / "a" / "z").mkdir()
+    for f in (root / "b" / "y").iterdir():
+        f.unlink()
+    ds = read_folder(root)
+    assert "warning: class folder a/z holds no images" in ds.notes
+    assert any(n.startswith("warning: domain b has only 6 images") for n in ds.notes)

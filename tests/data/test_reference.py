@@ -113,3 +113,21 @@ def test_held_out_without_test_images_is_an_error(ref_root):
     (ref_root / "PACS" / "sketch_val_sketch.txt").write_text("")
     with pytest.raises(TallyError, match="held-out domain 'sketch'"):
         read_reference(ref_root, "PACS", "domain", ["sketch"])
+
+
+@pytest.mark.parametrize("path", ["../etc/passwd", "/etc/passwd", "photo/../../x.png", "C:/x.png"])
+def test_list_paths_stay_inside_the_image_root(tmp_path, path):
+    f = tmp_path / "photo_train_sub.txt"
+    f.write_text(f"photo/dog/1.png 0\n{path} 1\n")
+    with pytest.raises(TallyError, match=r"photo_train_sub.txt:2: path .* leaves the image root"):
+        parse_list(f)
+
+
+def test_labels_must_index_the_classes(ref_root):
+    lists = ref_root / "PACS"
+    (lists / "photo_test_sub.txt").write_text("photo/dog/0000.png 50000000\n")
+    with pytest.raises(TallyError, match="label 50000000 is not a class index"):
+        read_reference(ref_root, "PACS", "sub")
+    (lists / "photo_test_sub.txt").write_text("photo/dog/0000.png 5\n")  # classes 2, 3, 4 in no list
+    with pytest.raises(TallyError, match=r"labels run to 5 but 3 of them are in no list \(first: \[2, 3, 4\]\)"):
+        read_reference(ref_root, "PACS", "sub")

@@ -203,3 +203,139 @@ def test_method_core_never_imports_ray():
                 top = name.split(".")[0]
                 assert top in allowed, f"{path.name} imports {name}"
                 assert top != "tally" or name.startswith("tally.method"), f"{path.name} imports {name}"
+
+
+def _stem_calls(method):
+    """Record every output of method.net.stem."""
+    calls = []
+    method.net.stem.register_forward_hook(lambda mod, args, out: calls.append(out.detach().clone()))
+    return calls
+
+
+def test_a_and_n_go_through_the_stem_in_two_passes_by_default():
+    """The reference's protocol: BatchNorm normalises A by A's statistics and N by N's, and updates its
+    running statistics once per batch. The joint pass stays available as stem_pass: joint."""
+    import copy
+
+    a, n = _batch(1), _batch(2)
+    m = build_method("tally", _net(), INFO, {"seed": 0})
+    assert m.cfg["stem_pass"] == "separate"
+    alone = copy.deepcopy(m.net.stem)  # train mode: BatchNorm uses the batch's own statistics
+    bn = m.net.stem.bn1
+    before = int(bn.num_batches_tracked)
+    calls = _stem_calls(m)
+    m((a, n), "main")
+    assert [c.shape[0] for c in calls] == [6, 6]
+    torch.testing.assert_close(calls[0], alone(a[0]).detach())
+    torch.testing.assert_close(calls[1], alone(n[0]).detach())
+    assert int(bn.num_batches_tracked) == before + 2
+
+    joint = build_method("tally", _net(), INFO, {"seed": 0, "stem_pass": "joint"})
+    calls = _stem_calls(joint)
+    before = int(joint.net.stem.bn1.num_batches_tracked)
+    joint((a, n), "main")
+    assert [c.shape[0] for c in calls] == [12]
+    assert int(joint.net.stem.bn1.num_batches_tracked) == before + 1
+
+
+@pytest.mark.parametrize("name, cfg, field", [
+    ("tally", {"alpha": 0.0}, "alpha"),
+    ("tally", {"loss_beta": 1.0}, "loss_beta"),
+    ("tally", {"momentum": 1.5}, "momentum"),
+    ("tally", {"stem_pass": "both"}, "stem_pass"),
+    ("mixstyle", {"alpha": 0.0}, "alpha"),
+    ("mixstyle", {"p": 1.5}, "p"),
+    ("reweight", {"beta": None}, "beta"),
+    ("reweight", {"beta": 1.0}, "beta"),
+])
+def test_settings_that_cannot_work_are_refused_when_the_method_is_built(name, cfg, field):
+    with pytest.raises(ValueError, match=rf"^{field}: expected"):
+        build_method(name, _net(), INFO, cfg)
+
+
+def test_tally_accepts_the_edges_of_its_ranges():
+    m = build_method("tally", _net(), INFO, {"momentum": 1.0, "loss_beta": None, "alpha": 1e-3})
+    assert m.memory.momentum == 1.0 and m.class_weight is None
+
+
+class _LocalGatherSync:
+    """MemorySync of a one-worker 'world' taking the gathered path (its matmul is what autocast hit)."""
+
+    gather_classes = True
+    world_size = 1
+
+    def all_reduce_sum(self, tensors):
+        pass
+
+    def all_gather(self, tensor):
+        return tensor
+
+
+def test_memory_updates_stay_float32_under_bf16_autocast():
+    """CPU bf16 autocast shows what CUDA bf16 autocast did: the gathered update's matmul ran in bf16."""
+    info = TrainInfo(3, 2, torch.tensor([5, 5, 5]), 8)
+    methods = [build_method("tally", _StyleNet(), info, {"seed": 0}, sync=_LocalGatherSync()) for _ in range(2)]
+    methods[1].load_state_dict(methods[0].state_dict())
+    g = torch.Generator().manual_seed(3)
+    steps = [("warmup", (_style_batch(g),)), ("main", (_style_batch(g), _style_batch(g)))]
+    for phase, batches in steps:
+        methods[0](batches, phase)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            methods[1](batches, phase)
+    plain, amp = methods[0].memory.state_dict(), methods[1].memory.state_dict()
+    for key in plain:
+        assert amp[key].dtype == plain[key].dtype
+        torch.testing.assert_close(amp[key], plain[key], msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_mixstyle_statistics_are_float32_under_bf16_autocast():
+    m = build_method("mixstyle", _net(), INFO, {"seed": 0, "p": 1.0})
+    seen = []
+    m.net.head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    stem_out = []
+    m.net.stem.register_forward_hook(lambda mod, args, out: stem_out.append(out))
+    gen = torch.Generator()
+    gen.set_state(m.generator.get_state())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m((_batch(0),), "main")
+    assert seen[0].dtype == torch.float32
+    # the same mix by hand, from float32 statistics of the (bf16) stem output
+    torch.rand((), generator=gen)
+    perm = torch.randperm(6, generator=gen)
+    lam = sample_lambdas(6, m.cfg["alpha"], False, gen)
+    zhat, mu, sigma = feature_stats(stem_out[0].float())
+    expected = mix(zhat, zhat, mu, sigma, mu[perm], sigma[perm], torch.ones(6), lam)
+    torch.testing.assert_close(seen[0], expected)
+
+
+def test_a_batch_of_two_ranks_draws_each_ranks_own_lambdas():
+    """A method playing ranks 0 and 1 mixes each half with that rank's stream: what two workers do."""
+    info = TrainInfo(3, 2, torch.tensor([5, 5, 5]), 8)
+    g = torch.Generator().manual_seed(5)
+    warm = _style_batch(g, 8)
+    a, n = _style_batch(g, 8), _style_batch(g, 8)
+    both = build_method("tally", _StyleNet(), info, seeds=[11, 12])
+    halves = [build_method("tally", _StyleNet(), info, seeds=[s]) for s in (11, 12)]
+    for m in halves:
+        m.load_state_dict({k: v for k, v in both.state_dict().items() if not k.endswith("_extra_state")},
+                          strict=False)
+        m((warm,), "warmup")
+    both((warm,), "warmup")
+    captured = []
+    both.net.head.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    both((a, n), "main")
+    for r, m in enumerate(halves):
+        part = []
+        m.net.head.register_forward_pre_hook(lambda mod, args, part=part: part.append(args[0]))
+        rows = slice(4 * r, 4 * r + 4)
+        m(tuple((x[rows], y[rows], d[rows]) for x, y, d in (a, n)), "main")
+        torch.testing.assert_close(part[0], captured[0][rows])
+
+
+def test_a_checkpoint_from_before_per_rank_streams_still_loads():
+    """Old runs' best.pt stored one generator as {"generator": state}; `tally evaluate` must load them."""
+    m = build_method("tally", _net(), INFO, {"seed": 3})
+    state = m.state_dict()
+    state["_extra_state"] = {"generator": torch.Generator().manual_seed(9).get_state()}
+    m.load_state_dict(state)
+    assert torch.equal(m.generator.get_state(), torch.Generator().manual_seed(9).get_state())

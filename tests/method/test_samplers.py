@@ -90,3 +90,17 @@ def test_build_sampler_rejects_bad_input():
         build_sampler("uniform", LABELS, DOMAINS[:-1], 0)
     with pytest.raises(ValueError, match="sampler state"):
         UniformSampler(5).load_state_dict(UniformSampler(6).state_dict())
+
+
+def test_uniform_sampler_shards_each_pass_over_the_ranks():
+    """Ranks share the permutation and take disjoint blocks: in rank order, the draw of one unsharded
+    sampler with the global batch, so each example comes once per pass across all ranks."""
+    n, world, batch = 60, 3, 4
+    ranks = [UniformSampler(n, seed=5, rank=r, world_size=world) for r in range(world)]
+    whole = UniformSampler(n, seed=5)
+    for _ in range(12):  # 144 draws: crosses two pass boundaries
+        parts = [s.draw(batch) for s in ranks]
+        assert torch.equal(torch.cat(parts), whole.draw(world * batch))
+    fresh = [UniformSampler(n, seed=6, rank=r, world_size=world) for r in range(world)]
+    one_pass = torch.cat([torch.cat([s.draw(batch) for s in fresh]) for _ in range(n // (world * batch))])
+    assert sorted(one_pass.tolist()) == list(range(n))

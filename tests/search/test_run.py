@@ -169,6 +169,8 @@ def test_two_workers_hold_identical_memories(local_ray, tmp_path, batch_size):
 
 
 def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
+    """SIGKILL of the driver while a trial trains, then --resume: finished trials are not re-run, the
+    interrupted one continues from its checkpoint, and the study and the store agree (nothing RUNNING)."""
     spec_path = write_spec(tmp_path / "spec.yaml", "killed", trials=3, space={
         "method.alpha": {"type": "uniform", "low": 0.1, "high": 2.0}})
     store = tmp_path / "store"
@@ -177,16 +179,21 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     exp_dir = store / "killed"
     deadline = time.time() + 600
-    first_done = None
-    while time.time() < deadline and first_done is None:
-        time.sleep(2)
+    first_done = interrupted = None
+    while time.time() < deadline and interrupted is None:
+        time.sleep(0.5)
         for run_dir in results.iter_trial_dirs(exp_dir):
-            if (results.read_json(run_dir / "status.json") or {}).get("status") == "done":
-                first_done = run_dir
+            state = (results.read_json(run_dir / "status.json") or {}).get("status")
+            if state == "done":
+                first_done = first_done or run_dir
+            elif state == "running" and first_done is not None and results.read_jsonl(run_dir / "epochs.jsonl"):
+                interrupted = run_dir
         assert driver.poll() is None, "the search ended before it could be killed"
-    assert first_done is not None
-    before = (first_done / "eval.parquet").read_bytes()
+    assert interrupted is not None, "no trial was caught mid-training"
     driver.send_signal(signal.SIGKILL)
+    first_status = results.read_json(first_done / "status.json")
+    before = (first_done / "eval.parquet").read_bytes()
+    epochs_before = results.read_jsonl(interrupted / "epochs.jsonl")
     driver.wait(timeout=60)
     time.sleep(5)  # Ray's reaper takes the dead driver's processes down
 
@@ -196,11 +203,20 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     trial_dirs = list(results.iter_trial_dirs(exp_dir))
     assert len(trial_dirs) == 3
     assert all(results.read_run(d).state == "done" for d in trial_dirs)
+    # the finished trial was not re-run: same start time, same evaluation
+    assert results.read_json(first_done / "status.json")["started"] == first_status["started"]
     assert (first_done / "eval.parquet").read_bytes() == before
+    # the interrupted trial continued from its checkpoint: its first epochs are the same records
+    epochs_after = results.read_jsonl(interrupted / "epochs.jsonl")
+    assert [r["epoch"] for r in epochs_after] == list(range(BASE["train"]["epochs"]))
+    assert epochs_after[:len(epochs_before)] == epochs_before
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{exp_dir / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and states.count("COMPLETE") == 3, states
 
 
 def test_dashboard_on_the_real_search_store(searched, monkeypatch):
-    from test_dashboard import check_all_views, check_grid, check_overview
+    from tests.dashboard.test_app import check_all_views, check_grid, check_overview
 
     _, exp_dir, _ = searched
     root = exp_dir.parent
