@@ -105,7 +105,7 @@ def trial_function(params: dict, *, plan: dict) -> None:
     if status.get("status") == "done" and value is not None:
         # A resumed search replays a trial that finished after the killed driver's last Tune
         # checkpoint: the store already holds its result, so report it instead of training again.
-        ray.tune.report({OBJECTIVE: value, FINAL: 1})
+        ray.tune.report({OBJECTIVE: value, FINAL: 1, **{f"val/{k}": v for k, v in metrics["val"].items()}})
         return
     if status.get("status") is None:
         results.write_status(run_dir, "pending", params=shown_params)
