@@ -115,6 +115,12 @@ def cmd_report(args) -> int:
     frame = experiment_table(Path(args.experiment), args.split, args.group, replicates=args.replicates,
                              seed=args.bootstrap_seed, many_above=args.many_above, few_at_most=args.few_at_most)
     print(format_table(seed_table(frame) if args.seeds else frame, args.format))
+    if args.group == "trials":  # the run the experiment's one selection rule picks (results.select_trial)
+        from tally import results
+
+        best, selection = results.best_of_experiment(Path(args.experiment))
+        if best is not None:
+            print(f"selected: {best['trial_id']} ({selection.source})", file=sys.stderr)
     return 0
 
 

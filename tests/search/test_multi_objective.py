@@ -99,3 +99,19 @@ def test_searcher_tells_the_final_reports_values():
     states = [(t.state, t.values) for t in study.trials]
     assert states == [(optuna.trial.TrialState.COMPLETE, [0.7, 0.2]), (optuna.trial.TrialState.PRUNED, None),
                       (optuna.trial.TrialState.FAIL, None), (optuna.trial.TrialState.FAIL, None)]
+
+
+def test_report_and_export_follow_the_pareto_rule(tmp_path, capsys):
+    from tally import cli
+    from tally.export import resolve_trial
+    from tests.store_factory import make_experiment
+
+    exp = make_experiment(tmp_path, "mo", n_trials=6, statuses=["done"] * 6).path
+    spec = results.read_yaml(exp / "spec.yaml")
+    spec["selection"] = {"metric": "pair_acc_worst", "mode": "max", "objectives": ["pair_acc_mean", "pair_acc_worst"],
+                         "tolerance": 0.02}
+    results.write_yaml(exp / "spec.yaml", spec)
+    expected = results.pick_from_front(results.summarise(exp), OBJ, 0.02)["trial_id"]
+    assert resolve_trial(exp, None).name == expected
+    assert cli.main(["report", str(exp), "--replicates", "10"]) == 0
+    assert f"selected: {expected} (Pareto front of (val/pair_acc_mean, val/pair_acc_worst)" in capsys.readouterr().err
