@@ -58,6 +58,17 @@ def test_plan_is_methods_x_settings_x_seeds_with_complete_configs():
     assert spec.domain_names == ["ink", "inverted", "noisy"]
 
 
+def test_data_root_expands_environment_variables(monkeypatch, tmp_path):
+    monkeypatch.delenv("TALLY_BENCH_DATA", raising=False)
+    with pytest.raises(TallyError, match="data.root: environment variable TALLY_BENCH_DATA is not set"):
+        benchmark_spec_from_raw(raw(data={"source": "embedded", "root": "${TALLY_BENCH_DATA}/emb"}))
+    from tally.data.embedded import default_dir
+
+    monkeypatch.setenv("TALLY_BENCH_DATA", str(default_dir().parent))
+    spec = benchmark_spec_from_raw(raw(data={"source": "embedded", "root": "${TALLY_BENCH_DATA}/" + default_dir().name}))
+    assert spec.runs["erm-sub-seed0"]["data"]["root"] == str(default_dir())
+
+
 def test_each_domain_and_seed_lists():
     spec = benchmark_spec_from_raw(raw(settings=["each_domain"], seeds=[3, 7]))
     assert sorted(set(spec.plan["setting"])) == ["heldout-ink", "heldout-inverted", "heldout-noisy"]
