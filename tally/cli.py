@@ -71,6 +71,8 @@ def cmd_search(args) -> int:
         return 1
     metric = selection.metric.split("/", 1)[1]
     print(f"best trial on validation {metric}: {best['trial_id']}  val {best[selection.metric]:.3f}")
+    if selection.objectives:
+        print(f"  picked by the rule: {selection.source}")
     for column in sorted(c for c in summary.columns if c.startswith("test_") and c.endswith(f"/{metric}")):
         print(f"  {column}: {best[column]:.3f}")
     if args.confirm_seeds:
