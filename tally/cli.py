@@ -73,6 +73,8 @@ def cmd_search(args) -> int:
         return 1
     metric = selection.metric.split("/", 1)[1]
     print(f"best trial on validation {metric}: {best['trial_id']}  val {best[selection.metric]:.3f}")
+    if selection.objectives:
+        print(f"  picked by the rule: {selection.source}")
     for column in sorted(c for c in summary.columns if c.startswith("test_") and c.endswith(f"/{metric}")):
         print(f"  {column}: {best[column]:.3f}")
     if args.confirm_seeds:
@@ -91,6 +93,21 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from tally import results
+    from tally.search import benchmark
+
+    spec = benchmark.load_benchmark_spec(args.spec, name_override=args.name)  # validated before Ray
+    print(benchmark.dry_run_text(spec), flush=True)
+    if args.dry_run:
+        return 0
+    out = benchmark.run_benchmark(spec, args.storage, address=args.address, quiet=not args.verbose)
+    print("\n" + benchmark.markdown(out))
+    print(f"results: {results.experiment_dir(args.storage, spec.name)} "
+          "(table.md, table.tex, table.csv, differences.csv)")
+    return 0
+
+
 def cmd_report(args) -> int:
     from tally.report import experiment_table, format_table, left_out, seed_table
     from tally.storage import read_mirror
@@ -104,6 +121,12 @@ def cmd_report(args) -> int:
     frame = experiment_table(experiment, args.split, args.group, replicates=args.replicates,
                              seed=args.bootstrap_seed, many_above=args.many_above, few_at_most=args.few_at_most)
     print(format_table(seed_table(frame) if args.seeds else frame, args.format))
+    if args.group == "trials":  # the run the experiment's one selection rule picks (results.select_trial)
+        from tally import results
+
+        best, selection = results.best_of_experiment(Path(args.experiment))
+        if best is not None:
+            print(f"selected: {best['trial_id']} ({selection.source})", file=sys.stderr)
     return 0
 
 
@@ -199,6 +222,15 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show Ray's own progress output")
 
 
+def _benchmark_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--storage", default="results", help="results store root (shared storage on a cluster)")
+    p.add_argument("--name", help="benchmark name (default: the spec's name)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the planned runs")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own progress output")
+
+
 def _interval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicates", type=_ranged_int(1), default=1000, metavar="R",
                    help="bootstrap replicates for the 95%% intervals (default 1000)")
@@ -285,6 +317,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, "one training run from a config YAML", _train_args),
     "evaluate": Command(cmd_evaluate, "evaluate a run's kept checkpoint on one split", _evaluate_args),
     "search": Command(cmd_search, "run a hyperparameter search from a spec YAML on Ray", _search_args),
+    "benchmark": Command(cmd_benchmark, "methods x seeds x settings on Ray: the MDLT table, paired differences",
+                         _benchmark_args),
     "report": Command(cmd_report, "DomainBed-style tables of an experiment, with intervals", _report_args),
     "compare": Command(cmd_compare, "paired difference of two runs on the same test set, with intervals",
                        _compare_args),
@@ -292,7 +326,8 @@ COMMANDS: dict[str, Command] = {
     "predict": Command(cmd_predict, "classify images (files, folders, list files) with a bundle", _predict_args),
     "serve": Command(cmd_serve, "serve a bundle over HTTP on Ray Serve (POST /predict, GET /health)", _serve_args),
     "dashboard": Command(cmd_dashboard, "browse a results store in the browser", _dashboard_args),
-    "demo": Command(cmd_demo, "the quickstart search on the embedded data, then export the best", _demo_args),
+    "demo": Command(cmd_demo, "a brief search on the embedded data, then a benchmark of its pick vs ERM and re-weighting",
+                    _demo_args),
 }
 
 

@@ -433,6 +433,9 @@ class Selection:
     metric: str
     mode: str
     source: str
+    # a multi-objective search: (mean-like, worst-like) validation columns and the pick's tolerance
+    objectives: tuple[str, ...] = ()
+    tolerance: float = 0.0
 
 
 def selection_of(spec: dict | None) -> Selection:
@@ -448,6 +451,13 @@ def selection_of(spec: dict | None) -> Selection:
     if mode not in ("max", "min"):
         mode = "max"
     source = "spec.yaml selection" if sel.get("metric") else f"spec.yaml without selection: default {metric}"
+    objectives = sel.get("objectives")
+    if isinstance(objectives, list) and len(objectives) == 2 and all(isinstance(m, str) for m in objectives):
+        columns = tuple(m if "/" in m else f"val/{m}" for m in objectives)
+        tolerance = sel.get("tolerance", 0.01)
+        tolerance = float(tolerance) if isinstance(tolerance, int | float) and not isinstance(tolerance, bool) else 0.01
+        return Selection(columns[1], "max", f"Pareto front of ({columns[0]}, {columns[1]}): the best {columns[1]} "
+                         f"among finished trials within {tolerance:g} of the best {columns[0]}", columns, tolerance)
     return Selection(metric, mode, source)
 
 
@@ -455,7 +465,14 @@ def best_of_experiment(exp_dir: Path, summary: pd.DataFrame | None = None) -> tu
     """The best trial of an experiment by its spec's selection, and that selection."""
     selection = selection_of(read_yaml(Path(exp_dir) / "spec.yaml"))
     summary = summarise(exp_dir) if summary is None else summary
-    return best_trial(summary, selection.metric, selection.mode), selection
+    return select_trial(summary, selection), selection
+
+
+def select_trial(summary: pd.DataFrame, selection: Selection) -> pd.Series | None:
+    """The trial a selection picks: the Pareto rule for a multi-objective search, else ``best_trial``."""
+    if selection.objectives:
+        return pick_from_front(summary, selection.objectives, selection.tolerance)
+    return best_trial(summary, selection.metric, selection.mode)
 
 
 def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Series | None:
@@ -480,4 +497,46 @@ def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Seri
         done = done.assign(_t=pd.to_numeric(done[tiebreak], errors="coerce").fillna(-1.0))
         keys, ascending = [*keys, "_t"], [*ascending, False]
     ordered = done.sort_values([*keys, "trial_id"], ascending=[*ascending, True], kind="stable")
+    return summary.loc[ordered.index[0]]
+
+
+# ---------------------------------------------------------------- multi-objective selection
+# A multi-objective search keeps a Pareto front of (mean-like, worst-like) validation metrics, both
+# higher-is-better. One rule picks from it (search, `tally export`, `tally benchmark`, the dashboard):
+# among finished trials whose first objective is within `tolerance` of the best first objective, the
+# best second objective; ties go to the better first objective, then to the first trial id. The pick
+# is always on the front: a trial dominating it would be eligible too and win the comparison or the tie.
+def _finished_objectives(summary: pd.DataFrame, objectives: tuple[str, ...]) -> pd.DataFrame | None:
+    columns = [m if "/" in m else f"val/{m}" for m in objectives]
+    if summary.empty or "status" not in summary or any(c not in summary for c in columns):
+        return None
+    values = summary[columns].apply(pd.to_numeric, errors="coerce")
+    keep = (summary["status"] == "done") & values.notna().all(axis=1)
+    return values[keep] if keep.any() else None
+
+
+def pareto_front(summary: pd.DataFrame, objectives: tuple[str, ...]) -> pd.Series:
+    """True for each finished trial that no other finished trial dominates (>= on every objective and
+    > on one), on validation columns; False for the others and for unfinished trials."""
+    front = pd.Series(False, index=summary.index)
+    values = _finished_objectives(summary, objectives)
+    if values is None:
+        return front
+    v = values.to_numpy(dtype=float)
+    geq = (v[:, None, :] >= v[None, :, :]).all(axis=2)  # geq[i, j]: i at least as good as j everywhere
+    gt = (v[:, None, :] > v[None, :, :]).any(axis=2)
+    dominated = (geq & gt).any(axis=0)
+    front[values.index[~dominated]] = True
+    return front
+
+
+def pick_from_front(summary: pd.DataFrame, objectives: tuple[str, ...], tolerance: float) -> pd.Series | None:
+    """The multi-objective pick (the rule above); None when no trial finished with both values."""
+    values = _finished_objectives(summary, objectives)
+    if values is None:
+        return None
+    first, second = values.columns
+    near = values[values[first] >= values[first].max() - tolerance - 1e-12]  # 1e-12: float round-off
+    ordered = near.assign(_id=summary.loc[near.index, "trial_id"]).sort_values(
+        [second, first, "_id"], ascending=[False, False, True], kind="stable")
     return summary.loc[ordered.index[0]]

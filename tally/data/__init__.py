@@ -122,16 +122,15 @@ def _read_splits(data_cfg: dict) -> dict[str, MultiDomainDataset]:
         from tally.data.benchmark_csv import read_csv_splits
 
         return read_csv_splits(cfg["root"], cfg["dataset"], cfg["setting"], cfg["held_out"])
+    if source == "embedded":  # split on scans: all variants of a scan stay together
+        from tally.data.embedded import embedded_splits
+
+        return embedded_splits(cfg["root"], setting=cfg["setting"], held_out=cfg["held_out"],
+                               seed=cfg["split_seed"], **gen)
+    from tally.data.folder import read_folder
     from tally.data.splits import make_splits
 
-    if source == "embedded":
-        from tally.data.embedded import load_embedded
-
-        ds = load_embedded(cfg["root"])
-    else:
-        from tally.data.folder import read_folder
-
-        ds = read_folder(cfg["root"])
+    ds = read_folder(cfg["root"])
     return make_splits(ds, setting=cfg["setting"], held_out=cfg["held_out"], seed=cfg["split_seed"], **gen)
 
 

@@ -8,6 +8,7 @@ The front door of searches (as optuna/study/__init__.py is Optuna's): callers im
 - trial.py     the Ray side of one trial: a Tune function that fits a TorchTrainer
 - run.py       the Tuner, its store callback, and the follow-ups (confirmation seeds, robustness)
 - dry_run.py   what `tally search --dry-run` prints
+- benchmark.py `tally benchmark`: methods x seeds x settings as fixed trials, the MDLT table, paired differences
 
 Loading or checking a spec imports neither Ray nor Optuna (seconds at every `--dry-run` and in the
 dashboard); the names that need Ray load on first use.
@@ -29,10 +30,14 @@ _NEEDS_RAY = {
     "mean_and_stderr": "tally.search.run",
 }
 
-__all__ = ["Spec", "budget_text", "dry_run_text", "load_spec", "spec_from_raw", *_NEEDS_RAY]
+# the benchmark imports Ray only when it runs; loaded on first use like the names above
+_BENCHMARK = {name: "tally.search.benchmark" for name in (
+    "BenchmarkSpec", "load_benchmark_spec", "benchmark_spec_from_raw", "run_benchmark", "load_benchmark")}
+
+__all__ = ["Spec", "budget_text", "dry_run_text", "load_spec", "spec_from_raw", *_NEEDS_RAY, *_BENCHMARK]
 
 
 def __getattr__(name: str):
-    if name in _NEEDS_RAY:
-        return getattr(importlib.import_module(_NEEDS_RAY[name]), name)
+    if name in _NEEDS_RAY or name in _BENCHMARK:
+        return getattr(importlib.import_module({**_NEEDS_RAY, **_BENCHMARK}[name]), name)
     raise AttributeError(f"module 'tally.search' has no attribute {name!r}")

@@ -206,10 +206,14 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
             optuna.logging.set_verbosity(optuna.logging.WARNING)
         selection = spec.resolved["selection"]
         storage_url = f"sqlite:///{exp_dir / 'study.db'}"
+        metric, mode, sampler = OBJECTIVE, selection["mode"], optuna.samplers.TPESampler
+        if selection.get("objectives"):  # a Pareto front of validation metrics (results.pick_from_front)
+            metric, mode = [f"val/{m}" for m in selection["objectives"]], ["max"] * len(selection["objectives"])
+            sampler = optuna.samplers.NSGAIISampler if selection["sampler"] == "nsga2" else sampler
         searcher = PruneAwareOptunaSearch(
-            space=DefineByRun(spec.resolved["space"]), metric=OBJECTIVE, mode=selection["mode"],
+            space=DefineByRun(spec.resolved["space"]), metric=metric, mode=mode,
             points_to_evaluate=spec.resolved.get("start_with") or None,
-            sampler=optuna.samplers.TPESampler(seed=spec.resolved["seed"]),
+            sampler=sampler(seed=spec.resolved["seed"]),
             study_name=spec.name, storage=optuna.storages.RDBStorage(storage_url))
         searcher = tune.search.ConcurrencyLimiter(searcher, max_concurrent=budget["concurrency"])
         stopping = budget["early_stopping"]

@@ -23,6 +23,10 @@ class PruneAwareOptunaSearch(OptunaSearch):
     once counts as a success. Here: error -> FAIL, stopped before its final report -> PRUNED (Optuna
     keeps its intermediate values, reported per epoch), final report -> COMPLETE with the metric.
     A final report without a finite metric is a FAIL.
+
+    Multi-objective (``metric`` a list of validation columns): the final report's values, which are the
+    kept checkpoint's; Optuna takes no intermediate values for several objectives, so the same states
+    apply without them.
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -36,18 +40,21 @@ class PruneAwareOptunaSearch(OptunaSearch):
             logger.info("optuna: trial %s already finished in the study; result not re-reported", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if isinstance(self.metric, list):
-            return super().on_trial_complete(trial_id, result, error)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return None
         result = result or {}
-        value = result.get(self.metric)
+        if isinstance(self.metric, list):
+            value = [result.get(m) for m in self.metric]
+            finite = all(_finite(v) for v in value)
+        else:
+            value = result.get(self.metric)
+            finite = _finite(value)
         if error:
             state, value = TrialState.FAIL, None
         elif not result.get(FINAL):
             state, value = TrialState.PRUNED, None
-        elif _finite(value):
-            state, value = TrialState.COMPLETE, float(value)
+        elif finite:
+            state, value = TrialState.COMPLETE, [float(v) for v in value] if isinstance(value, list) else float(value)
         else:
             state, value = TrialState.FAIL, None
         try:

@@ -28,6 +28,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 DEFAULT_EARLY_STOPPING = {"enabled": False, "grace_epochs": 1, "reduction_factor": 2}
 DEFAULT_RESOURCES = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
+MULTI_OBJECTIVE = {"objectives": None, "tolerance": 0.01, "sampler": "tpe"}  # selection keys of a Pareto search
+MULTI_SAMPLERS = ("tpe", "nsga2")
 
 
 @dataclass
@@ -177,13 +179,33 @@ def _validate_base(raw_base: dict) -> dict:
 
 
 def _check_selection(raw) -> dict:
-    sel = check_section("selection", raw, DEFAULT_SELECTION)
+    multi = isinstance(raw, dict) and "objectives" in raw  # keys absent otherwise: old spec.yaml files resume
+    sel = check_section("selection", raw, {**DEFAULT_SELECTION, **(MULTI_OBJECTIVE if multi else {})})
+    if multi:
+        sel = _check_objectives(sel, given_metric="metric" in raw)
     if sel["metric"] not in config_mod.METRICS:
         raise TallyError(f"selection.metric: expected one of {', '.join(config_mod.METRICS)}, "
                          f"got {sel['metric']!r}")
     if sel["mode"] != "max":  # every metric is an accuracy, F1 or recall; epochs are kept by max too
         raise TallyError(f"selection.mode: expected 'max' (every metric is higher-is-better), got {sel['mode']!r}")
     return sel
+
+
+def _check_objectives(sel: dict, given_metric: bool) -> dict:
+    """Multi-objective search: Optuna's study has one direction per objective; the pick from its Pareto
+    front is results.pick_from_front (best objectives[1] within `tolerance` of the best objectives[0])."""
+    objectives = sel["objectives"]
+    if (not isinstance(objectives, list) or len(objectives) != 2 or objectives[0] == objectives[1]
+            or any(m not in config_mod.METRICS for m in objectives)):
+        raise TallyError(f"selection.objectives: expected two different metrics [mean-like, worst-like] of "
+                         f"{', '.join(config_mod.METRICS)}, got {objectives!r}")
+    tolerance = check_number("selection.tolerance", sel["tolerance"], "a number in [0, 1]")
+    if not 0 <= tolerance <= 1:
+        raise TallyError(f"selection.tolerance: expected a number in [0, 1], got {tolerance!r}")
+    if sel["sampler"] not in MULTI_SAMPLERS:
+        raise TallyError(f"selection.sampler: expected one of {', '.join(MULTI_SAMPLERS)}, got {sel['sampler']!r}")
+    # a trial keeps its epoch by one metric: the robust objective unless the spec names another
+    return {**sel, "metric": sel["metric"] if given_metric else objectives[1], "tolerance": float(tolerance)}
 
 
 def _check_budget(raw, spec: dict) -> dict:

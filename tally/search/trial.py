@@ -69,6 +69,8 @@ def train_worker(loop_config: dict) -> None:
     if metrics:
         selection = metrics.get("val", {}).get(metric)
         final[OBJECTIVE] = selection if selection is not None else best["value"]
+        # the kept checkpoint's validation numbers: a multi-objective searcher reads its objectives here
+        final.update({f"val/{k}": v for k, v in metrics.get("val", {}).items()})
     ray.train.report(final)
 
 
@@ -120,7 +122,7 @@ def trial_function(params: dict, *, plan: dict) -> None:
     if status.get("status") == "done" and value is not None:
         # A resumed search replays a trial that finished after the killed driver's last Tune
         # checkpoint: the store already holds its result, so report it instead of training again.
-        ray.tune.report({OBJECTIVE: value, FINAL: 1})
+        ray.tune.report({OBJECTIVE: value, FINAL: 1, **{f"val/{k}": v for k, v in metrics["val"].items()}})
         return
     if status.get("status") is None:
         results.write_status(run_dir, "pending", params=shown_params)

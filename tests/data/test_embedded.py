@@ -3,18 +3,30 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from tally.data import describe, load_splits
-from tally.data.embedded import DOMAIN_NAMES, MARKER, build_arrays, default_dir, load_embedded, materialise
+from tally.data.embedded import (
+    DOMAIN_NAMES,
+    MARKER,
+    VARIANTS,
+    build_arrays,
+    default_dir,
+    file_name,
+    ink_maps,
+    load_embedded,
+    materialise,
+    scan_ids,
+)
 from tally.errors import TallyError
 
 
 @pytest.fixture(scope="session")
 def embedded_root(tmp_path_factory):
     """Built once per test session (about two seconds)."""
-    return materialise(tmp_path_factory.mktemp("cache") / "embedded-v1")
+    return materialise(tmp_path_factory.mktemp("cache") / "embedded-v2")
 
 
 @pytest.fixture(scope="session")
@@ -24,14 +36,18 @@ def embedded_sub(embedded_root):
 
 def test_structure(embedded_root):
     ds = load_embedded(embedded_root)
-    assert len(ds) == 1797
-    assert len(ds.domain_names) >= 4 and ds.class_names == [str(i) for i in range(10)]
-    counts = ds.counts()
+    assert len(ds) == 1797 * VARIANTS
+    assert ds.domain_names == sorted(DOMAIN_NAMES) and len(ds.domain_names) == 3
+    assert ds.class_names == [str(i) for i in range(10)]
+    counts = ds.counts() // VARIANTS
     assert (counts.max(0) - counts.min(0) <= 1).all(), "each class spread evenly over domains"
-    stems = [p.rsplit("/", 1)[-1] for p in ds.paths]
-    assert sorted(int(s[:4]) for s in stems) == list(range(1797)), "each scan in exactly one domain"
+    assert counts.min() >= 40 + 18, "every pair has 20 + 20 evaluation scans and up to 18 training scans"
+    ids = scan_ids(ds)
+    assert (np.bincount(ids) == VARIANTS).all() and len(np.bincount(ids)) == 1797, "each scan: every variant once"
+    frame = pd.DataFrame({"scan": ids, "domain": ds.domains, "label": ds.labels})
+    assert (frame.groupby("scan")[["domain", "label"]].nunique() == 1).all().all(), "a scan's variants share its pair"
     info = json.loads((embedded_root / MARKER).read_text())
-    assert info["n_images"] == 1797
+    assert info["n_scans"] == 1797 and info["variants"] == VARIANTS
 
 
 def test_styles_differ_in_colour_statistics(embedded_root):
@@ -47,6 +63,20 @@ def test_styles_differ_in_colour_statistics(embedded_root):
     assert min(gaps) > 15, "domains must be told apart by channel mean / std"
 
 
+def test_variants_are_distortions_of_their_scan():
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images[:50]
+    plain, other = ink_maps(images, 0), ink_maps(images, 2)
+    assert (ink_maps(images, 2) == other).all(), "deterministic"
+    diff = np.abs(plain - other).mean(axis=(1, 2))
+    assert (diff > 0.01).all(), "a variant is not the scan itself"
+    # a mild distortion: nearer its own scan than to almost every other scan
+    dist = np.abs(other[:, None] - plain[None]).mean(axis=(2, 3))
+    rank = (dist < dist[np.arange(50), np.arange(50)][:, None]).sum(1)
+    assert np.median(rank) == 0 and (rank <= 3).mean() > 0.9
+
+
 def test_reused_not_rebuilt(embedded_root):
     marker = embedded_root / MARKER
     before = marker.stat().st_mtime_ns
@@ -58,21 +88,36 @@ def test_materialised_files_are_the_seeded_rendering(embedded_root):
     labels, domains, pixels = build_arrays()
     labels2, domains2, pixels2 = build_arrays()
     assert (domains == domains2).all() and (pixels == pixels2).all()
-    for i in (0, 1, 500, 1796):
-        path = embedded_root / DOMAIN_NAMES[domains[i]] / str(labels[i]) / f"{i:04d}.png"
-        assert (np.asarray(Image.open(path)) == pixels[i]).all()
+    for i, v in ((0, 0), (1, 3), (500, 1), (1796, 2)):
+        path = embedded_root / DOMAIN_NAMES[domains[i]] / str(labels[i]) / file_name(i, v)
+        assert (np.asarray(Image.open(path)) == pixels[v, i]).all()
 
 
-def test_every_domain_long_tailed_with_own_head(embedded_sub):
+def test_every_domain_long_tailed_with_own_head_few_and_zero_shot(embedded_sub):
     train = embedded_sub["train"].counts()
-    assert (train.max(1) >= 30).all() and (train.min(1) <= 2).all()
+    assert (train.max(1) == 18 * VARIANTS).all() and (train.min(1) == 0).all(), "a zero-shot pair in every domain"
+    assert ((train > 0) & (train <= 20)).sum(1).min() >= 4, "few-shot pairs in every domain"
+    assert (train.sum(0) > 0).all(), "every class is trained on in some domain"
     heads = train.argmax(1)
     assert len(set(heads.tolist())) == train.shape[0], "head classes must differ between domains"
-    assert (embedded_sub["val"].counts() == 5).all() and (embedded_sub["test_sub"].counts() == 5).all()
-    names = list(embedded_sub)
+    assert (embedded_sub["val"].counts() == 20).all() and (embedded_sub["test_sub"].counts() == 20).all()
+
+
+@pytest.mark.parametrize("setting", [{}, {"setting": "domain", "held_out": ["inverted"]}, {"split_seed": 3},
+                                     {"imbalance": "natural"}])
+def test_no_scan_crosses_splits(embedded_root, setting):
+    """Variants of a scan are near-copies: a scan in two splits would leak test images into training."""
+    splits = load_splits({"source": "embedded", "root": str(embedded_root), **setting})
+    scans = {name: scan_ids(ds) for name, ds in splits.items()}
+    names = list(splits)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            assert not set(embedded_sub[a].paths) & set(embedded_sub[b].paths)
+            if not (a.startswith("test") and b.startswith("test")):  # test_sub and a held-out domain's test
+                assert not set(scans[a]) & set(scans[b]), (a, b)       # are scored apart, never trained on
+    assert (np.bincount(scans["train"])[np.unique(scans["train"])] == VARIANTS).all(), "training: every variant"
+    for name in names[1:]:
+        assert len(set(scans[name])) == len(scans[name]), f"{name}: one image (the scan itself) per scan"
+        assert all(p.endswith("-v0.png") for p in splits[name].paths)
 
 
 def test_domain_setting(embedded_root):
@@ -81,11 +126,9 @@ def test_domain_setting(embedded_root):
     assert set(splits) == {"train", "val", "test_sub", "test_domain:noisy"}
     noisy = splits["train"].domain_names.index("noisy")
     assert splits["train"].counts()[noisy].sum() == 0 and splits["val"].counts()[noisy].sum() == 0
-    everything = load_splits({"source": "embedded", "root": str(embedded_root), "n_test": 1, "n_val": 1,
-                              "max_per_class": 1000, "imbalance_factor": 1.0})
-    all_noisy = sum(s.counts()[noisy] for s in everything.values())  # every embedded image, by pair
-    assert (splits["test_domain:noisy"].counts()[noisy] == all_noisy).all()  # all of it tested
-    assert all_noisy.min() > 5  # more than the n_test = 5 per pair kept before
+    every_scan = load_embedded(embedded_root).counts()[noisy] // VARIANTS
+    assert (splits["test_domain:noisy"].counts()[noisy] == every_scan).all()  # every scan of it, tested once
+    assert every_scan.min() > 20  # more than the n_test = 20 per pair kept before
 
 
 def test_split_seed_changes_train_only_deterministically(embedded_root, embedded_sub):
@@ -102,7 +145,7 @@ def test_run_config_keys_are_accepted(embedded_root):
            "crop_padding": 2, "decode_workers": 0, "oracle_selection": False}
     splits = load_splits(cfg)
     assert (splits["val"].counts() == 3).all() and (splits["test_sub"].counts() == 4).all()
-    assert sorted(set(splits["train"].counts().ravel().tolist())) == [2, 20]
+    assert sorted(set(splits["train"].counts().ravel().tolist())) == [2 * VARIANTS, 20 * VARIANTS]  # scans x variants
 
 
 @pytest.mark.parametrize("cfg,field", [
@@ -135,9 +178,9 @@ def test_wilds_missing_is_a_clear_error(tmp_path):
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TALLY_CACHE", str(tmp_path))
-    assert default_dir() == tmp_path / "embedded-v1"
+    assert default_dir() == tmp_path / "embedded-v2"
     monkeypatch.delenv("TALLY_CACHE")
-    assert default_dir().parts[-3:] == (".cache", "tally", "embedded-v1")
+    assert default_dir().parts[-3:] == (".cache", "tally", "embedded-v2")
 
 
 def test_incomplete_cache_dir_is_refused(tmp_path):

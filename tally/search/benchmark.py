@@ -1,0 +1,506 @@
+"""`tally benchmark SPEC`: methods x seeds x settings on Ray, and the MDLT benchmark's table.
+
+A benchmark spec names the data, the settings (the subpopulation split and each held-out domain), the
+seeds, and the methods: each at a given config, or at the config a finished search selected
+(``from_search``: its experiment folder; the pick is tally.results.select_trial, the one rule).
+Every (method, setting, seed) is one fixed Tune trial (tally.search.run.run_fixed) under
+``<storage>/<name>/runs/<method>-<setting>-seed<k>``. The store is the truth: a rerun skips the runs
+that are done, resumes the others from their last checkpoint, and refuses a done run whose config
+differs from the one the spec now asks for.
+
+The table: for each setting, one row per method with the accuracy of each domain, the average pair
+accuracy, worst domain / class / pair, many / medium / few / zero-shot and macro F1, as mean ± standard
+error over seeds (and each seed's value), read from each run's own metrics.json (per-domain
+accuracies from its eval.parquet, the same long table). Written as markdown, LaTeX and CSV.
+
+Paired differences against the baseline (or each of several): for each seed, a method's run and the
+baseline's run with that seed are compared on the same test images (tally.intervals.compare_runs: a paired bootstrap
+within (domain, class) pairs, 95% percentile interval). Across seeds: the mean difference ± standard
+error, and a verdict by one stated rule (VERDICT_RULE): "better" only when the interval lies above zero
+for EVERY seed, "worse" when below zero for every seed, else "no clear difference". The rule asks each
+seed to show the difference on its own, so neither one lucky seed nor test-set noise makes a win.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tally import config as config_mod
+from tally import evaluation, intervals, results
+from tally.config import check_int, check_section
+from tally.errors import TallyError
+from tally.search.spec import ENV_RE
+
+RUNS_DIR = "runs"
+TOP_KEYS = ("name", "data", "base", "methods", "baseline", "settings", "seeds", "selection_metric",
+            "concurrency", "resources", "report")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+METHOD_RE = re.compile(r"[A-Za-z0-9_.]+")  # no '-': it separates the parts of a run id
+# data fields a searched config may differ in from the benchmark's data (they do not change the images)
+FREE_DATA_FIELDS = frozenset({"setting", "held_out", "shot_many_above", "shot_few_at_most", "decode_workers"})
+DEFAULT_REPORT = {"replicates": 1000, "bootstrap_seed": 0}
+DEFAULT_RESOURCES = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
+# the table's summary columns (report.py's, so `tally report` and `tally benchmark` read alike)
+SUMMARY = {"pair_acc_mean": "avg pair", "domain_acc_worst": "worst domain", "class_acc_worst": "worst class",
+           "pair_acc_worst": "worst pair", "shot_many": "many", "shot_medium": "medium", "shot_few": "few",
+           "shot_zero": "zero", "macro_f1": "macro F1"}
+DIFFERENCE_METRICS = ("pair_acc_mean", "pair_acc_worst", "class_acc_worst", "domain_acc_worst", "shot_few",
+                      "shot_zero", "macro_f1")
+VERDICT_RULE = ("better / worse: the paired 95% bootstrap interval of (method - baseline) lies above / below 0 "
+                "for every seed; otherwise no clear difference")
+
+
+# ---------------------------------------------------------------- the spec
+@dataclass
+class BenchmarkSpec:
+    """A validated benchmark spec: ``resolved`` (defaults filled) and the planned runs, id -> config."""
+
+    name: str
+    resolved: dict
+    runs: dict[str, dict]       # run id -> complete run config
+    plan: pd.DataFrame          # run, method, setting, split, seed
+    domain_names: list[str]
+    source: str = "benchmark spec"
+
+
+def load_benchmark_spec(path: str | Path, name_override: str | None = None) -> BenchmarkSpec:
+    raw = config_mod.read_yaml_file(path, what="benchmark spec")
+    return benchmark_spec_from_raw(raw, str(path), name_override)
+
+
+def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | None = None) -> BenchmarkSpec:
+    """Check every field, read the data's domain names and every ``from_search`` experiment, and build
+    each run's complete config: all before Ray starts. Errors name the field."""
+    if not isinstance(raw, dict):
+        raise TallyError(f"{source}: expected a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = sorted(set(raw) - set(TOP_KEYS), key=str)
+    if unknown:
+        raise TallyError(f"{unknown[0]}: unknown top-level key (expected one of {', '.join(TOP_KEYS)})")
+    out = {"name": _check_name(name if name is not None else raw.get("name", Path(source).stem),
+                               "name" if name is None else "--name")}
+    data = raw.get("data") or {}
+    if not isinstance(data, dict):
+        raise TallyError(f"data: expected a mapping (the data section of a run config), got {data!r}")
+    for key in ("setting", "held_out"):
+        if key in data:
+            raise TallyError(f"data.{key}: set by `settings`, not in data")
+    base = raw.get("base") or {}
+    if not isinstance(base, dict) or set(base) - {"model", "train"}:
+        bad = sorted(set(base) - {"model", "train"}) if isinstance(base, dict) else [base]
+        raise TallyError(f"base.{bad[0]}: expected only model and train sections (each method names its own "
+                         "method section; data is top-level)")
+    if isinstance(data.get("root"), str):  # ${VAR} in data.root, as in search specs (e.g. ${TALLY_DATA})
+        data = {**data, "root": ENV_RE.sub(lambda m: _environment(m.group(1), data["root"]), data["root"])}
+    out["data"] = _validated(lambda: config_mod.validate({"data": data}), "")["data"]
+    out["base"] = copy.deepcopy(base)
+    out["selection_metric"] = raw.get("selection_metric") or (base.get("train") or {}).get(
+        "selection_metric") or results.DEFAULT_SELECTION["metric"]
+    if out["selection_metric"] not in config_mod.METRICS:
+        raise TallyError(f"selection_metric: expected one of {', '.join(config_mod.METRICS)}, "
+                         f"got {out['selection_metric']!r}")
+    out["seeds"] = _check_seeds(raw.get("seeds", 3))
+    out["concurrency"] = check_int("concurrency", raw.get("concurrency", 1), 1)
+    out["resources"] = _check_resources(raw.get("resources"))
+    rep = check_section("report", raw.get("report"), DEFAULT_REPORT)
+    out["report"] = {"replicates": check_int("report.replicates", rep["replicates"], 1),
+                     "bootstrap_seed": check_int("report.bootstrap_seed", rep["bootstrap_seed"], 0)}
+
+    from tally.data import load_splits
+
+    try:
+        domain_names = load_splits(out["data"])["train"].domain_names
+    except TallyError as e:
+        raise TallyError(f"data: {e}") from None
+    out["settings"] = _check_settings(raw.get("settings", ["sub"]), domain_names, out["data"])
+
+    methods = raw.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        raise TallyError("methods: expected a mapping of method labels to a config "
+                         "({method: {name: erm}}) or {from_search: EXPERIMENT_FOLDER}")
+    out["methods"] = {}
+    for label, entry in methods.items():
+        if not isinstance(label, str) or not METHOD_RE.fullmatch(label):
+            raise TallyError(f"methods.{label}: expected a label of letters, digits, '_' or '.'")
+        out["methods"][label] = _resolve_method(label, entry, out)
+    baselines = raw.get("baseline", next(iter(methods)))
+    baselines = [baselines] if isinstance(baselines, str) else baselines
+    if (not isinstance(baselines, list) or not baselines or len(set(baselines)) < len(baselines)
+            or any(b not in out["methods"] for b in baselines) or len(baselines) == len(out["methods"])):
+        raise TallyError(f"baseline: expected one or more of the methods ({', '.join(out['methods'])}), "
+                         f"leaving at least one to compare, got {raw.get('baseline')!r}")
+    out["baseline"] = baselines
+
+    runs, plan = {}, []
+    for label, cfg in out["methods"].items():
+        for setting in out["settings"]:
+            for seed in out["seeds"]:
+                run_id = f"{label}-{setting}-seed{seed}"
+                runs[run_id] = _run_config(cfg, out["data"], setting, seed, f"methods.{label}")
+                plan.append({"run": run_id, "method": label, "setting": setting, "split": test_split(setting),
+                             "seed": seed})
+    return BenchmarkSpec(out["name"], out, runs, pd.DataFrame(plan), domain_names, source)
+
+
+def test_split(setting: str) -> str:
+    """The test split a setting is scored on: test_sub, or the held-out domain's own test split."""
+    return "test_sub" if setting == "sub" else f"test_domain:{setting.removeprefix('heldout-')}"
+
+
+def _validated(build, path: str):
+    try:
+        return build()
+    except TallyError as e:
+        raise TallyError(f"{path}{e}") from None
+
+
+def _check_name(value, path: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
+        raise TallyError(f"{path}: expected a name of letters, digits, '_', '.', '-' (it names a folder), "
+                         f"got {value!r}")
+    return value
+
+
+def _environment(name: str, root: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise TallyError(f"data.root: environment variable {name} is not set (the spec's data root is {root!r})")
+    return value
+
+
+def _check_seeds(raw) -> list[int]:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return list(range(check_int("seeds", raw, 1)))
+    if (not isinstance(raw, list) or not raw or len(set(map(str, raw))) != len(raw)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw)):
+        raise TallyError(f"seeds: expected a count >= 1 or a list of distinct integers >= 0, got {raw!r}")
+    return list(raw)
+
+
+def _check_resources(raw) -> dict:
+    res = check_section("resources", raw, DEFAULT_RESOURCES)
+    res["workers"] = check_int("resources.workers", res["workers"], 1)
+    for key in ("cpus_per_worker", "gpus_per_worker"):
+        value = config_mod.as_number(res[key])
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < (0 if key[0] == "g" else 1e-9):
+            raise TallyError(f"resources.{key}: expected a number {'>= 0' if key[0] == 'g' else '> 0'}, "
+                             f"got {res[key]!r}")
+        res[key] = value
+    return res
+
+
+def _check_settings(raw, domain_names: list[str], data: dict) -> list[str]:
+    """'sub', 'each_domain' or 'domain:<name>' -> setting labels 'sub' / 'heldout-<name>'."""
+    raw = [raw] if isinstance(raw, str) else raw
+    if not isinstance(raw, list) or not raw:
+        raise TallyError(f"settings: expected a list of sub, each_domain, domain:<name>, got {raw!r}")
+    out = []
+    for i, s in enumerate(raw):
+        if s == "sub":
+            labels = ["sub"]
+        elif s == "each_domain" or (isinstance(s, str) and s.startswith("domain:")):
+            if data["source"] == "wilds":
+                raise TallyError(f"settings[{i}]: held-out domains are not available for data.source 'wilds'")
+            names = domain_names if s == "each_domain" else [s.split(":", 1)[1]]
+            if names[0] not in domain_names:
+                raise TallyError(f"settings[{i}]: unknown domain {names[0]!r} (the data's domains: "
+                                 f"{', '.join(domain_names)})")
+            labels = [f"heldout-{d}" for d in names]
+        else:
+            raise TallyError(f"settings[{i}]: expected sub, each_domain or domain:<name>, got {s!r}")
+        for label in labels:
+            if label in out:
+                raise TallyError(f"settings[{i}]: {label} is listed twice")
+            out.append(label)
+    return out
+
+
+def _resolve_method(label: str, entry, spec: dict) -> dict:
+    """A method's config before data, setting and seed: base + its sections, or a search's selected trial."""
+    path = f"methods.{label}"
+    if not isinstance(entry, dict):
+        raise TallyError(f"{path}: expected a mapping ({{method: {{name: ...}}}} or {{from_search: FOLDER}}), "
+                         f"got {entry!r}")
+    if "from_search" in entry:
+        extra = sorted(set(entry) - {"from_search", "trial"})
+        if extra:
+            raise TallyError(f"{path}.{extra[0]}: not allowed with from_search (only trial)")
+        cfg = _from_search(path, entry["from_search"], entry.get("trial"), spec["data"])
+        cfg["train"]["selection_metric"] = spec["selection_metric"]  # every method keeps epochs alike
+        return cfg
+    extra = sorted(set(entry) - {"method", "model", "train"})
+    if extra:
+        raise TallyError(f"{path}.{extra[0]}: unknown key (expected method, model, train or from_search)")
+    if not isinstance(entry.get("method"), dict) or "name" not in entry["method"]:
+        raise TallyError(f"{path}.method: expected a mapping with the method's name, e.g. {{name: erm}}")
+    cfg = {"method": copy.deepcopy(entry["method"])}
+    for section in ("model", "train"):
+        given = entry.get(section) or {}
+        if not isinstance(given, dict):
+            raise TallyError(f"{path}.{section}: expected a mapping, got {given!r}")
+        cfg[section] = {**copy.deepcopy(spec["base"].get(section) or {}), **given}
+    cfg["train"]["selection_metric"] = spec["selection_metric"]
+    _validated(lambda: config_mod.validate({**cfg, "data": spec["data"]}), f"{path}: ")
+    return cfg
+
+
+def _from_search(path: str, folder, trial, data: dict) -> dict:
+    """The selected (or named) trial's model, method and train sections; its data must be the benchmark's."""
+    if not isinstance(folder, str) or not folder:
+        raise TallyError(f"{path}.from_search: expected an experiment folder, got {folder!r}")
+    exp_dir = Path(folder).expanduser()
+    if not (exp_dir / results.TRIALS_DIR).is_dir():
+        raise TallyError(f"{path}.from_search: {exp_dir} is not an experiment folder (no {results.TRIALS_DIR}/)")
+    if trial is None:
+        best, selection = results.best_of_experiment(exp_dir)
+        if best is None:
+            raise TallyError(f"{path}.from_search: no finished trial in {exp_dir} to select "
+                             f"({selection.source})")
+        trial = best["trial_id"]
+    cfg = results.read_yaml(exp_dir / results.TRIALS_DIR / str(trial) / "config.yaml")
+    if cfg is None:
+        raise TallyError(f"{path}.trial: no config.yaml for trial {trial!r} in {exp_dir}")
+    theirs = cfg.get("data") or {}
+    for key in sorted(set(theirs) | set(data)):
+        if key not in FREE_DATA_FIELDS and theirs.get(key) != data.get(key):
+            raise TallyError(f"{path}.from_search: the search ran on other data (data.{key}: "
+                             f"{theirs.get(key)!r} there, {data.get(key)!r} here)")
+    return {"method": cfg["method"], "model": cfg["model"], "train": cfg["train"], "from": f"{exp_dir}:{trial}"}
+
+
+def _run_config(cfg: dict, data: dict, setting: str, seed: int, path: str) -> dict:
+    """One run's complete config: the method's sections, the benchmark's data in this setting, the seed
+    (train and method: the mixing draws repeat with the run). Selection stays on training-domain
+    validation: a held-out domain is never looked at before the test."""
+    held = [] if setting == "sub" else [setting.removeprefix("heldout-")]
+    raw = {"data": {**data, "setting": "sub" if setting == "sub" else "domain", "held_out": held},
+           "model": copy.deepcopy(cfg["model"]), "method": copy.deepcopy(cfg["method"]),
+           "train": {**copy.deepcopy(cfg["train"]), "seed": seed}}
+    raw["method"]["seed"] = seed
+    raw["data"]["oracle_selection"] = False
+    return _validated(lambda: config_mod.validate(raw, source=path), f"{path}: ")
+
+
+# ---------------------------------------------------------------- running
+def run_benchmark(spec: BenchmarkSpec, storage: str | Path, address: str | None = None,
+                  quiet: bool = True) -> dict[str, pd.DataFrame]:
+    """Run what is not done yet, then build and write the tables; returns them (see ``tables``)."""
+    exp_dir = results.experiment_dir(storage, spec.name)
+    with results.exclusive(exp_dir, "benchmark"):
+        todo = pending_runs(spec, exp_dir)
+        results.write_yaml(exp_dir / "spec.yaml", {**spec.resolved, "domain_names": spec.domain_names})
+        results.write_parquet(exp_dir / "plan.parquet", spec.plan)
+    if todo:
+        from tally.search.run import connect, run_fixed
+
+        connect(address, spec.resolved["concurrency"], quiet=quiet)
+        print(f"benchmark {spec.name}: {len(todo)} of {len(spec.runs)} runs to do "
+              f"({spec.resolved['concurrency']} at a time)", flush=True)
+        run_fixed(exp_dir, RUNS_DIR, todo, spec.resolved["resources"], spec.resolved["concurrency"])
+    else:
+        print(f"benchmark {spec.name}: all {len(spec.runs)} runs done; tables from the store", flush=True)
+    with results.exclusive(exp_dir, "benchmark"):
+        out = tables(exp_dir, spec.plan, spec.resolved["baseline"], **spec.resolved["report"])
+        write_tables(exp_dir, out)
+    return out
+
+
+def pending_runs(spec: BenchmarkSpec, exp_dir: Path) -> dict[str, dict]:
+    """The runs not done yet. A done run must hold the config the spec asks for: a changed spec under
+    the same name would otherwise mix two benchmarks in one table."""
+    todo = {}
+    for run_id, cfg in spec.runs.items():
+        run_dir = exp_dir / RUNS_DIR / run_id
+        status = (results.read_json(run_dir / "status.json") or {}).get("status")
+        stored = results.read_yaml(run_dir / "config.yaml")
+        if stored is not None and stored != cfg:
+            raise TallyError(f"{run_dir}: holds a run with another config than the spec asks for; "
+                             "use --name for a new benchmark")
+        if status != "done" or results.read_json(run_dir / "metrics.json") is None:
+            todo[run_id] = cfg
+    return todo
+
+
+# ---------------------------------------------------------------- tables
+def run_values(exp_dir: Path, plan: pd.DataFrame) -> pd.DataFrame:
+    """Long table of every finished run's numbers on its setting's test split: run, method, setting,
+    seed, metric, value. Metrics are the run's metrics.json; ``domain_acc:<d>`` its eval.parquet's."""
+    rows = []
+    for p in plan.itertuples(index=False):
+        run_dir = Path(exp_dir) / RUNS_DIR / p.run
+        metrics = results.clean_metrics(results.read_json(run_dir / "metrics.json")) or {}
+        table = results.read_parquet(run_dir / "eval.parquet")
+        if p.split not in metrics or table is None:
+            continue
+        values = dict(metrics[p.split])
+        counts = evaluation.count_arrays(table, p.split)
+        names = evaluation.accuracy_grid(table, p.split, "n").index
+        for name, acc in zip(names, evaluation.domain_accuracies(counts["n"], counts["correct"]), strict=True):
+            if not math.isnan(acc):
+                values[intervals.DOMAIN_PREFIX + str(name)] = float(acc)
+        rows += [{"run": p.run, "method": p.method, "setting": p.setting, "seed": p.seed, "metric": m,
+                  "value": v} for m, v in values.items()]
+    return pd.DataFrame(rows, columns=["run", "method", "setting", "seed", "metric", "value"])
+
+
+def seed_table(values: pd.DataFrame) -> pd.DataFrame:
+    """method, setting, metric -> mean, stderr, n (seeds), values (each seed's), via intervals.seed_summary."""
+    parts = []
+    for (method, setting), rows in values.groupby(["method", "setting"], sort=False):
+        by_seed = {str(s): dict(zip(r["metric"], r["value"], strict=True)) for s, r in rows.groupby("seed")}
+        summary = intervals.seed_summary(by_seed)
+        parts.append(summary.assign(method=method, setting=setting))
+    columns = ["method", "setting", "metric", "mean", "stderr", "n", "values"]
+    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
+
+
+def paired_differences(exp_dir: Path, plan: pd.DataFrame, baselines: list[str], replicates: int = 1000,
+                       bootstrap_seed: int = 0) -> pd.DataFrame:
+    """Per seed and setting: every other method minus each baseline's run with the same seed, on the
+    setting's test split (paired bootstrap; rows metric, diff, low, high)."""
+    baselines = [baselines] if isinstance(baselines, str) else list(baselines)
+    done = plan[[(Path(exp_dir) / RUNS_DIR / r / "metrics.json").is_file() for r in plan["run"]]]
+    rows = []
+    for baseline in baselines:
+        base = done[done["method"] == baseline].set_index(["setting", "seed"])["run"]
+        for p in done[~done["method"].isin(baselines)].itertuples(index=False):
+            other = base.get((p.setting, p.seed))
+            if other is None:
+                continue
+            frame, _ = intervals.compare_runs(Path(exp_dir) / RUNS_DIR / p.run, Path(exp_dir) / RUNS_DIR / other,
+                                              splits=[p.split], replicates=replicates, seed=bootstrap_seed)
+            rows.append(frame.drop(columns=["split"]).assign(method=p.method, baseline=baseline,
+                                                              setting=p.setting, seed=p.seed))
+    columns = ["method", "baseline", "setting", "seed", "metric", "a", "b", "diff", "low", "high"]
+    return pd.concat(rows, ignore_index=True)[columns] if rows else pd.DataFrame(columns=columns)
+
+
+def difference_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Across seeds: mean difference ± standard error, the per-seed intervals, and the verdict
+    (VERDICT_RULE)."""
+    rows = []
+    for (method, baseline, setting, metric), r in per_seed.groupby(["method", "baseline", "setting", "metric"],
+                                                                   sort=False):
+        diffs = r["diff"].to_numpy(float)
+        k = len(diffs)
+        verdict = ("n/a" if r["diff"].isna().all() else "better" if (r["low"] > 0).all()
+                   else "worse" if (r["high"] < 0).all() else "no clear difference")
+        rows.append({"method": method, "baseline": baseline, "setting": setting, "metric": metric,
+                     "mean_diff": float(diffs.mean()),
+                     "stderr": float(diffs.std(ddof=1) / math.sqrt(k)) if k > 1 else math.nan, "seeds": k,
+                     "per_seed": tuple(zip(r["seed"].tolist(), diffs.tolist(), r["low"].tolist(),
+                                           r["high"].tolist(), strict=True)),
+                     "verdict": verdict})
+    return pd.DataFrame(rows, columns=["method", "baseline", "setting", "metric", "mean_diff", "stderr",
+                                       "seeds", "per_seed", "verdict"])
+
+
+def tables(exp_dir: Path, plan: pd.DataFrame, baselines: list[str], replicates: int = 1000,
+           bootstrap_seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Everything a benchmark shows, from the store alone: ``values`` (per run), ``table`` (over seeds),
+    ``differences`` (per seed) and ``difference_summary``. The dashboard's benchmark view reads these."""
+    values = run_values(exp_dir, plan)
+    per_seed = paired_differences(exp_dir, plan, baselines, replicates, bootstrap_seed)
+    return {"values": values, "table": seed_table(values), "differences": per_seed,
+            "difference_summary": difference_summary(per_seed)}
+
+
+def load_benchmark(exp_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """``tables`` of a benchmark folder (its stored plan and spec), for readers such as the dashboard."""
+    exp_dir = Path(exp_dir)
+    plan, spec = results.read_parquet(exp_dir / "plan.parquet"), results.read_yaml(exp_dir / "spec.yaml")
+    if plan is None or spec is None:
+        raise TallyError(f"{exp_dir}: not a benchmark folder (no plan.parquet / spec.yaml)")
+    return tables(exp_dir, plan, spec["baseline"], **spec.get("report", {}))
+
+
+# ---------------------------------------------------------------- formatting
+def wide_table(table: pd.DataFrame, setting: str) -> pd.DataFrame:
+    """One setting as report.format_table's frame: a row per method, a column per domain and summary
+    metric, with ``:se`` and ``:values`` companions."""
+    rows = []
+    part = table[table["setting"] == setting]
+    domains = [m for m in dict.fromkeys(part["metric"]) if m.startswith(intervals.DOMAIN_PREFIX)]
+    labels = {**{m: m[len(intervals.DOMAIN_PREFIX):] for m in domains}, **SUMMARY}
+    for method, r in part.groupby("method", sort=False):
+        by_metric = r.set_index("metric")
+        row = {"method": method, "seeds": str(int(by_metric["n"].max()))}
+        for metric, label in labels.items():
+            if metric in by_metric.index:
+                row[label], row[label + ":se"] = by_metric.at[metric, "mean"], by_metric.at[metric, "stderr"]
+                row[label + ":values"] = by_metric.at[metric, "values"]
+            else:
+                row[label], row[label + ":se"], row[label + ":values"] = math.nan, math.nan, ()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_difference_rows(summary: pd.DataFrame, setting: str) -> list[str]:
+    """Markdown rows: metric | mean ± SE | per seed: diff [low, high] | verdict (percentage points)."""
+    lines = []
+    for r in summary[summary["setting"] == setting].itertuples(index=False):
+        if math.isnan(r.mean_diff):  # undefined on this split (e.g. few-shot pairs of a held-out domain)
+            continue
+        se = "" if math.isnan(r.stderr) else f" ± {100 * r.stderr:.1f}"
+        seeds = "; ".join(f"s{s}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for s, d, lo, hi in r.per_seed)
+        lines.append(f"| {r.method} - {r.baseline} | {evaluation.metric_label(r.metric)} | "
+                     f"{100 * r.mean_diff:+.1f}{se} | {seeds} | {r.verdict} |")
+    return lines
+
+
+def markdown(out: dict[str, pd.DataFrame], metrics=DIFFERENCE_METRICS) -> str:
+    """The benchmark's tables (percent; mean ± SE over seeds, then each seed) and paired differences."""
+    from tally.report import format_table
+
+    blocks = []
+    for setting in dict.fromkeys(out["table"]["setting"]):
+        blocks.append(f"### {setting} ({test_split(setting)})\n\n" + format_table(wide_table(out["table"], setting)))
+        diff = out["difference_summary"]
+        diff = diff[diff["metric"].isin(metrics)]
+        if len(diff[diff["setting"] == setting]):
+            blocks.append("paired differences (percentage points; per seed: 95% paired bootstrap interval)\n\n"
+                          "| comparison | metric | mean ± SE over seeds | per seed | verdict |\n|---|---|---|---|---|\n"
+                          + "\n".join(format_difference_rows(diff, setting)))
+    blocks.append(f"verdict rule: {VERDICT_RULE}.")
+    return "\n\n".join(blocks) + "\n"
+
+
+def latex(out: dict[str, pd.DataFrame]) -> str:
+    from tally.report import format_table
+
+    return "\n".join(f"% {setting} ({test_split(setting)})\n" + format_table(wide_table(out["table"], setting), "latex")
+                     for setting in dict.fromkeys(out["table"]["setting"]))
+
+
+def write_tables(exp_dir: Path, out: dict[str, pd.DataFrame]) -> None:
+    """table.md, table.tex, table.csv (over seeds), runs.csv (per run), differences.csv (per seed) and
+    difference_summary.csv in the benchmark folder."""
+    exp_dir = Path(exp_dir)
+    results.write_text(exp_dir / "table.md", markdown(out))
+    results.write_text(exp_dir / "table.tex", latex(out))
+    csv = out["table"].assign(values=out["table"]["values"].map(lambda v: " ".join(f"{x:.6g}" for x in v)))
+    results.write_text(exp_dir / "table.csv", csv.to_csv(index=False))
+    results.write_text(exp_dir / "runs.csv", out["values"].to_csv(index=False))
+    results.write_text(exp_dir / "differences.csv", out["differences"].to_csv(index=False))
+    summary = out["difference_summary"]
+    summary = summary.assign(per_seed=summary["per_seed"].map(
+        lambda t: " ".join(f"{s}:{d:.6g}[{lo:.6g},{hi:.6g}]" for s, d, lo, hi in t)))
+    results.write_text(exp_dir / "difference_summary.csv", summary.to_csv(index=False))
+
+
+def dry_run_text(spec: BenchmarkSpec) -> str:
+    lines = [f"benchmark {spec.name}: {len(spec.resolved['methods'])} methods x {len(spec.resolved['settings'])} "
+             f"settings x {len(spec.resolved['seeds'])} seeds = {len(spec.runs)} runs, "
+             f"{spec.resolved['concurrency']} at a time; baseline {', '.join(spec.resolved['baseline'])}"]
+    for label, cfg in spec.resolved["methods"].items():
+        where = f" (from {cfg['from']})" if "from" in cfg else ""
+        lines.append(f"  {label}: method {cfg['method']['name']}{where}")
+    lines.append("  settings: " + ", ".join(f"{s} -> {test_split(s)}" for s in spec.resolved["settings"]))
+    return "\n".join(lines)
+
