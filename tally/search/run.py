@@ -23,6 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from tally import results
 from tally.errors import TallyError
+from tally.search.banks import prepare_for_configs, prepare_for_spec
 from tally.search.searcher import PruneAwareOptunaSearch
 from tally.search.space import DefineByRun
 from tally.search.trial import OBJECTIVE, trial_function
@@ -160,11 +161,12 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
             raise TallyError(f"{exp_dir}/spec.yaml differs from the spec given; refusing to resume")
     budget = spec.resolved["budget"]
     connect(address, budget["concurrency"], quiet=quiet)
+    bank_dir = prepare_for_spec(spec, exp_dir.parent)  # decode once per cluster, before any trial
     exp_dir.mkdir(parents=True, exist_ok=True)
     results.write_yaml(exp_dir / "spec.yaml", spec.resolved)
 
     plan = {"exp_dir": str(exp_dir), "group": results.TRIALS_DIR, "spec": spec.resolved,
-            "resources": spec.resolved["resources"]}
+            "resources": spec.resolved["resources"], "bank_dir": str(bank_dir) if bank_dir else None}
     trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
     if resume and tune.Tuner.can_restore(str(tuner_path)):
         tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_unfinished=True,
@@ -234,7 +236,9 @@ def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: di
 
 
 def _run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:
-    plan = {"exp_dir": str(exp_dir), "group": group, "configs": configs, "resources": resources}
+    bank_dir = prepare_for_configs(list(configs.values()), exp_dir.parent)
+    plan = {"exp_dir": str(exp_dir), "group": group, "configs": configs, "resources": resources,
+            "bank_dir": str(bank_dir)}
     trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
     tuner = tune.Tuner(
         trainable, param_space={"fixed_id": tune.grid_search(sorted(configs))},

@@ -8,6 +8,7 @@ its own checkpoints, so a restarted trial resumes from there (shared storage on 
 from __future__ import annotations
 
 import math
+import resource
 from pathlib import Path
 
 import ray
@@ -29,7 +30,10 @@ def train_worker(loop_config: dict) -> None:
     """Runs in every Train worker: the same training function as `tally train`."""
     # imported here, not at the top: the trial actor and the Train controller unpickle this
     # module too, and torchvision's import (torch._dynamo) costs them seconds per trial
+    from tally.data.bank import use_bank_dir
     from tally.training import RunContext, train_run
+
+    use_bank_dir(loop_config.get("bank_dir"))  # the search's pre-decoded banks (tally.search.banks)
 
     context = ray.train.get_context()
     metric = loop_config["config"]["train"]["selection_metric"]
@@ -52,6 +56,11 @@ def train_worker(loop_config: dict) -> None:
                                    "ray_node_id": ray.get_runtime_context().get_node_id()},
                      memory_dump_dir=Path(loop_config["memory_dump_dir"]) if loop_config.get("memory_dump_dir") else None)
     metrics = train_run(loop_config["config"], Path(loop_config["run_dir"]), resume=True, ctx=ctx)
+    if ctx.is_main:  # what the trial's process held at most (tests/search/test_scale.py bounds it)
+        run_dir = Path(loop_config["run_dir"])
+        status = results.read_json(run_dir / "status.json") or {}
+        results.write_status(run_dir, status.get("status", "done"),
+                             peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     final = {OBJECTIVE: best["value"], FINAL: 1}
     if metrics:
         selection = metrics.get("val", {}).get(metric)
@@ -60,7 +69,8 @@ def train_worker(loop_config: dict) -> None:
 
 
 def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, name: str,
-                   storage_path: Path, memory_dump_dir: Path | None = None, in_tune: bool = True) -> None:
+                   storage_path: Path, memory_dump_dir: Path | None = None, in_tune: bool = True,
+                   bank_dir: str | None = None) -> None:
     """Fit one TorchTrainer for one trial (N workers; NCCL on GPUs, gloo on CPUs).
 
     ``in_tune``: called from a Tune trial, whose reports then reach Tune; False for a plain Train run.
@@ -72,7 +82,8 @@ def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, n
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config, "run_dir": str(run_dir), "params": params,
-                           "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None},
+                           "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None,
+                           "bank_dir": bank_dir},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.get("workers", 1), use_gpu=bool(gpus),
                                      resources_per_worker=per_worker),
@@ -110,4 +121,4 @@ def trial_function(params: dict, *, plan: dict) -> None:
     # Final states the worker cannot write (stopped early, killed) are written by the driver's
     # StoreCallback: only it knows whether an ending was the scheduler's decision or an error.
     launch_trainer(config, run_dir, shown_params, plan["resources"], name=f"train-{run_id}",
-                   storage_path=exp_dir / "ray" / "train")
+                   storage_path=exp_dir / "ray" / "train", bank_dir=plan.get("bank_dir"))
