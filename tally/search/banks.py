@@ -24,7 +24,9 @@ from tally.errors import TallyError
 # what a bank depends on: the split's sample list (every key load_splits reads) and the image size
 BANK_FIELDS = (*DATA_KEYS, "image_size")
 SHARD_BYTES = 64 * 2**20   # decoded output per task: a lost task costs little, every CPU gets work
-MIN_SHARD_ROWS = 256       # below this a task's start-up outweighs its decoding
+# below this a task's start-up (a process importing torch: 3-5 s here) outweighs its decoding
+# (2,000-5,000 small images/s per CPU); a bank of one shard is decoded by the driver itself
+MIN_SHARD_ROWS = 4096
 MAX_VARIANTS = 32          # data sections to enumerate; a larger space's banks are left to the trials
 
 
@@ -124,7 +126,14 @@ def build_with_tasks(bank: NeededBank, cpus: int) -> dict:
             done.append(decode_shard(str(images_npy), 0, paths, bank.size))
             return
         refs = [task.remote(str(images_npy), a, paths[a:b], bank.size) for a, b in ranges]
-        done.extend(ray.get(refs))
+        try:
+            done.extend(ray.get(refs))
+        except ray.exceptions.RayTaskError as e:
+            for ref in refs:  # the bank is abandoned: stop the other tasks writing into it
+                ray.cancel(ref, force=True)
+            if isinstance(e.cause, TallyError):  # a bad image: one line naming it, as everywhere else
+                raise TallyError(str(e.cause)) from None
+            raise
 
     write_bank(bank.path, bank.key, bank.ds, bank.size, decode)
     seconds = time.perf_counter() - started
@@ -141,18 +150,25 @@ def prepare_banks(data_cfgs: list[dict], bank_dir: str | Path, log=print) -> lis
     import ray
 
     bank_dir = Path(bank_dir)
+    existed = bank_dir.exists()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     records = []
-    for bank in needed_banks(data_cfgs, bank_dir):
-        if (bank.path / "key.txt").is_file():
-            records.append({"split": bank.split, "size": bank.size, "images": len(bank.ds),
-                            "path": str(bank.path), "built": False})
-            continue
-        record = {**build_with_tasks(bank, cpus), "built": True}
-        records.append(record)
-        if log:
-            log(f"bank {bank.split} ({record['images']} images at {bank.size}px) decoded by {record['tasks']} "
-                f"task(s) on {record['processes']} process(es) in {record['seconds']:.1f}s: {bank.path}")
+    try:
+        for bank in needed_banks(data_cfgs, bank_dir):
+            if (bank.path / "key.txt").is_file():
+                records.append({"split": bank.split, "size": bank.size, "images": len(bank.ds),
+                                "path": str(bank.path), "built": False})
+                continue
+            record = {**build_with_tasks(bank, cpus), "built": True}
+            records.append(record)
+            if log:
+                log(f"bank {bank.split} ({record['images']} images at {bank.size}px) decoded by "
+                    f"{record['tasks']} task(s) on {record['processes']} process(es) in {record['seconds']:.1f}s: "
+                    f"{bank.path}")
+    except BaseException:
+        if not existed and bank_dir.is_dir() and not any(bank_dir.iterdir()):
+            bank_dir.rmdir()  # a refused pre-flight leaves no empty folder behind
+        raise
     return records
 
 

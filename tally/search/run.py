@@ -24,6 +24,7 @@ from ray.tune.schedulers import ASHAScheduler
 from tally import results
 from tally.errors import TallyError
 from tally.search.banks import prepare_for_configs, prepare_for_spec
+from tally.search.lean import reuse_trial_actors
 from tally.search.searcher import PruneAwareOptunaSearch
 from tally.search.space import DefineByRun
 from tally.search.trial import OBJECTIVE, trial_function
@@ -194,7 +195,8 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=budget["trials"], max_concurrent_trials=budget["concurrency"]),
+                                        num_samples=budget["trials"], max_concurrent_trials=budget["concurrency"],
+                                        reuse_actors=reuse_trial_actors(stopping["enabled"])),
             run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir / "ray"),
                                       callbacks=[StoreCallback(str(exp_dir))], verbose=0 if quiet else 1,
                                       failure_config=tune.FailureConfig(max_failures=0)),
@@ -242,7 +244,8 @@ def _run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: d
     trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
     tuner = tune.Tuner(
         trainable, param_space={"fixed_id": tune.grid_search(sorted(configs))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
+                                    reuse_actors=reuse_trial_actors(early_stopping=False)),
         run_config=tune.RunConfig(name=group, storage_path=str(exp_dir / "ray"), verbose=0,
                                   callbacks=[StoreCallback(str(exp_dir), group)]))
     with _console(quiet=True):

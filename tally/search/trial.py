@@ -16,10 +16,11 @@ import ray.train
 import ray.train.torch
 import ray.tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tally import results
+from tally.search.lean import LeanTorchTrainer
 from tally.search.spec import Spec
 
 OBJECTIVE = "objective"  # the best-so-far validation selection metric of a trial
@@ -79,7 +80,7 @@ def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, n
     per_worker = {"CPU": resources.get("cpus_per_worker", 1)}
     if gpus:
         per_worker["GPU"] = gpus
-    trainer = TorchTrainer(
+    trainer = LeanTorchTrainer(  # a TorchTrainer without Ray Data's actors (tally.search.lean)
         train_worker,
         train_loop_config={"config": config, "run_dir": str(run_dir), "params": params,
                            "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None,

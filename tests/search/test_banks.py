@@ -29,7 +29,7 @@ def test_shards_cover_every_row_once_and_spread_over_cpus():
         assert all(r <= max(MIN_SHARD_ROWS, 64 * 2**20 // row_bytes) for r in rows)
     assert len(shards(20_000, 3 * 96 * 96, 2)) >= 4  # two per CPU at least
     assert len(shards(586_000, 3 * 224 * 224, 64)) >= 128
-    assert shards(100, 3, 8) == [(0, 100)]  # below MIN_SHARD_ROWS: one task
+    assert shards(MIN_SHARD_ROWS, 3, 8) == [(0, MIN_SHARD_ROWS)]  # one shard: decoded by the driver
 
 
 def test_data_variants_follow_the_searched_bank_fields():
@@ -69,3 +69,19 @@ def test_prepare_builds_missing_banks_once_with_several_tasks(tmp_path, local_ra
     assert torch.equal(cached.images, build_bank(ds, 16).images)  # every task wrote its own rows
     again = banks.prepare_banks(data_variants(spec), tmp_path / "banks", log=lines.append)
     assert not any(r["built"] for r in again) and len(lines) == len(first)
+
+
+@pytest.mark.slow
+def test_a_bad_image_fails_the_preflight_in_one_line_and_leaves_nothing(tmp_path, local_ray, monkeypatch):
+    from tally.errors import TallyError
+    from tally.search import banks
+
+    monkeypatch.setattr(banks, "MIN_SHARD_ROWS", 16)
+    root = make_folder_dataset(tmp_path / "d", per_pair=20, size=8)
+    bad = sorted(root.rglob("*.png"))[50]
+    bad.write_bytes(b"not an image")
+    spec = spec_with({"method.seed": {"type": "int", "low": 0, "high": 3}}, root)
+    with pytest.raises(TallyError, match=bad.name) as raised:
+        banks.prepare_banks(data_variants(spec), tmp_path / "banks", log=None)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "banks").exists()

@@ -82,3 +82,24 @@ def test_a_search_decodes_once_and_trials_stay_small(tmp_path, local_ray, monkey
     assert sorted(os.listdir(bank_dir_for(storage))) == sorted(os.path.basename(p) for p in stamps)
     assert all(os.stat(os.path.join(p, "key.txt")).st_mtime_ns == t for p, t in stamps.items())
     print("peak RSS of the trials (MiB):", peaks)
+
+
+def test_trials_start_no_ray_data_machinery_and_reuse_actors_only_without_early_stopping(tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    from tally.search.lean import LeanTorchTrainer, reuse_trial_actors
+
+    def loop(config):
+        pass
+
+    def callbacks(cls):
+        trainer = cls(loop, scaling_config=ScalingConfig(num_workers=1),
+                      run_config=RunConfig(name="lean", storage_path=str(tmp_path)))
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    plain, lean = callbacks(TorchTrainer), callbacks(LeanTorchTrainer)
+    assert DatasetsCallback in plain and DatasetsCallback not in lean  # no DatasetManager actor per trial
+    assert [c for c in plain if c is not DatasetsCallback] == lean  # everything else as Ray has it
+    assert reuse_trial_actors(early_stopping=False) and not reuse_trial_actors(early_stopping=True)
