@@ -6,14 +6,20 @@ Each run's own time (its status.json started -> ended) is read back from both ha
 fixed cost Ray adds per trial is measured directly, not inferred from the difference of totals
 (later in-process runs can be a few percent slower than fresh processes, which flatters Ray).
 
-    .venv/bin/python bench/search_overhead.py [--trials 3] [--steps 45]
+Where the seconds go: every process the Ray half starts is sampled (/proc, every 0.2 s) and its CPU
+seconds are summed by process title (ray::TrainController, ray::RayTrainWorker, ...), per trial.
+On a loaded machine wall seconds stretch but CPU seconds do not: they say what each process costs.
+
+    .venv/bin/python bench/search_overhead.py [--trials 3] [--steps 135]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,10 +48,68 @@ def run_seconds(group_dir: Path, run_ids) -> list[float]:
     return [s["ended"] - s["started"] for s in statuses]
 
 
+class ProcessSampler:
+    """CPU seconds and lifetimes of every descendant process, by title, sampled from /proc."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.seen, self._stop = interval, {}, threading.Event()
+        self._clock = os.sysconf("SC_CLK_TCK")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _ours(self, pid: str, parents: dict) -> bool:
+        me = str(os.getpid())
+        for _ in range(12):
+            pid = parents.get(pid)
+            if pid is None or pid in ("0", "1"):
+                return False
+            if pid == me:
+                return True
+        return False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            stats, parents = {}, {}
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                except OSError:
+                    continue
+                parents[pid] = fields[1]
+                stats[pid] = (title, (int(fields[11]) + int(fields[12])) / self._clock)
+            for pid, (title, cpu) in stats.items():
+                if self._ours(pid, parents):
+                    entry = self.seen.setdefault(pid, {"title": title})
+                    entry["cpu"] = cpu
+                    # a Ray worker starts as ray::IDLE and is renamed for its actor; while it is being
+                    # renamed /proc shows an empty command line: keep the most telling title seen
+                    if title.strip() and not title.startswith("ray::IDLE"):
+                        entry["title"] = title
+            time.sleep(self.interval)
+
+    def by_title(self) -> dict[str, tuple[int, float]]:
+        """title -> (processes, CPU seconds); Ray's titles lose the method suffix (ray::X.run -> ray::X)."""
+        out = collections.defaultdict(lambda: [0, 0.0])
+        for entry in self.seen.values():
+            title = entry["title"].strip() or "(exited)"
+            title = title.split(".", 1)[0] if title.startswith("ray::") else Path(title.split()[0]).name
+            out[title][0] += 1
+            out[title][1] += entry["cpu"]
+        return {k: (n, cpu) for k, (n, cpu) in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=45, help="TALLY steps per epoch (45: about 60 s a trial here)")
+    parser.add_argument("--steps", type=int, default=135, help="TALLY steps per epoch (135: about 60 s a trial here)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(1)  # a Ray Train worker with 1 CPU runs 1 thread; same here, fair comparison
@@ -61,12 +125,23 @@ def main() -> None:
         plain_runs = run_seconds(Path(tmp) / "plain", cfgs)
 
         from tally.search import connect, run_fixed
+        try:
+            from tally.search.banks import prepare_for_configs
+        except ImportError:  # code from before the pre-flight (PYTHONPATH=an older checkout): compare
+            prepare_for_configs = None
 
-        t0 = time.perf_counter()
-        connect(None, concurrency=1)
-        connect_time = time.perf_counter() - t0
-        metrics = run_fixed(Path(tmp) / "ray", "trials", cfgs, {"workers": 1, "cpus_per_worker": 1}, 1)
-        ray_time = time.perf_counter() - t0
+        load = os.getloadavg()
+        with ProcessSampler() as sampler:
+            t0 = time.perf_counter()
+            connect(None, concurrency=1)
+            connect_time = time.perf_counter() - t0
+            # the search's pre-flight (decode every bank once) is a cost per search, not per trial
+            if prepare_for_configs is not None:
+                prepare_for_configs(list(cfgs.values()), Path(tmp) / "ray", log=None)
+            preflight = time.perf_counter() - t0 - connect_time
+            connect_time += preflight
+            metrics = run_fixed(Path(tmp) / "ray", "trials", cfgs, {"workers": 1, "cpus_per_worker": 1}, 1)
+            ray_time = time.perf_counter() - t0
         assert all(m for m in metrics.values()), "a Ray trial did not finish"
         ray_runs = run_seconds(Path(tmp) / "ray" / "trials", cfgs)
 
@@ -77,10 +152,16 @@ def main() -> None:
     print("run times in-process    : " + " ".join(f"{s:6.1f}" for s in plain_runs) + " s")
     print("run times in Ray workers: " + " ".join(f"{s:6.1f}" for s in ray_runs) + " s")
     print(f"in-process back-to-back : {plain:8.1f} s")
-    print(f"Ray Tune + Ray Train    : {ray_time:8.1f} s (includes ray.init: {connect_time:.1f} s)")
+    print(f"Ray Tune + Ray Train    : {ray_time:8.1f} s (includes ray.init and the bank pre-flight: "
+          f"{connect_time - preflight:.1f} + {preflight:.1f} s)")
     print(f"ratio Ray / in-process  : {ray_time / plain:8.3f}  (goal <= 1.15 for trials >= 60 s)")
     print(f"Ray's fixed cost        : {fixed:8.1f} s per trial (start-up + teardown, outside the run)")
     print(f"ratio, Ray costs only   : {overhead_only:8.3f}  (same run times on both sides)")
+    print(f"load average (1 min)    : {load[0]:.1f} before the Ray half, {os.getloadavg()[0]:.1f} after "
+          f"({os.cpu_count()} CPUs)")
+    print("CPU seconds per trial by process (Ray half; the workers' include their runs):")
+    for title, (n, cpu) in sorted(sampler.by_title().items(), key=lambda kv: -kv[1][1]):
+        print(f"  {title:32s} {n / args.trials:5.1f} processes {cpu / args.trials:7.1f} s")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +61,8 @@ def cmd_search(args) -> int:
         return 0
     from tally import search
 
+    if args.cache:  # the banks' folder for the pre-flight, its follow-ups and every trial
+        os.environ["TALLY_BANK_DIR"] = str(Path(args.cache).expanduser().resolve())
     started = time.time()
     summary = search.run_search(spec, args.storage, address=args.address, resume=args.resume,
                                 quiet=not args.verbose)
@@ -216,6 +219,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    help="results store root: a folder (shared storage on a cluster) or s3://bucket/prefix, gs://...")
     p.add_argument("--name", help="experiment name (default: the spec's name)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.add_argument("--cache", metavar="DIR", help="folder every node sees where the search decodes its images "
+                   "once before any trial (default: STORAGE/banks)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved spec and budget")
     p.add_argument("--confirm-seeds", type=_ranged_int(0), default=0, metavar="K",
                    help="re-run the best config with K more seeds")

@@ -2,6 +2,8 @@
 
 Decoding and resizing are the usual bottleneck; doing them once (optionally in DataLoader worker
 processes) and keeping the result, in memory or in an on-disk cache, takes them off the hot path.
+A search decodes each bank once per cluster before its trials start (tally.search.banks) and its
+trials memory-map it: resident memory then does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,17 @@ def resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
     return TF.resize(img, [size, size], antialias=True)
 
 
+def decode_rows(out: np.ndarray, paths: list[str], size: int) -> None:
+    """Decode + resize paths into out[i] (uint8 (n, 3, S, S), e.g. rows of a memory-mapped bank):
+    one process, one image at a time, so memory stays at one image whatever the shard size."""
+    for i, path in enumerate(paths):
+        out[i] = resize_square(read_image(path), size).numpy()
+
+
+def bank_bytes(n: int, size: int) -> int:
+    return int(n) * 3 * int(size) * int(size)
+
+
 def _decode_into(images: torch.Tensor, ds: MultiDomainDataset, size: int, workers: int,
                  batch_size: int) -> None:
     if not len(ds):
@@ -109,6 +123,22 @@ def _write_bank_folder(path: Path, key: str, fill) -> Path:
     return path
 
 
+def write_bank(path: str | Path, key: str, ds: MultiDomainDataset, size: int,
+               decode: Callable[[Path], None]) -> Path:
+    """Write a bank whose images another party decodes: images.npy is created at its full size in a
+    temporary folder beside ``path``, ``decode(images_npy)`` fills it (any process that sees the folder
+    may open it with np.load(mmap_mode="r+") and write its rows), then the folder is renamed in whole."""
+    def fill(tmp: Path) -> None:
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(ds), 3, size, size))
+        del images  # header and size on disk; the decoders open it themselves
+        decode(tmp / "images.npy")
+        np.save(tmp / "labels.npy", ds.labels, allow_pickle=False)
+        np.save(tmp / "domains.npy", ds.domains, allow_pickle=False)
+
+    return _write_bank_folder(Path(path), key, fill)
+
+
 def save_bank(bank: ImageBank, path: str | Path, key: str = "") -> Path:
     """Write bank as a folder of .npy arrays (loaded safely: no pickle) with its key."""
     def fill(tmp: Path) -> None:
@@ -146,7 +176,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TALLY_CACHE") or "~/.cache/tally").expanduser() / "banks"
 
 
-def _bank_path(ds: MultiDomainDataset, size: int, cache_dir: str | Path) -> tuple[Path, str]:
+# A search's trials look in the search's bank folder first (set in each Train worker, see
+# tally.search.trial); `tally search --cache DIR` sets it for the driver too.
+BANK_DIR_ENV = "TALLY_BANK_DIR"
+
+
+def use_bank_dir(path: str | Path | None) -> None:
+    """Make bank_for_training look in ``path`` (a search's shared bank folder) before the default cache."""
+    if path:
+        os.environ[BANK_DIR_ENV] = str(path)
+
+
+def bank_dirs() -> list[Path]:
+    """Where bank_for_training looks, in order: the search's bank folder, then the default cache."""
+    first = os.environ.get(BANK_DIR_ENV)
+    return [*([Path(first).expanduser()] if first else []), default_cache_dir()]
+
+
+def bank_path(ds: MultiDomainDataset, size: int, cache_dir: str | Path) -> tuple[Path, str]:
+    """(folder, key) of the bank of exactly these samples at this size under cache_dir."""
     key = bank_key(ds, size)
     return Path(cache_dir).expanduser() / f"bank-{key[:24]}-{int(size)}", key
 
@@ -154,7 +202,7 @@ def _bank_path(ds: MultiDomainDataset, size: int, cache_dir: str | Path) -> tupl
 def find_cached_bank(ds: MultiDomainDataset, size: int, cache_dir: str | Path | None = None,
                      mmap: bool = True) -> ImageBank | None:
     """The cached bank of exactly these samples at this size, or None (a stale one never matches)."""
-    path, key = _bank_path(ds, size, cache_dir or default_cache_dir())
+    path, key = bank_path(ds, size, cache_dir or default_cache_dir())
     if not (path / "key.txt").is_file():
         return None
     try:
@@ -163,9 +211,46 @@ def find_cached_bank(ds: MultiDomainDataset, size: int, cache_dir: str | Path | 
         return None
 
 
+def memory_limit() -> int:
+    """Bytes of decoded images a run may hold in RAM (TALLY_BANK_MEMORY_MB; default a quarter of RAM:
+    several trials share a node). Larger banks are decoded to disk instead (spill_bank)."""
+    value = os.environ.get("TALLY_BANK_MEMORY_MB", "")
+    if value.isdigit():
+        return int(value) * 2**20
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
 def bank_for_training(ds: MultiDomainDataset, size: int, workers: int = 0) -> ImageBank:
-    """A pre-decoded cache when `tally data cache` made one, else decode now (into memory)."""
-    return find_cached_bank(ds, size) or build_bank(ds, size, workers=workers)
+    """The bank a run trains on: a cached one (a search's pre-flight or `tally data cache` made it;
+    memory-mapped), else decoded now: into memory when it fits memory_limit(), else to disk."""
+    for cache_dir in bank_dirs():
+        found = find_cached_bank(ds, size, cache_dir)
+        if found is not None:
+            return found
+    if bank_bytes(len(ds), size) <= memory_limit():
+        return build_bank(ds, size, workers=workers)
+    return spill_bank(ds, size, workers=workers)
+
+
+def spill_bank(ds: MultiDomainDataset, size: int, workers: int = 0, batch_size: int = 64,
+               directory: str | Path | None = None) -> ImageBank:
+    """Where no bank can be cached (a one-off run too large for RAM): DataLoader workers decode batches
+    straight into a memory-mapped temporary file (TMPDIR, or ``directory``), so resident memory stays
+    bounded. The file is unlinked at once: the mapping keeps it alive and nothing is left behind."""
+    if not len(ds):
+        return build_bank(ds, size)
+    fd, name = tempfile.mkstemp(prefix="tally-bank-", suffix=".npy", dir=directory)
+    os.close(fd)
+    try:
+        images = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=(len(ds), 3, size, size))
+    except OSError as e:
+        raise TallyError(f"cannot write a temporary image bank of {bank_bytes(len(ds), size) / 2**30:.1f} GiB "
+                         f"in {Path(name).parent} ({e}); set TMPDIR or run `tally data cache` first") from None
+    finally:
+        os.unlink(name)
+    pixels = torch.from_numpy(images)
+    _decode_into(pixels, ds, size, workers, batch_size)
+    return ImageBank(pixels, torch.from_numpy(ds.labels.copy()), torch.from_numpy(ds.domains.copy()))
 
 
 def cached_bank(ds: MultiDomainDataset, size: int, cache_dir: str | Path, workers: int = 0,
@@ -174,7 +259,7 @@ def cached_bank(ds: MultiDomainDataset, size: int, cache_dir: str | Path, worker
 
     A missing entry is decoded straight into a memory-mapped file, so the bank never has to fit in RAM.
     """
-    path, key = _bank_path(ds, size, cache_dir)
+    path, key = bank_path(ds, size, cache_dir)
     found = find_cached_bank(ds, size, cache_dir, mmap=mmap)
     if found is not None:
         return found

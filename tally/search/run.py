@@ -24,6 +24,8 @@ from ray.tune.schedulers import ASHAScheduler
 from tally import results
 from tally import storage as bucket
 from tally.errors import TallyError
+from tally.search.banks import prepare_for_configs, prepare_for_spec
+from tally.search.lean import reuse_trial_actors
 from tally.search.searcher import PruneAwareOptunaSearch
 from tally.search.space import DefineByRun
 from tally.search.trial import OBJECTIVE, trial_function
@@ -189,12 +191,14 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
             raise TallyError(f"{bucket.display(exp_dir)}/spec.yaml differs from the spec given; refusing to resume")
     budget = spec.resolved["budget"]
     connect(address, budget["concurrency"], quiet=quiet)
+    bank_dir = prepare_for_spec(spec, exp_dir.parent)  # decode once per cluster, before any trial
     exp_dir.mkdir(parents=True, exist_ok=True)
     results.write_yaml(exp_dir / "spec.yaml", spec.resolved)
     bucket.push(exp_dir)
 
     plan = {"exp_dir": str(exp_dir), "exp_uri": bucket.remote_of(exp_dir), "group": results.TRIALS_DIR,
-            "spec": spec.resolved, "resources": spec.resolved["resources"]}
+            "spec": spec.resolved, "resources": spec.resolved["resources"],
+            "bank_dir": str(bank_dir) if bank_dir else None}
     trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
     if resume and tune.Tuner.can_restore(tuner_path):
         tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_unfinished=True,
@@ -226,7 +230,8 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=budget["trials"], max_concurrent_trials=budget["concurrency"]),
+                                        num_samples=budget["trials"], max_concurrent_trials=budget["concurrency"],
+                                        reuse_actors=reuse_trial_actors(stopping["enabled"])),
             run_config=tune.RunConfig(name="tune", storage_path=bucket.ray_path(exp_dir),
                                       callbacks=[StoreCallback(str(exp_dir))], verbose=0 if quiet else 1,
                                       failure_config=tune.FailureConfig(max_failures=0)),
@@ -275,12 +280,14 @@ def run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: di
 
 
 def _run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: dict, concurrency: int) -> dict:
+    bank_dir = prepare_for_configs(list(configs.values()), exp_dir.parent)
     plan = {"exp_dir": str(exp_dir), "exp_uri": bucket.remote_of(exp_dir), "group": group, "configs": configs,
-            "resources": resources}
+            "resources": resources, "bank_dir": str(bank_dir)}
     trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
     tuner = tune.Tuner(
         trainable, param_space={"fixed_id": tune.grid_search(sorted(configs))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
+                                    reuse_actors=reuse_trial_actors(early_stopping=False)),
         run_config=tune.RunConfig(name=group, storage_path=bucket.ray_path(exp_dir), verbose=0,
                                   callbacks=[StoreCallback(str(exp_dir), group)]))
     with _console(quiet=True):

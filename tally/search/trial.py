@@ -8,6 +8,7 @@ its own checkpoints, so a restarted trial resumes from there (shared storage on 
 from __future__ import annotations
 
 import math
+import resource
 from pathlib import Path
 
 import ray
@@ -15,11 +16,12 @@ import ray.train
 import ray.train.torch
 import ray.tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tally import results
 from tally import storage as bucket
+from tally.search.lean import LeanTorchTrainer
 from tally.search.spec import Spec
 
 OBJECTIVE = "objective"  # the best-so-far validation selection metric of a trial
@@ -30,7 +32,10 @@ def train_worker(loop_config: dict) -> None:
     """Runs in every Train worker: the same training function as `tally train`."""
     # imported here, not at the top: the trial actor and the Train controller unpickle this
     # module too, and torchvision's import (torch._dynamo) costs them seconds per trial
+    from tally.data.bank import use_bank_dir
     from tally.training import RunContext, train_run
+
+    use_bank_dir(loop_config.get("bank_dir"))  # the search's pre-decoded banks (tally.search.banks)
 
     context = ray.train.get_context()
     metric = loop_config["config"]["train"]["selection_metric"]
@@ -59,9 +64,13 @@ def train_worker(loop_config: dict) -> None:
                      extra_status={"params": loop_config.get("params", {}),
                                    "ray_node_id": ray.get_runtime_context().get_node_id()},
                      memory_dump_dir=Path(loop_config["memory_dump_dir"]) if loop_config.get("memory_dump_dir") else None)
-    try:  # validated once, by Spec.trial_config (or confirm/robustness's copies of a validated config)
+    try:  # validated once, by Spec.trial_config (or run_fixed on the driver)
         with bucket.heartbeat(run_dir, enabled=main):
             metrics = train_run(loop_config["config"], run_dir, resume=True, ctx=ctx, validated=True)
+        if main:  # what the trial's process held at most (tests/search/test_scale.py bounds it)
+            status = results.read_json(run_dir / "status.json") or {}
+            results.write_status(run_dir, status.get("status", "done"),
+                                 peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     finally:
         if main:
             bucket.push(run_dir)  # the final state: done with its tables, or failed with its error
@@ -75,7 +84,8 @@ def train_worker(loop_config: dict) -> None:
 
 
 def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, name: str,
-                   storage_path: Path | str, memory_dump_dir: Path | None = None, in_tune: bool = True) -> None:
+                   storage_path: Path | str, memory_dump_dir: Path | None = None, in_tune: bool = True,
+                   bank_dir: str | None = None) -> None:
     """Fit one TorchTrainer for one trial (N workers; NCCL on GPUs, gloo on CPUs).
 
     ``in_tune``: called from a Tune trial, whose reports then reach Tune; False for a plain Train run.
@@ -84,11 +94,12 @@ def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, n
     per_worker = {"CPU": resources.get("cpus_per_worker", 1)}
     if gpus:
         per_worker["GPU"] = gpus
-    trainer = TorchTrainer(
+    trainer = LeanTorchTrainer(  # a TorchTrainer without Ray Data's actors (tally.search.lean)
         train_worker,
         train_loop_config={"config": config, "run_dir": str(run_dir), "run_uri": bucket.remote_of(run_dir),
                            "params": params,
-                           "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None},
+                           "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None,
+                           "bank_dir": bank_dir},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.get("workers", 1), use_gpu=bool(gpus),
                                      resources_per_worker=per_worker),
@@ -130,4 +141,5 @@ def trial_function(params: dict, *, plan: dict) -> None:
     # Final states the worker cannot write (stopped early, killed) are written by the driver's
     # StoreCallback: only it knows whether an ending was the scheduler's decision or an error.
     launch_trainer(config, run_dir, shown_params, plan["resources"], name=f"train-{run_id}",
-                   storage_path=f"{plan['exp_uri']}/ray/train" if plan.get("exp_uri") else exp_dir / "ray" / "train")
+                   storage_path=f"{plan['exp_uri']}/ray/train" if plan.get("exp_uri") else exp_dir / "ray" / "train",
+                   bank_dir=plan.get("bank_dir"))
