@@ -69,7 +69,7 @@ def test_export_and_dashboard_pick_the_same_trial(tmp_path):
                    {"val": {"pair_acc_worst": worst, "pair_acc_mean": mean}})
     results.write_yaml(exp / "spec.yaml", {"name": "exp"})
     trials = dd.load_trials(exp)
-    shown = results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)["trial_id"]
+    shown = results.select_trial(trials.frame, trials.selection)["trial_id"]
     assert shown == resolve_trial(exp, None).name == results.best_of_experiment(exp)[0]["trial_id"] == "b"
 
 

@@ -45,7 +45,7 @@ def body(trials: dd.TrialSet) -> None:
     if trials.frame.empty:
         st.info(f"{trials.name} has no trials yet (no folders under {exp_dir / 'trials'}).")
         return
-    best = results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)
+    best = results.select_trial(trials.frame, trials.selection)
     best_id = None if best is None else str(best["trial_id"])
     trial_id = views.trial_picker(trials, "Trial", f"trial:{trials.name}", best_id)
     tabs = st.tabs(list(TABS), key="view", on_change="rerun")

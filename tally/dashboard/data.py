@@ -201,7 +201,7 @@ def status_counts(frame: pd.DataFrame) -> dict[str, int]:
 
 def experiment_overview(trials: TrialSet) -> dict:
     """One row of the experiment list: name, counts, best trial and its value."""
-    best = results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)
+    best = results.select_trial(trials.frame, trials.selection)
     row = {"experiment": trials.name, "trials": len(trials.frame), **status_counts(trials.frame),
            "selection": f"{trials.selection.metric} ({trials.selection.mode})",
            "best_trial": None if best is None else best["trial_id"],

@@ -78,7 +78,7 @@ def header(trials: dd.TrialSet) -> None:
     for col, status in zip(cols[1:], shown, strict=True):
         col.metric(status, counts[status])
     sel = trials.selection
-    best = results.best_trial(trials.frame, trials.selection.metric, trials.selection.mode)
+    best = results.select_trial(trials.frame, trials.selection)
     if best is None:
         st.info(f"No finished trial has {sel.metric} yet: the best trial appears when one finishes.")
     else:
