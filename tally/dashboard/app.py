@@ -15,8 +15,9 @@ from pathlib import Path
 import streamlit as st
 
 from tally import results, storage
-from tally.dashboard import cache, grid_views, search_views, views
+from tally.dashboard import benchmark_views, cache, grid_views, search_views, views
 from tally.dashboard import data as dd
+from tally.dashboard import uncertainty as dun
 
 ROOT_ENV = "TALLY_RESULTS_ROOT"
 MIRROR_MAX_AGE_S = 5.0  # a bucket root is copied again at most this often (reruns, auto-refresh)
@@ -104,6 +105,13 @@ def page(root: Path, exp_dir: Path) -> None:
     if len(experiments) > 1:  # one experiment: its header below says it all
         with st.expander(f"All experiments under the root ({len(experiments)})", expanded=True):
             views.experiment_list([dd.experiment_overview(t) for t in loaded.values()])
+    if dun.is_benchmark(exp_dir):  # a `tally benchmark` folder: its tables, not a search's views
+        try:
+            benchmark_views.benchmark_view(exp_dir)
+        except Exception as exc:  # noqa: BLE001 - a broken folder says why instead of a blank page
+            st.error(f"The benchmark view failed on {exp_dir.name} ({type(exc).__name__}: {exc}). Details:")
+            st.exception(exc)
+        return
     body(loaded.get(exp_dir) or cache.trials(exp_dir))
 
 

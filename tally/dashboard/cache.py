@@ -12,9 +12,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from tally import results
+from tally import intervals, results
 from tally.dashboard import data as dd
 from tally.dashboard import search_data as dsearch
+from tally.dashboard import uncertainty as dun
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -69,3 +70,40 @@ def _param_study(exp_dir: str, signature: str):
 def param_study(trials: dd.TrialSet):
     """(study, parameters) for Optuna's slice and contour plots; shared, never modified after creation."""
     return _param_study(str(trials.exp_dir), trials.signature)
+
+
+def _predictions_stamp(run_dir: Path) -> tuple | None:
+    return dd.file_stamp(run_dir / intervals.PREDICTIONS_FILE)
+
+
+@st.cache_data(show_spinner="Bootstrapping the metrics' intervals ...", max_entries=64)
+def _run_intervals(run_dir: str, signature: tuple, predictions: tuple | None):
+    return dun.run_intervals(_run(run_dir, signature))
+
+
+def run_intervals(run_dir: Path):
+    """The run's metrics with 95% bootstrap intervals (``uncertainty.run_intervals``), re-computed only
+    when its files change."""
+    return _run_intervals(str(run_dir), dd.run_signature(run_dir), _predictions_stamp(run_dir))
+
+
+@st.cache_data(show_spinner="Bootstrapping the paired difference ...", max_entries=32)
+def _paired(run_a: str, run_b: str, split: str, stamps: tuple):
+    return dun.paired(Path(run_a), Path(run_b), split)
+
+
+def paired(run_a: Path, run_b: Path, split: str):
+    stamps = tuple((dd.run_signature(r), _predictions_stamp(r)) for r in (run_a, run_b))
+    return _paired(str(run_a), str(run_b), split, stamps)
+
+
+@st.cache_data(show_spinner="Reading the benchmark (paired bootstraps of its runs) ...", max_entries=8)
+def _benchmark(exp_dir: str, signature: tuple) -> dict:
+    from tally.search import benchmark
+
+    return benchmark.load_benchmark(exp_dir)
+
+
+def benchmark(exp_dir: Path) -> dict:
+    """``benchmark.load_benchmark`` of a benchmark folder, re-read when a run or the plan changes."""
+    return _benchmark(str(exp_dir), dun.benchmark_signature(exp_dir))

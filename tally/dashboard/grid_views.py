@@ -82,8 +82,7 @@ def grid_view(trials: dd.TrialSet, trial_id: str) -> None:
                          column_config={"acc": st.column_config.NumberColumn(format="%.3f")},
                          height=min(35 * (int(k) + 1) + 3, 738))  # all k rows visible up to 20
 
-    st.markdown("**Metrics of this trial** (from its eval table)")
-    views.metric_table(dd.run_metrics_frame(table, splits), "trial_metrics", f"{name}-{trial_id}-metrics.csv")
+    views.run_metrics_section(run, trial_id, splits, "trial_metrics", f"{name}-{trial_id}-metrics.csv")
     with st.expander(f"{split} grid as a table (accuracy, then training counts)"):
         full = grids.grid(table, split).ordered(order)
         views.data_table(full.acc.round(3), "grid_acc", f"{name}-{trial_id}-{split}-accuracy.csv", hide_index=False)

@@ -12,6 +12,7 @@ import streamlit as st
 from tally.dashboard import cache, progress, views
 from tally.dashboard import data as dd
 from tally.dashboard import search_data as dsearch
+from tally.dashboard import uncertainty as dun
 
 MAX_CURVE_TRIALS = 12
 
@@ -62,6 +63,8 @@ def search_view(trials: dd.TrialSet) -> None:
         st.info(f"No trial has {metric} yet.")
         return
     st.plotly_chart(charts.progress_figure(prog, metric), key="progress")
+    if trials.selection.objectives:
+        pareto_section(trials)
     left, right = st.columns([2, 3])
     with left:
         imp = cache.importance(trials)
@@ -96,6 +99,20 @@ def search_view(trials: dd.TrialSet) -> None:
             st.plotly_chart(charts.contour_figure(study, x, y, metric), key="contour")
     st.caption(f"Slice and contour: Optuna's plots over the {done} trials that ran to the end ('done'), "
                f"{metric} as the target.")
+
+
+def pareto_section(trials: dd.TrialSet) -> None:
+    """A multi-objective search: its two objectives, the Pareto front and the trial the rule picks."""
+    from tally.dashboard import charts  # plotly: imported when a chart is drawn
+    x, y = trials.selection.objectives
+    points = dun.pareto_points(trials)
+    if points.empty:
+        st.info(f"The Pareto front appears when a trial finishes with both {x} and {y}.")
+        return
+    st.plotly_chart(charts.pareto_figure(points, x, y, trials.selection.tolerance), key="pareto")
+    st.caption(f"Pick: {trials.selection.source}. Shaded: within the tolerance of the best {x}. "
+               f"{int(points['front'].sum())} of {len(points)} finished trials are on the front.")
+    views.data_table(points, "pareto", f"{trials.name}-pareto.csv")
 
 
 def timeline_view(trials: dd.TrialSet) -> None:
