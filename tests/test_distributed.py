@@ -7,6 +7,8 @@ in rank order, each drawn from that rank's own streams.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -29,8 +31,8 @@ BATCH = 8
 
 def _config(method: str) -> dict:
     return {
-        # 148 training images: a warm-up epoch is ceil(148 / (2 * 8)) = 10 steps
-        "data": {"source": "embedded", "max_per_class": 12, "flip": False, "crop_padding": 0},
+        # a warm-up epoch is ceil(n_train / (2 * 8)) steps (checked below against the decoded size)
+        "data": {"source": "embedded", "max_per_class": 4, "flip": False, "crop_padding": 0},
         "model": {"arch": "resnet10", "cut": "layer2"},
         "method": {"name": method},
         # SGD: Adam's first steps divide by sqrt(v) ~ |g| and would magnify float rounding differences
@@ -90,11 +92,12 @@ def test_two_workers_compute_what_one_process_computes_on_the_concatenated_batch
     ctx = RunContext(progress=False, emulate_world_size=2, memory_dump_dir=tmp_path / "one")
     train_run(_config(method), tmp_path / "one", ctx=ctx)
 
-    # only rank 0 evaluates: rank 1 decodes the training split alone (148 images), rank 0 every split
+    # only rank 0 evaluates: rank 1 decodes the training split alone, rank 0 every split
     decoded = [torch.load(tmp_path / f"decoded{r}.pt") for r in range(2)]
-    assert decoded[1] == [148] and decoded[0][0] == 148 and len(decoded[0]) == 3
+    n_train = decoded[0][0]
+    assert decoded[1] == [n_train] and len(decoded[0]) == 3
     ddp, one = results.read_run(tmp_path / "ddp"), results.read_run(tmp_path / "one")
-    assert list(ddp.epochs["steps"]) == list(one.epochs["steps"]) == [10, 3]
+    assert list(ddp.epochs["steps"]) == list(one.epochs["steps"]) == [math.ceil(n_train / (2 * BATCH)), 3]
     assert list(ddp.epochs["train_loss"]) == pytest.approx(list(one.epochs["train_loss"]), abs=1e-5)
     a = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]

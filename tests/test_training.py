@@ -237,7 +237,7 @@ def test_a_compiled_step_computes_the_eager_losses(stem_pass):
         runs[compiled] = losses, method.memory.state_dict()
     (eager, eager_memory), (compiled, compiled_memory) = runs[False], runs[True]
     assert eager[0] != eager[-1]
-    assert compiled[0] == eager[0]
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-6)  # same weights: only kernel rounding differs
     assert compiled == pytest.approx(eager, rel=1e-3)
     for key, value in eager_memory.items():
         if key != "prototypes":
