@@ -262,26 +262,33 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def heartbeat(run_dir: Path, every_s: float = HEARTBEAT_S) -> Iterator[None]:
-    """Touch <run>/.heartbeat every few seconds while the body runs (a daemon thread), so readers on
-    other hosts can tell a long epoch from a dead owner."""
-    path = Path(run_dir) / HEARTBEAT
+def repeating(action, every_s: float, name: str, first: bool = True) -> Iterator[None]:
+    """Call ``action`` every ``every_s`` seconds in a daemon thread while the body runs (``first``: also
+    at once); heartbeats and lock renewals, whose failures must never stop the work."""
     stop = threading.Event()
 
-    def beat() -> None:
+    def loop() -> None:
+        if not first and stop.wait(every_s):
+            return
         while True:
-            with contextlib.suppress(OSError):
-                path.touch()
+            with contextlib.suppress(Exception):
+                action()
             if stop.wait(every_s):
                 return
 
-    thread = threading.Thread(target=beat, name="tally-heartbeat", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def heartbeat(run_dir: Path, every_s: float = HEARTBEAT_S):
+    """Touch <run>/.heartbeat every few seconds while the body runs (a daemon thread), so readers on
+    other hosts can tell a long epoch from a dead owner."""
+    return repeating((Path(run_dir) / HEARTBEAT).touch, every_s, "tally-heartbeat")
 
 
 # ---------------------------------------------------------------- exclusive writers

@@ -38,7 +38,6 @@ import os
 import socket
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -333,22 +332,13 @@ def heartbeat(run_dir: Path, enabled: bool = True) -> Iterator[None]:
         yield
         return
     fs, base = filesystem(uri)
-    stop = threading.Event()
 
     def beat() -> None:
-        while True:
-            with contextlib.suppress(Exception), fs.open_output_stream(join(base, results.HEARTBEAT)):
-                pass  # an empty object: its time is the message
-            if stop.wait(results.HEARTBEAT_S):
-                return
+        with fs.open_output_stream(join(base, results.HEARTBEAT)):
+            pass  # an empty object: its time is the message
 
-    thread = threading.Thread(target=beat, name="tally-bucket-heartbeat", daemon=True)
-    thread.start()
-    try:
+    with results.repeating(beat, results.HEARTBEAT_S, "tally-bucket-heartbeat"):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------- readers
@@ -389,19 +379,10 @@ def exclusive(folder: Path, what: str) -> Iterator[None]:
         return
     lease = _Lease(join(uri, ".lock"), what)
     lease.acquire()
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(RENEW_S):
-            lease.renew()
-
-    thread = threading.Thread(target=renew, name="tally-lease", daemon=True)
-    thread.start()
     try:
-        yield
+        with results.repeating(lease.renew, RENEW_S, "tally-lease", first=False):
+            yield
     finally:
-        stop.set()
-        thread.join(timeout=5)
         lease.release()
 
 
