@@ -67,15 +67,25 @@ def _browser_or_skip():
     return sync_api
 
 
+def _settled(page) -> None:
+    """Wait until the script has finished its run (Streamlit's own end-to-end tests wait the same way):
+    a click during a rerun can land on an element that the rerun then replaces."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]'
+                           '[data-test-connection-state="CONNECTED"]', state="attached")
+
+
 def _pick(page, label: str, value: str) -> None:
-    """Choose ``value`` in the selectbox labelled ``label`` with the mouse and keyboard."""
+    """Choose ``value`` in the selectbox labelled ``label`` with the keyboard (type to filter) and the
+    mouse (click the filtered option, once it is listed: Enter would take whatever is highlighted)."""
+    _settled(page)
     box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label)
     box.locator("input").click()
     page.keyboard.type(value)
-    page.keyboard.press("Enter")
+    page.get_by_role("option").filter(has_text=re.compile("^" + re.escape(value))).first.click()
     page.wait_for_function(
         "v => Array.from(document.querySelectorAll('[data-testid=stSelectbox] input'))"
         ".some(e => e.value.startsWith(v))", arg=value)
+    _settled(page)
 
 
 def _wait_grids(page, trial: str, n: int) -> None:
@@ -123,6 +133,7 @@ def test_dashboard_in_chromium(tmp_path):
             page.locator('[data-testid="stSidebar"] label').filter(has_text="Auto-refresh").click()
             page.wait_for_function(  # off: no periodic rerun in the middle of the clicks below
                 "() => !document.querySelector('input[aria-label=\"Auto-refresh\"]').checked")
+            _settled(page)
             _pick(page, "Trial", trial)
             page.get_by_role("tab", name="Accuracy grid").click()
             _wait_grids(page, trial, 2)
