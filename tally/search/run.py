@@ -25,7 +25,7 @@ from tally import results
 from tally import storage as bucket
 from tally.errors import TallyError
 from tally.search.banks import prepare_for_configs, prepare_for_spec
-from tally.search.lean import reuse_trial_actors
+from tally.search.lean import own_cluster_address, reuse_trial_actors
 from tally.search.searcher import PruneAwareOptunaSearch
 from tally.search.space import DefineByRun
 from tally.search.trial import OBJECTIVE, trial_function
@@ -49,8 +49,10 @@ def connect(address: str | None, concurrency: int, quiet: bool = True) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # The dashboard process serves the State API that Train's PlacementGroupCleaner needs to free
     # the workers of a trial stopped early; without it the next trial waits forever on 2 CPUs.
-    ray.init(address="local", include_dashboard=True, resources={TRAIN_DRIVER: concurrency}, log_to_driver=not quiet,
-             object_store_memory=256 * 2**20, configure_logging=True, logging_level="ERROR")
+    with own_cluster_address():  # Train's placement-group cleaner must find this Ray, not another one here
+        ray.init(address="local", include_dashboard=True, resources={TRAIN_DRIVER: concurrency},
+                 log_to_driver=not quiet, object_store_memory=256 * 2**20, configure_logging=True,
+                 logging_level="ERROR")
 
 
 @contextlib.contextmanager

@@ -103,3 +103,17 @@ def test_trials_start_no_ray_data_machinery_and_reuse_actors_only_without_early_
     assert DatasetsCallback in plain and DatasetsCallback not in lean  # no DatasetManager actor per trial
     assert [c for c in plain if c is not DatasetsCallback] == lean  # everything else as Ray has it
     assert reuse_trial_actors(early_stopping=False) and not reuse_trial_actors(early_stopping=True)
+
+
+def test_a_local_ray_names_itself_to_its_processes(monkeypatch):
+    from tally.search.lean import own_cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
+    with own_cluster_address():
+        port = os.environ["RAY_GCS_SERVER_PORT"]
+        assert port.isdigit() and os.environ["RAY_ADDRESS"].endswith(f":{port}")
+    assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # chosen by the caller: left alone
+    with own_cluster_address():
+        assert os.environ["RAY_ADDRESS"] == "10.0.0.1:6379" and "RAY_GCS_SERVER_PORT" not in os.environ
