@@ -22,20 +22,56 @@ from tally.errors import TallyError
 # ---------------------------------------------------------------- one run
 def cmd_train(args) -> int:
     from tally import config as config_mod
-    from tally.training import train_run
+    from tally.export import retrain_source
 
-    raw = config_mod.read_yaml_file(args.config)
+    source = retrain_source(args.config, args.trial)
+    raw = source.config
+    if not isinstance(raw, dict):
+        raise TallyError(f"{source.where}: expected a run config mapping, got {type(raw).__name__}")
+    epochs = args.epochs
+    if args.final:
+        if epochs is None and source.kept_epoch is None:
+            raise TallyError(f"--final: {source.where} records no kept epoch; pass --epochs N (how many epochs "
+                             "the final retrain runs: the trial's kept epoch + 1)")
+        config_mod.set_path(raw, "train.final", True)
+        epochs = epochs if epochs is not None else source.kept_epoch + 1
+    if epochs is not None:
+        config_mod.set_path(raw, "train.epochs", epochs)
     for item in args.set or []:
         key, value = _parse_override(item)
         config_mod.set_path(raw, key, value)
-    cfg = config_mod.validate(raw, source=args.config)
+    cfg = config_mod.validate(raw, source=source.where)
+    resources = _scale(args)
     out = Path(args.out) if args.out else Path("results") / "runs" / (
-        f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        f"{source.name}{'-final' if args.final else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"run folder: {out}", flush=True)
-    metrics = train_run(cfg, out, resume=args.resume, ctx=None)
+    if args.final:
+        print(f"final retrain of {source.where}: train + validation, {cfg['train']['epochs']} epochs, the last "
+              "one kept (no selection)", flush=True)
+    if resources is None:
+        from tally.training import train_run
+
+        metrics = train_run(cfg, out, resume=args.resume, ctx=None, validated=True)
+    else:
+        from tally.search import train_on_ray
+
+        print(f"on Ray: {resources['workers']} worker(s), {resources['gpus_per_worker']:g} GPU and "
+              f"{resources['cpus_per_worker']:g} CPU each", flush=True)
+        metrics = train_on_ray(cfg, out, resources, args.address, resume=args.resume)
     _print_metrics(metrics)
     print(f"\nresults in {out} (eval.parquet, metrics.json, epochs.jsonl)")
     return 0
+
+
+def _scale(args) -> dict | None:
+    """The Ray Train resources `tally train` asked for; None: one process here, no Ray."""
+    if args.workers == 1 and not args.gpus_per_worker and args.address is None and args.cpus_per_worker is None:
+        return None
+    from tally.search.spec import check_resources
+
+    raw = {"workers": args.workers, "gpus_per_worker": args.gpus_per_worker or 0,
+           "cpus_per_worker": 1 if args.cpus_per_worker is None else args.cpus_per_worker}
+    return check_resources(raw, name=lambda key: "--" + key.replace("_", "-"))
 
 
 def cmd_evaluate(args) -> int:
@@ -200,10 +236,22 @@ def cmd_dashboard(args) -> int:
 
 # ---------------------------------------------------------------- arguments
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config")
-    p.add_argument("--out", help="run folder (default results/runs/<config>-<time>)")
+    p.add_argument("config", help="a config YAML, or a trial's run folder, experiment (its best trial; "
+                                   "a bucket URI too) or bundle: its config")
+    p.add_argument("--out", help="run folder (default results/runs/<config or trial>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
+    p.add_argument("--trial", help="with an experiment: this trial instead of the best on validation")
+    p.add_argument("--final", action="store_true",
+                   help="retrain on train + validation and keep the last epoch (train.final); the epochs are "
+                        "the trial's kept epoch + 1 unless --epochs says otherwise")
+    p.add_argument("--epochs", type=_ranged_int(1), help="train.epochs (with --final: instead of the trial's)")
+    scale = p.add_argument_group("scale (any of these runs the training on Ray Train, data-parallel)")
+    scale.add_argument("--workers", type=_ranged_int(1), default=1,
+                       help="data-parallel workers; each draws train.batch_size (the global batch grows)")
+    scale.add_argument("--gpus-per-worker", type=float, help="0 or 1 (NCCL); default 0")
+    scale.add_argument("--cpus-per-worker", type=float, help="default 1")
+    scale.add_argument("--address", help="a Ray cluster to join (default: a local Ray)")
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:

@@ -110,6 +110,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "selection_metric": Field(str, "pair_acc_mean", choices=METRICS),
         # which epochs may be kept as the best: 'main' = only after the warm-up (the reference's protocol)
         "select_from": Field(str, "main", choices=("main", "all")),
+        # a final retrain (tally train --final): train on train + validation and keep the last epoch;
+        # no selection, so train.epochs should be the epochs a search's trial chose
+        "final": Field(bool, False),
         "device": Field(str, "auto", choices=("auto", "cpu", "cuda")),
         "bf16": Field(bool, True),
         # data-parallel runs: BatchNorm over the global batch (SyncBatchNorm, CUDA only); off = per worker
@@ -157,6 +160,9 @@ def validate(raw: dict, source: str = "config") -> dict:
         raise TallyError(f"train.compile_mode: 'reduce-overhead' replays CUDA graphs; it needs train.device "
                          f"'cuda', got {train['device']!r}")
     data = out["data"]
+    if train["final"] and data["oracle_selection"]:
+        raise TallyError("data.oracle_selection: a final retrain (train.final) keeps its last epoch and "
+                         "selects on nothing; set oracle_selection false")
     if data["setting"] == "domain" and not data["held_out"] and data["source"] != "wilds":
         raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
     from tally.evaluation import shot_thresholds_of
@@ -179,7 +185,7 @@ def _check_main_phase(train: dict, method: str) -> None:
     if METHODS[method].needs_main_phase:
         raise TallyError(f"train.warmup_epochs: expected < train.epochs ({train['epochs']}) for method "
                          f"{method!r} (it trains as itself only after the warm-up), got {train['warmup_epochs']}")
-    if train["select_from"] == "main":
+    if train["select_from"] == "main" and not train["final"]:  # a final retrain keeps its last epoch
         raise TallyError(f"train.select_from: 'main' keeps only epochs after the warm-up, but train.warmup_epochs "
                          f"({train['warmup_epochs']}) = train.epochs; use 'all' or fewer warm-up epochs")
 

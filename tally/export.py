@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,7 @@ def _model_card(config: dict, metrics: dict, trial: str, labels: dict, provenanc
              + (f", held out {', '.join(config['data']['held_out'])}" if config["data"]["held_out"] else "") + ")",
              f"- classes ({len(labels['classes'])}): {', '.join(labels['classes'])}",
              f"- domains ({len(labels['domains'])}): {', '.join(labels['domains'])}",
-             f"- kept checkpoint selected on validation by {config['train']['selection_metric']}"
-             + (" (ORACLE: test-domain selection)" if config["data"]["oracle_selection"] else ""),
+             _kept_line(config),
              f"- rebuild: `tally train config.yaml` (seed {provenance['seeds']['train']}, split seed "
              f"{provenance['seeds']['split']}); code {code['package']} {code['version']}"
              + (f", git {code['git_commit']}" + (" (uncommitted changes)" if code.get("git_dirty") else "")
@@ -129,6 +129,14 @@ def _model_card(config: dict, metrics: dict, trial: str, labels: dict, provenanc
     lines += ["", "Limitations: accuracies come from balanced per-(domain, class) test sets; pairs absent "
               "from a test set are not scored. Check the eval table for the pairs you care about.", ""]
     return "\n".join(lines)
+
+
+def _kept_line(config: dict) -> str:
+    if config["train"].get("final"):
+        return (f"- kept checkpoint: the last of {config['train']['epochs']} epochs of a final retrain on "
+                "train + validation (no selection; validation is training data here)")
+    return (f"- kept checkpoint selected on validation by {config['train']['selection_metric']}"
+            + (" (ORACLE: test-domain selection)" if config["data"]["oracle_selection"] else ""))
 
 
 def _sha256(path: Path) -> str:
@@ -182,7 +190,8 @@ def _provenance(run_dir: Path, config: dict, onnx: bool) -> dict:
             "best_epoch": (results.read_json(run_dir / "status.json") or {}).get("best_epoch"),
             "seeds": {"train": config["train"]["seed"], "split": config["data"]["split_seed"]},
             "data_splits": split_fingerprints(config["data"]), "code": code_version(),
-            "programs": ["model.pt2", *(["model.onnx"] if onnx else [])]}
+            "programs": ["model.pt2", *(["model.onnx"] if onnx else [])],
+            **({"trained_on": ["train", "val"]} if config["train"].get("final") else {})}
 
 
 def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict]:
@@ -289,6 +298,45 @@ def export_config(run_dir: str | Path, out_path: str | Path, force: bool = False
     results.write_text(out_path, text)
     os.chmod(out_path, 0o644)
     return out_path
+
+
+@dataclass(frozen=True)
+class RetrainSource:
+    """What `tally train` rebuilds: a config file, or a trial's (run folder, experiment, bundle) config with
+    the epoch it kept (0-based; None when nothing records it)."""
+
+    config: dict
+    kept_epoch: int | None
+    name: str
+    where: str
+
+
+def retrain_source(location: str, trial: str | None = None) -> RetrainSource:
+    """The config behind ``location``: a YAML file; a bundle (its config.yaml and provenance, checked
+    against its manifest); a run folder; or an experiment (local or a bucket URI: its best trial on
+    validation, or ``trial``)."""
+    from tally import config as config_mod
+    from tally.storage import is_remote, read_mirror
+
+    path = Path(location).expanduser()
+    if not is_remote(location) and path.is_file():
+        if trial is not None:
+            raise TallyError(f"--trial: {location} is a config file, not an experiment")
+        return RetrainSource(config_mod.read_yaml_file(path), None, path.stem, str(path))
+    if not is_remote(location) and (path / MANIFEST).is_file():
+        verify_bundle(path)
+        provenance = results.read_json(path / PROVENANCE) or {}
+        kept = provenance.get("best_epoch")
+        return RetrainSource(config_mod.read_yaml_file(path / "config.yaml"), kept if isinstance(kept, int) else None,
+                             str(provenance.get("trial") or path.name), f"bundle {path}")
+    if not is_remote(location) and not path.exists():
+        raise TallyError(f"{location}: no such config file, run folder, experiment or bundle")
+    run_dir = resolve_trial(read_mirror(location), trial)
+    config = results.read_yaml(run_dir / "config.yaml")
+    if not isinstance(config, dict):
+        raise TallyError(f"{run_dir}/config.yaml: missing or not a run config")
+    kept = (results.read_json(run_dir / "status.json") or {}).get("best_epoch")
+    return RetrainSource(config, kept if isinstance(kept, int) else None, run_dir.name, f"trial {run_dir}")
 
 
 def bundle_zip_bytes(run_dir: str | Path) -> bytes:

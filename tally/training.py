@@ -5,6 +5,7 @@ only passes a `RunContext` (rank, device, report hook). The file reads top to bo
 method, optimiser, batches), the loop (warm-up epochs, then method epochs), evaluation (the best
 epoch after the warm-up by a validation metric is kept and evaluated on every split through the
 evaluator), and checkpoints (exact resume). The run folder follows the results-store layout.
+A final retrain (train.final) trains on train + validation and keeps its last epoch: no selection.
 
 Data parallelism is exact: K workers with batch B compute what one process computes on their
 concatenated K*B batch (METHOD.md, "Training schedule" 4). Each rank draws from its own random
@@ -35,7 +36,7 @@ from torch import nn
 from tally import evaluation, intervals, results
 from tally.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tally.config import load, validate
-from tally.data import load_splits
+from tally.data import run_splits
 from tally.data.augment import augment, to_float_normalized
 from tally.data.bank import ImageBank, bank_for_training
 from tally.distributed import broadcast_object, gather_object, memory_sync, stream_seed
@@ -323,7 +324,7 @@ def train_run(config: dict, run_dir: str | Path, resume: bool = False, ctx: RunC
         raise ValueError("RunContext.emulate_world_size is for one process, not a data-parallel worker")
     if device.type == "cpu":
         keep_cpu_memory()  # no page faults on large activations every step (bench/train_step.py)
-    splits = load_splits(cfg["data"])  # bad data fail here, before anything is written
+    splits = run_splits(cfg)  # bad data fail here, before anything is written
     if len(splits["train"]) == 0:
         raise TallyError("data: the training split is empty")
     if not ctx.is_main:  # only rank 0 owns the run folder; the others train beside it
@@ -383,12 +384,17 @@ def _same_config(stored: dict, cfg: dict) -> bool:
         return False
 
 
-def _prepare_run_dir(run_dir: Path, cfg: dict, resume: bool) -> None:
-    existing = results.read_yaml(run_dir / "config.yaml")
-    if existing is not None and not resume and (run_dir / "checkpoints" / "last.pt").exists():
+def check_run_folder(run_dir: Path, cfg: dict, resume: bool) -> None:
+    """Refuse a folder that holds another run (or, to resume, a run of another config)."""
+    existing = results.read_yaml(Path(run_dir) / "config.yaml")
+    if existing is not None and not resume and (Path(run_dir) / "checkpoints" / "last.pt").exists():
         raise TallyError(f"{run_dir}: already holds a run; pass --resume to continue it or pick another --out")
     if existing is not None and resume and not _same_config(existing, cfg):
         raise TallyError(f"{run_dir}: config.yaml differs from the config given; refusing to resume")
+
+
+def _prepare_run_dir(run_dir: Path, cfg: dict, resume: bool) -> None:
+    check_run_folder(run_dir, cfg, resume)
     results.write_yaml(run_dir / "config.yaml", cfg)
     results.write_status(run_dir, "running", error=None, started=time.time(), ended=None,
                          node=socket.gethostname())
@@ -436,7 +442,8 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     if resume and resume_path.exists():
         start_epoch, best = _resume(resume_path, method, optimizer, source, run_dir, ctx)
 
-    selection = selection_split(cfg, splits)
+    final = tcfg["final"]
+    selection = None if final else selection_split(cfg, splits)
     for epoch in range(start_epoch, tcfg["epochs"]):
         t0 = time.time()
         phase = "warmup" if epoch < tcfg["warmup_epochs"] else "main"
@@ -446,7 +453,9 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
         train_loss = _train_epoch(step, source, method.batch_kinds(phase), phase, steps, epoch, ctx)
         record = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "steps": steps}
         checkpoint_dir = None
-        if ctx.is_main:
+        if ctx.is_main and final:
+            best = {"value": None, "epoch": epoch}  # the last epoch is kept, nothing is validated
+        elif ctx.is_main:
             key = _validate_epoch(method, cfg, splits, banks, train_counts, device, selection, record)
             # the reference keeps only TALLY-phase epochs: a warm-up epoch is never the kept model
             # unless train.select_from is 'all'
@@ -480,6 +489,8 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
         save_checkpoint(Path(ctx.memory_dump_dir) / f"rank{ctx.rank}.pt", memory.state_dict())
     if not ctx.is_main:
         return {}
+    if final:  # also after a resume past the last epoch: the weights are the last epoch's (last.pt)
+        save_checkpoint(run_dir / "checkpoints" / "best.pt", {"model": method.state_dict(), "epoch": tcfg["epochs"] - 1})
     return finalize(cfg, run_dir, method, banks, splits, train_counts, device)
 
 
@@ -516,6 +527,10 @@ def _train_epoch(step: TrainStep, source: BatchSource, kinds, phase, steps, epoc
 
 
 def _print_epoch(record: dict, best: dict, tcfg: dict) -> None:
+    if tcfg["final"]:
+        print(f"epoch {record['epoch'] + 1}/{tcfg['epochs']} {record['phase']:6s} loss {record['train_loss']:.4f} "
+              f"(final retrain: the last epoch is kept) {record['seconds']:.1f}s", flush=True)
+        return
     metric = tcfg["selection_metric"]
     kept = f"{best['value']:.4f} @ {best['epoch'] + 1}" if best["epoch"] is not None else "- (warm-up)"
     print(f"epoch {record['epoch'] + 1}/{tcfg['epochs']} {record['phase']:6s} loss {record['train_loss']:.4f} "
@@ -589,7 +604,8 @@ def _validate_epoch(method, cfg, splits, banks, train_counts, device, selection:
 
 
 def finalize(cfg, run_dir: Path, method, banks, splits, train_counts, device) -> dict:
-    """Evaluate the kept (best-on-validation) checkpoint on every split; write tables and metrics."""
+    """Evaluate the kept checkpoint (best on validation; a final retrain's last) on every split; write
+    tables and metrics."""
     best_path = run_dir / "checkpoints" / "best.pt"
     state = load_checkpoint(best_path)
     method.load_state_dict(state["model"])
@@ -598,14 +614,16 @@ def finalize(cfg, run_dir: Path, method, banks, splits, train_counts, device) ->
                              keep=None if name == "val" else kept)
               for name, ds in splits.items() if name != "train"]
     table = pd.concat(tables, ignore_index=True)
-    metric, selection = cfg["train"]["selection_metric"], selection_split(cfg, splits)
     metrics = evaluation.all_metrics(table, *evaluation.shot_thresholds_of(cfg["data"]))
     results.write_parquet(run_dir / "eval.parquet", table)
     intervals.write_predictions(run_dir, kept)
     results.write_json(run_dir / "metrics.json", metrics)
-    results.write_status(run_dir, "done", ended=time.time(), best_epoch=state["epoch"],
-                         selection={"split": selection, "metric": metric, "value": metrics[selection][metric],
-                                    "oracle": selection != "val"})
+    if cfg["train"]["final"]:
+        selection = {"split": None, "rule": "final retrain on train + val: the last epoch"}
+    else:
+        metric, split = cfg["train"]["selection_metric"], selection_split(cfg, splits)
+        selection = {"split": split, "metric": metric, "value": metrics[split][metric], "oracle": split != "val"}
+    results.write_status(run_dir, "done", ended=time.time(), best_epoch=state["epoch"], selection=selection)
     return metrics
 
 
@@ -623,7 +641,9 @@ def evaluate_run_split(run_dir: Path, split: str) -> tuple[pd.DataFrame, dict]:
     if not (run_dir / "config.yaml").is_file():
         raise TallyError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load(run_dir / "config.yaml")
-    splits = load_splits(cfg["data"])
+    if cfg["train"]["final"] and split == "val":
+        raise TallyError("--split: 'val' is training data of this final retrain (train.final); score a test split")
+    splits = run_splits(cfg)
     if split not in splits:
         raise TallyError(f"--split: unknown split {split!r} (this run has {', '.join(splits)})")
     device = resolve_device(cfg["train"]["device"])

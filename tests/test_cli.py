@@ -74,3 +74,15 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, capsys):
     # banks of splits that decoded are complete and kept; nothing half-written is left
     cache = list((tmp_path / "c").iterdir())
     assert all(p.name.startswith("bank-") and (p / "key.txt").is_file() for p in cache), cache
+
+
+def test_train_scale_options_are_checked_before_anything_runs(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source": "embedded"}, "train": {"device": "cpu"}}))
+    for args, message in ((("--gpus-per-worker", "2"), "--gpus-per-worker: expected at most 1"),
+                          (("--workers", "2", "--gpus-per-worker", "0.5"), "--gpus-per-worker: a fraction"),
+                          (("--cpus-per-worker", "0"), "--cpus-per-worker: expected a number > 0"),
+                          (("--workers", "0"), "--workers")):
+        proc = tally("train", config, *args, "--out", tmp_path / "r")
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert not (tmp_path / "r").exists()

@@ -27,7 +27,7 @@ from tally.data.augment import to_float_normalized
 from tally.data.bank import resize_square
 from tally.data.dataset import read_image
 from tally.errors import TallyError
-from tally.export import Predictor, export_bundle, export_config, verify_bundle
+from tally.export import Predictor, export_bundle, export_config, retrain_source, verify_bundle
 from tests.bundle_factory import TINY_CONFIG, tiny_run
 
 pytestmark = pytest.mark.slow  # trains a tiny model once (about 5 s) and exports it
@@ -151,6 +151,38 @@ def test_bundle_records_how_to_rebuild_the_model(run_dir, bundle, tmp_path, tall
     (tmp_path / "other.yaml").write_text("train: {}\n")
     with pytest.raises(TallyError, match="--force"):
         export_config(run_dir, tmp_path / "other.yaml")
+
+
+# ---------------------------------------------------------------- configs to retrain
+def test_a_final_retrain_starts_from_a_trial_an_experiment_or_a_bundle(run_dir, bundle, tmp_path, tally):
+    config, kept = results.read_yaml(run_dir / "config.yaml"), results.read_json(run_dir / "status.json")["best_epoch"]
+    experiment = tmp_path / "exp"
+    shutil.copytree(run_dir, experiment / results.TRIALS_DIR / "t1")
+    for source, name in ((run_dir, run_dir.name), (bundle, run_dir.name), (experiment, "t1")):
+        got = retrain_source(str(source))
+        assert (got.config, got.kept_epoch, got.name) == (config, kept, name), source
+    assert retrain_source(str(experiment), trial="t1").name == "t1"
+
+    # `tally train BUNDLE --final`: train + validation for the kept epoch + 1 epochs, the last one kept
+    proc = tally("train", bundle, "--final", "--out", tmp_path / "final")
+    assert proc.returncode == 0, proc.stderr
+    final = results.read_run(tmp_path / "final")
+    assert final.config["train"]["final"] and final.config["train"]["epochs"] == kept + 1
+    assert {k: v for k, v in final.config.items() if k != "train"} == {k: v for k, v in config.items() if k != "train"}
+    assert final.status["best_epoch"] == kept and "val" not in set(final.eval_table["split"])
+    # its bundle says what it is: no selection, trained on train + val (and rebuilds with `tally train`)
+    rebuilt = export_bundle(tmp_path / "final", tmp_path / "final-bundle")
+    assert "final retrain on train + validation" in (rebuilt / "MODEL_CARD.md").read_text()
+    assert json.loads((rebuilt / "provenance.json").read_text())["trained_on"] == ["train", "val"]
+
+    # a config file records no kept epoch: --epochs says how many; nothing is written before that
+    export_config(run_dir, tmp_path / "c.yaml")
+    for args, message in ((("--final",), "--epochs N"), (("--trial", "t1"), "--trial: ")):
+        proc = tally("train", tmp_path / "c.yaml", *args, "--out", tmp_path / "x")
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert not (tmp_path / "x").exists()
+    with pytest.raises(TallyError, match="no such config file, run folder, experiment or bundle"):
+        retrain_source(str(tmp_path / "nope"))
 
 
 # ---------------------------------------------------------------- exported programs

@@ -138,6 +138,62 @@ def test_an_erm_run_without_a_main_phase_is_fine_when_every_epoch_may_be_kept():
     assert cfg["train"]["select_from"] == "all"
 
 
+# ---------------------------------------------------------------- a final retrain (train.final)
+@pytest.mark.usefixtures("one_thread")
+def test_a_final_retrain_trains_on_train_and_val_keeps_its_last_epoch_and_resumes_exactly(tmp_path):
+    from tally.config import validate
+    from tally.data import load_splits
+
+    cfg = tiny_config(epochs=2, warmup_epochs=1, steps_per_epoch=3, batch_size=32, final=True)
+    cfg["data"]["max_per_class"] = 12
+    splits = load_splits(validate(cfg)["data"])
+    train_run(cfg, tmp_path / "final")
+    run = results.read_run(tmp_path / "final")
+    assert run.state == "done" and run.status["best_epoch"] == 1  # the last epoch, whatever validation says
+    assert run.status["selection"]["split"] is None
+    assert set(run.eval_table["split"]) == {"test_sub", "test_domain:noisy"}  # val is training data now
+    # the model's training counts are train + val, pair by pair; the warm-up is one pass over both
+    sub = run.eval_table[run.eval_table["split"] == "test_sub"].set_index(["domain_idx", "class_idx"])
+    counts = splits["train"].counts() + splits["val"].counts()
+    assert [int(counts[d, c]) for d, c in sub.index] == sub["n_train"].tolist()
+    n = len(splits["train"]) + len(splits["val"])
+    assert list(run.epochs["steps"]) == [-(-n // 32), 3]
+    assert not any(k.startswith("val/") for k in run.epochs.columns)  # nothing validated
+    kept = load_checkpoint(tmp_path / "final" / "checkpoints" / "best.pt")
+    last = load_checkpoint(tmp_path / "final" / "checkpoints" / "last.pt")["model"]
+    assert kept["epoch"] == 1 and all(torch.equal(v, last[k]) for k, v in kept["model"].items() if torch.is_tensor(v))
+
+    # killed after its last epoch (before the evaluation): --resume keeps the same weights and numbers
+    train_run(cfg, tmp_path / "resumed", stop_after_epoch=1)
+    assert not (tmp_path / "resumed" / "checkpoints" / "best.pt").exists()
+    train_run(cfg, tmp_path / "resumed", resume=True)
+    resumed = results.read_run(tmp_path / "resumed")
+    assert resumed.eval_table["correct"].tolist() == run.eval_table["correct"].tolist()
+    with pytest.raises(TallyError, match="^--split: 'val' is training data"):
+        evaluate_run_split(tmp_path / "final", "val")
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"data": {"source": "embedded", "setting": "domain", "held_out": ["noisy"], "oracle_selection": True}},
+     "data.oracle_selection"),
+    ({"train": {"final": "yes"}}, "train.final"),
+])
+def test_a_final_retrain_refuses_what_would_select(tmp_path, patch, field):
+    cfg = tiny_config(final=True)
+    for section, values in patch.items():
+        cfg[section] = {**cfg[section], **values}
+    with pytest.raises(TallyError, match=rf"^{field}: "):
+        train_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_final_erm_retrain_may_end_in_its_warmup():
+    from tally.config import validate
+
+    cfg = validate(tiny_config(epochs=2, warmup_epochs=2, final=True) | {"method": {"name": "erm"}})
+    assert cfg["train"]["final"] and cfg["train"]["select_from"] == "main"  # nothing is selected
+
+
 # ---------------------------------------------------------------- the GPU path, as far as a CPU shows it
 def _embedded(**data):
     from tally.config import validate

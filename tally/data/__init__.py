@@ -19,7 +19,7 @@ import pandas as pd
 from tally.data.dataset import MultiDomainDataset
 from tally.errors import TallyError
 
-__all__ = ["MultiDomainDataset", "load_splits", "describe", "resolve_data_cfg", "DATA_KEYS"]
+__all__ = ["MultiDomainDataset", "load_splits", "run_splits", "final_splits", "describe", "resolve_data_cfg", "DATA_KEYS"]
 
 SOURCES = ("embedded", "folder", "reference", "wilds", "csv")
 # sub: subpopulation shift; domain: hold out data.held_out; ood: the reference lists' fixed
@@ -98,6 +98,23 @@ def load_splits(data_cfg: dict) -> dict[str, MultiDomainDataset]:
         raise TallyError(f"data: the validation split 'val' is empty ({_where(data_cfg)}); "
                          "selection needs validation images")
     return splits
+
+
+def run_splits(cfg: dict) -> dict[str, MultiDomainDataset]:
+    """The splits a complete run config trains and evaluates on (a final retrain's: final_splits)."""
+    splits = load_splits(cfg["data"])
+    return final_splits(splits) if cfg["train"].get("final") else splits
+
+
+def final_splits(splits: dict[str, MultiDomainDataset]) -> dict[str, MultiDomainDataset]:
+    """The splits of a final retrain (train.final): validation joins the training set and is gone as a
+    split (nothing selects on it); the test splits stay as they are, never trained on."""
+    train, val = splits["train"], splits["val"]
+    samples = pd.concat([train.samples, val.samples], ignore_index=True)
+    note = (f"final retrain: training on train ({len(train)}) + validation ({len(val)})"
+            + (" (its out-of-domain validation domains become training domains)" if val.out_of_domain else ""))
+    merged = MultiDomainDataset(samples, list(train.class_names), list(train.domain_names), [*train.notes, note])
+    return {"train": merged, **{name: ds for name, ds in splits.items() if name not in ("train", "val")}}
 
 
 def _where(data_cfg: dict) -> str:

@@ -24,6 +24,7 @@ from tally.search.spec import Spec, load_spec, spec_from_raw
 _NEEDS_RAY = {
     "run_search": "tally.search.run",
     "run_fixed": "tally.search.run",
+    "train_on_ray": "tally.search.run",
     "connect": "tally.search.run",
     "confirm_seeds": "tally.search.run",
     "robustness": "tally.search.run",

@@ -72,15 +72,17 @@ class NeededBank:
     ds: object  # MultiDomainDataset
 
 
-def needed_banks(data_cfgs: list[dict], bank_dir: Path) -> list[NeededBank]:
-    """One entry per distinct (sample list, image size) over the data sections, in first-seen order."""
-    from tally.data import load_splits
+def needed_banks(sources: list[dict], bank_dir: Path) -> list[NeededBank]:
+    """One entry per distinct (sample list, image size), in first-seen order, over data sections or
+    complete run configs (whose splits may differ from their data section's: a final retrain's)."""
+    from tally.data import load_splits, run_splits
     from tally.data.bank import bank_path
 
     out: dict[Path, NeededBank] = {}
-    for data in data_cfgs:
+    for source in sources:
+        data = source["data"] if "train" in source else source
         size = int(data["image_size"])
-        for split, ds in load_splits(data).items():
+        for split, ds in (run_splits(source) if "train" in source else load_splits(data)).items():
             path, key = bank_path(ds, size, bank_dir)
             out.setdefault(path, NeededBank(split, size, path, key, ds))
     return list(out.values())
@@ -141,8 +143,8 @@ def build_with_tasks(bank: NeededBank, cpus: int) -> dict:
             "tasks": len(ranges), "processes": len({pid for _, pid in done}), "seconds": round(seconds, 3)}
 
 
-def prepare_banks(data_cfgs: list[dict], bank_dir: str | Path, log=print) -> list[dict]:
-    """The pre-flight: every bank the data sections need exists in bank_dir afterwards.
+def prepare_banks(sources: list[dict], bank_dir: str | Path, log=print) -> list[dict]:
+    """The pre-flight: every bank the data sections or run configs need exists in bank_dir afterwards.
 
     Returns one record per bank: found, or built (with its tasks, processes and seconds).
     Ray must be connected (tally.search.run.connect).
@@ -154,7 +156,7 @@ def prepare_banks(data_cfgs: list[dict], bank_dir: str | Path, log=print) -> lis
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     records = []
     try:
-        for bank in needed_banks(data_cfgs, bank_dir):
+        for bank in needed_banks(sources, bank_dir):
             if (bank.path / "key.txt").is_file():
                 records.append({"split": bank.split, "size": bank.size, "images": len(bank.ds),
                                 "path": str(bank.path), "built": False})
@@ -173,9 +175,9 @@ def prepare_banks(data_cfgs: list[dict], bank_dir: str | Path, log=print) -> lis
 
 
 def prepare_for_configs(configs: list[dict], storage: str | Path, log=print) -> Path:
-    """prepare_banks over run configs' data sections; returns the bank folder for the trials."""
+    """prepare_banks over run configs; returns the bank folder for the trials."""
     bank_dir = bank_dir_for(storage)
-    prepare_banks([c["data"] for c in configs], bank_dir, log=log)
+    prepare_banks(configs, bank_dir, log=log)
     return bank_dir
 
 

@@ -36,7 +36,7 @@ from tally import config as config_mod
 from tally import evaluation, intervals, results
 from tally.config import check_int, check_section
 from tally.errors import TallyError
-from tally.search.spec import ENV_RE
+from tally.search.spec import ENV_RE, check_resources
 
 RUNS_DIR = "runs"
 TOP_KEYS = ("name", "data", "base", "methods", "baseline", "settings", "seeds", "selection_metric",
@@ -46,7 +46,6 @@ METHOD_RE = re.compile(r"[A-Za-z0-9_.]+")  # no '-': it separates the parts of a
 # data fields a searched config may differ in from the benchmark's data (they do not change the images)
 FREE_DATA_FIELDS = frozenset({"setting", "held_out", "shot_many_above", "shot_few_at_most", "decode_workers"})
 DEFAULT_REPORT = {"replicates": 1000, "bootstrap_seed": 0}
-DEFAULT_RESOURCES = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
 # the table's summary columns (report.py's, so `tally report` and `tally benchmark` read alike)
 SUMMARY = {"pair_acc_mean": "avg pair", "domain_acc_worst": "worst domain", "class_acc_worst": "worst class",
            "pair_acc_worst": "worst pair", "shot_many": "many", "shot_medium": "medium", "shot_few": "few",
@@ -107,7 +106,7 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
                          f"got {out['selection_metric']!r}")
     out["seeds"] = _check_seeds(raw.get("seeds", 3))
     out["concurrency"] = check_int("concurrency", raw.get("concurrency", 1), 1)
-    out["resources"] = _check_resources(raw.get("resources"))
+    out["resources"] = check_resources(raw.get("resources"))
     rep = check_section("report", raw.get("report"), DEFAULT_REPORT)
     out["report"] = {"replicates": check_int("report.replicates", rep["replicates"], 1),
                      "bootstrap_seed": check_int("report.bootstrap_seed", rep["bootstrap_seed"], 0)}
@@ -181,18 +180,6 @@ def _check_seeds(raw) -> list[int]:
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw)):
         raise TallyError(f"seeds: expected a count >= 1 or a list of distinct integers >= 0, got {raw!r}")
     return list(raw)
-
-
-def _check_resources(raw) -> dict:
-    res = check_section("resources", raw, DEFAULT_RESOURCES)
-    res["workers"] = check_int("resources.workers", res["workers"], 1)
-    for key in ("cpus_per_worker", "gpus_per_worker"):
-        value = config_mod.as_number(res[key])
-        if not isinstance(value, int | float) or isinstance(value, bool) or value < (0 if key[0] == "g" else 1e-9):
-            raise TallyError(f"resources.{key}: expected a number {'>= 0' if key[0] == 'g' else '> 0'}, "
-                             f"got {res[key]!r}")
-        res[key] = value
-    return res
 
 
 def _check_settings(raw, domain_names: list[str], data: dict) -> list[str]:

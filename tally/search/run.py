@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
+import ray.train
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
@@ -28,7 +29,7 @@ from tally.search.banks import prepare_for_configs, prepare_for_spec
 from tally.search.lean import own_cluster_address, reuse_trial_actors
 from tally.search.searcher import PruneAwareOptunaSearch
 from tally.search.space import DefineByRun
-from tally.search.trial import OBJECTIVE, trial_function
+from tally.search.trial import OBJECTIVE, launch_trainer, trial_function
 
 TRAIN_DRIVER = "TRAIN_DRIVER"  # custom resource a trial's driver function takes (see RAY_NOTES)
 
@@ -296,6 +297,28 @@ def _run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: d
         tuner.fit()
     bucket.pull(exp_dir, group)
     return {run_id: results.read_json(exp_dir / group / run_id / "metrics.json") or {} for run_id in configs}
+
+
+# ---------------------------------------------------------------- one run at a chosen scale
+def train_on_ray(config: dict, run_dir: Path, resources: dict, address: str | None, resume: bool = False) -> dict:
+    """`tally train --workers N` (or --gpus-per-worker, --address): one data-parallel TorchTrainer
+    outside Tune, over the same training function; returns the run's metrics.
+
+    ``config`` is validated. The banks are decoded once (Ray tasks) before the workers start.
+    """
+    from tally.training import check_run_folder
+
+    run_dir = Path(run_dir).resolve()  # Train's storage path must be absolute
+    check_run_folder(run_dir, config, resume)  # the driver refuses what rank 0 would, before Ray starts
+    connect(address, concurrency=1)
+    bank_dir = prepare_for_configs([config], run_dir.parent)
+    try:
+        launch_trainer(config, run_dir, {}, resources, name=f"train-{run_dir.name}",
+                       storage_path=run_dir / "ray", in_tune=False, bank_dir=str(bank_dir))
+    except ray.train.TrainingFailedError as e:  # the worker's own error is in the run's status
+        status = results.read_json(run_dir / "status.json") or {}
+        raise TallyError(f"{run_dir}: training failed: {status.get('error') or str(e).splitlines()[0]}") from None
+    return results.read_json(run_dir / "metrics.json") or {}
 
 
 # ---------------------------------------------------------------- follow-ups of a finished search

@@ -26,6 +26,9 @@ DISTRIBUTIONS = {  # type -> (required keys, optional keys)
     "categorical": (("choices",), ()),
 }
 
+NOT_SEARCHED_FINAL = ("a search selects on validation; a final retrain on train + validation is "
+                      "`tally train --final` after the search")
+
 
 def check_space(raw, raw_base: dict, base: dict) -> dict:
     if not isinstance(raw, dict) or not raw:
@@ -49,6 +52,8 @@ def _check_path(path, base: dict) -> None:
         if field not in config_mod.SCHEMA[section]:
             raise TallyError(f"{where}: {field!r} is not a field of {section} (expected one of "
                              f"{', '.join(config_mod.SCHEMA[section])})")
+        if path == "train.final":
+            raise TallyError(f"{where}: {NOT_SEARCHED_FINAL}")
     elif section == "method":
         method = base["method"]
         if field == "name":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tally import config as config_mod
 from tally.config import check_int, check_number, check_section, set_path
 from tally.errors import TallyError
 from tally.results import DEFAULT_SELECTION
-from tally.search.space import check_space, upper_bound
+from tally.search.space import NOT_SEARCHED_FINAL, check_space, upper_bound
 
 TOP_KEYS = ("name", "base", "space", "start_with", "selection", "budget", "resources", "seed", "robustness")
 ROBUSTNESS_SETTINGS = ("sub", "each_domain")
@@ -127,6 +128,8 @@ def validate_spec(raw, source: str = "spec", *, name: str | None = None) -> dict
         raise TallyError(f"base: expected a run config mapping (data, model, method, train), got {raw_base!r}")
     raw_base = _expand_root(raw_base)
     out["base"] = _validate_base(raw_base)
+    if out["base"]["train"]["final"]:
+        raise TallyError(f"base.train.final: {NOT_SEARCHED_FINAL}")
     if "seed" in out["base"]["method"] and (raw_base.get("method") or {}).get("seed") is None:
         out["base"]["method"]["seed"] = None  # follows train.seed; filled in each trial config
     out["space"] = check_space(raw.get("space"), raw_base, out["base"])
@@ -138,7 +141,7 @@ def validate_spec(raw, source: str = "spec", *, name: str | None = None) -> dict
                          f"{out['selection']['metric']!r} (or leave it out), got {given!r}")
     out["base"]["train"]["selection_metric"] = out["selection"]["metric"]
     out["budget"] = _check_budget(raw.get("budget"), out)
-    out["resources"] = _check_resources(raw.get("resources"))
+    out["resources"] = check_resources(raw.get("resources"))
     seed = raw.get("seed", 0)
     out["seed"] = None if seed is None else check_int("seed", seed, 0)
     out["robustness"] = _check_robustness(raw.get("robustness"), out["base"])
@@ -232,22 +235,24 @@ def _check_budget(raw, spec: dict) -> dict:
     return budget
 
 
-def _check_resources(raw) -> dict:
+def check_resources(raw, name: Callable[[str], str] = lambda key: f"resources.{key}") -> dict:
+    """A run's workers, CPUs and GPUs per worker, checked; ``name`` spells a field in messages (a spec's
+    resources.workers, `tally train`'s --workers)."""
     res = check_section("resources", raw, DEFAULT_RESOURCES)
-    res["workers"] = check_int("resources.workers", res["workers"], 1)
-    cpus = check_number("resources.cpus_per_worker", res["cpus_per_worker"], "a number > 0")
+    res["workers"] = check_int(name("workers"), res["workers"], 1)
+    cpus = check_number(name("cpus_per_worker"), res["cpus_per_worker"], "a number > 0")
     if cpus <= 0:
-        raise TallyError(f"resources.cpus_per_worker: expected a number > 0, got {res['cpus_per_worker']!r}")
-    gpus = check_number("resources.gpus_per_worker", res["gpus_per_worker"], "a number >= 0")
+        raise TallyError(f"{name('cpus_per_worker')}: expected a number > 0, got {res['cpus_per_worker']!r}")
+    gpus = check_number(name("gpus_per_worker"), res["gpus_per_worker"], "a number >= 0")
     if gpus < 0:
-        raise TallyError(f"resources.gpus_per_worker: expected a number >= 0, got {res['gpus_per_worker']!r}")
+        raise TallyError(f"{name('gpus_per_worker')}: expected a number >= 0, got {res['gpus_per_worker']!r}")
     # a worker drives one device: a second GPU would sit idle, and two ranks sharing one GPU break NCCL
     if gpus > 1:
-        raise TallyError(f"resources.gpus_per_worker: expected at most 1 (a worker uses one GPU; add workers "
+        raise TallyError(f"{name('gpus_per_worker')}: expected at most 1 (a worker uses one GPU; add workers "
                          f"for more), got {res['gpus_per_worker']!r}")
     if 0 < gpus < 1 and res["workers"] > 1:
-        raise TallyError(f"resources.gpus_per_worker: a fraction ({res['gpus_per_worker']!r}) with "
-                         f"resources.workers {res['workers']} would put two ranks on one GPU (NCCL refuses); use 1")
+        raise TallyError(f"{name('gpus_per_worker')}: a fraction ({res['gpus_per_worker']!r}) with "
+                         f"{name('workers')} {res['workers']} would put two ranks on one GPU (NCCL refuses); use 1")
     res["cpus_per_worker"], res["gpus_per_worker"] = cpus, gpus
     return res
 

@@ -168,6 +168,31 @@ def test_two_workers_hold_identical_memories(local_ray, tmp_path, batch_size):
     assert results.read_run(tmp_path / "run").state == "done"
 
 
+def test_final_retrain_of_the_best_trial_on_two_workers(searched, tmp_path, capsys):
+    """`tally train EXPERIMENT --final --workers 2`: the best trial's config on train + validation for the
+    epochs it kept, data-parallel on Ray Train (the warm-up pass is sharded over both workers)."""
+    from tally.cli import main
+    from tally.config import validate
+    from tally.data import load_splits
+
+    _, exp_dir, _ = searched
+    best, _ = results.best_of_experiment(exp_dir)
+    trial = exp_dir / "trials" / best["trial_id"]
+    kept = results.read_json(trial / "status.json")["best_epoch"]
+    assert main(["train", str(exp_dir), "--final", "--workers", "2", "--out", str(tmp_path / "final")]) == 0
+    assert "on Ray: 2 worker(s)" in capsys.readouterr().out
+    run = results.read_run(tmp_path / "final")
+    assert run.state == "done" and run.status["best_epoch"] == kept
+    assert run.config["train"]["final"] and run.config["train"]["epochs"] == kept + 1
+    assert run.config["method"] == results.read_yaml(trial / "config.yaml")["method"]
+    splits = load_splits(validate(run.config)["data"])
+    n, batch = len(splits["train"]) + len(splits["val"]), run.config["train"]["batch_size"]
+    assert run.epochs["steps"].iloc[0] == -(-n // (2 * batch))
+    # the same folder again is refused on the driver, before any worker starts
+    assert main(["train", str(exp_dir), "--final", "--workers", "2", "--out", str(tmp_path / "final")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
 def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     """SIGKILL of the driver while a trial trains, then --resume: finished trials are not re-run, the
     interrupted one continues from its checkpoint, and the study and the store agree (nothing RUNNING)."""

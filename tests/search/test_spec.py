@@ -170,6 +170,10 @@ MALFORMED = [
      "robustness.settings[1]: expected one of sub, each_domain"),
     ("bad-name", "name: a/b\n" + BASE + SPACE + BUDGET, "name: expected an experiment name"),
     ("empty-space", BASE + "space: {}\n" + BUDGET, "space: expected a mapping"),
+    ("final-base", BASE.replace("lr: 1.0e-3}", "lr: 1.0e-3, final: true}") + SPACE + BUDGET,
+     "base.train.final: a search selects on validation"),
+    ("final-searched", BASE + "space:\n  train.final: {type: categorical, choices: [true, false]}\n" + BUDGET,
+     "space.train.final: a search selects on validation"),
 ]
 
 
