@@ -246,7 +246,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="retrain on train + validation and keep the last epoch (train.final); the epochs are "
                         "the trial's kept epoch + 1 unless --epochs says otherwise")
     p.add_argument("--epochs", type=_ranged_int(1), help="train.epochs (with --final: instead of the trial's)")
-    scale = p.add_argument_group("scale (any of these runs the training on Ray Train, data-parallel)")
+    scale = p.add_argument_group("scale (workers > 1, a GPU, a CPU count or an address: data-parallel on Ray Train)")
     scale.add_argument("--workers", type=_ranged_int(1), default=1,
                        help="data-parallel workers; each draws train.batch_size (the global batch grows)")
     scale.add_argument("--gpus-per-worker", type=float, help="0 or 1 (NCCL); default 0")
