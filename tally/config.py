@@ -72,6 +72,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "source": Field(str, "embedded", choices=("embedded", "folder", "reference", "wilds", "csv")),
         "root": Field(str, None, nullable=True),
         "dataset": Field(str, None, nullable=True),
+        # sub: subpopulation shift; domain: hold out data.held_out; ood: the reference lists' fixed
+        # out-of-domain split (TerraIncognita: train, val and test locations all disjoint)
         "setting": Field(str, "sub", choices=("sub", "domain", "ood")),
         "held_out": Field(list, []),
         "split_seed": Field(int, 0, low=0),
@@ -163,16 +165,15 @@ def validate(raw: dict, source: str = "config") -> dict:
     if train["final"] and data["oracle_selection"]:
         raise TallyError("data.oracle_selection: a final retrain (train.final) keeps its last epoch and "
                          "selects on nothing; set oracle_selection false")
-    if data["setting"] == "domain" and not data["held_out"] and data["source"] != "wilds":
-        raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
+    from tally.data import resolve_data_cfg
     from tally.evaluation import shot_thresholds_of
+
+    resolve_data_cfg(data)  # the rules between data fields (a source's root, held-out domains, ...)
 
     try:
         shot_thresholds_of(data)
     except ValueError as e:
         raise TallyError(f"data.shot_few_at_most: {e}") from None
-    if data["source"] != "embedded" and not data["root"]:
-        raise TallyError(f"data.root: expected a path for data.source {data['source']!r}")
     return out
 
 

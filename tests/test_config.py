@@ -91,3 +91,20 @@ def test_any_value_in_any_field_validates_or_names_the_field(field, value):
         assert str(e).startswith(f"{section}.") and "\n" not in str(e)
     else:
         assert config.validate(cfg) == cfg
+
+
+@pytest.mark.parametrize("data", [
+    {"source": "nope"}, {"setting": "ood"}, {"split_seed": -1}, {"setting": "domain", "held_out": [""]},
+    {"source": "folder"}, {"imbalance_factor": 0.5}, {"held_out": "photo"}, {"root": 3, "source": "folder"},
+    {"n_val": 0}, {"colour": True}, {"setting": "domain", "held_out": "photo"},
+], ids=str)
+def test_a_data_section_meets_the_same_rules_alone_and_in_a_run_config(data):
+    """The data layer (a benchmark's or `tally splits`' data section) and the run config check the data
+    fields once, with one message: the types in config.SCHEMA, the rules between fields in tally.data."""
+    from tally.data import resolve_data_cfg
+
+    with pytest.raises(TallyError) as alone:
+        resolve_data_cfg(data)
+    with pytest.raises(TallyError) as in_config:
+        config.validate({"data": data})
+    assert str(alone.value) == str(in_config.value) and str(alone.value).startswith("data.")

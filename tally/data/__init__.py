@@ -10,7 +10,6 @@ paper dataset comes from and how ``tally data prepare`` lays it out.
 
 from __future__ import annotations
 
-import numbers
 from pathlib import Path
 
 import numpy as np
@@ -19,56 +18,46 @@ import pandas as pd
 from tally.data.dataset import MultiDomainDataset
 from tally.errors import TallyError
 
-__all__ = ["MultiDomainDataset", "load_splits", "run_splits", "final_splits", "describe", "resolve_data_cfg", "DATA_KEYS"]
+__all__ = ["MultiDomainDataset", "load_splits", "run_splits", "final_splits", "describe", "resolve_data_cfg",
+           "DATA_KEYS"]
 
-SOURCES = ("embedded", "folder", "reference", "wilds", "csv")
-# sub: subpopulation shift; domain: hold out data.held_out; ood: the reference lists' fixed
-# out-of-domain split (TerraIncognita: train, val and test locations all disjoint)
-SETTINGS = ("sub", "domain", "ood")
 GENERATOR_KEYS = ("imbalance", "imbalance_factor", "max_per_class", "n_val", "n_test")
 # generator defaults for real folder data (the embedded data use tally.data.embedded.SPLIT_DEFAULTS)
 FOLDER_DEFAULTS = {"imbalance": "exp", "imbalance_factor": 20.0, "max_per_class": None, "n_val": 10,
                    "n_test": 20}
-# keys read here, and keys of the run config's data section that belong to the training run
+# the data section's keys that decide the splits (the others: image size, augmentation, ... belong to the run)
 DATA_KEYS = ("source", "root", "dataset", "setting", "held_out", "split_seed", *GENERATOR_KEYS)
-RUN_KEYS = ("image_size", "flip", "crop_padding", "decode_workers", "oracle_selection", "shot_many_above",
-            "shot_few_at_most")
 
 
 def resolve_data_cfg(data_cfg: dict) -> dict:
-    """Check the data fields and fill source-specific defaults; errors name the field (data.<key>)."""
+    """The fields a split reader needs, checked, with the source's defaults filled in.
+
+    Each field's type, choices and range are checked against the run config's schema
+    (tally.config.SCHEMA, where they are written once); the rules between fields that only the data
+    layer knows are checked here, so a data section read alone (a benchmark, `tally splits`) and a
+    run config (tally.config.validate calls this) meet the same rules. Errors name data.<key>.
+    """
+    from tally.config import SCHEMA
+
     if not isinstance(data_cfg, dict):
         raise TallyError(f"data: expected a mapping, got {data_cfg!r}")
-    unknown = sorted(set(data_cfg) - set(DATA_KEYS) - set(RUN_KEYS))
+    fields = SCHEMA["data"]
+    unknown = sorted(set(data_cfg) - set(fields))
     if unknown:
-        raise TallyError(f"data.{unknown[0]}: unknown field (expected one of {', '.join(DATA_KEYS + RUN_KEYS)})")
-    cfg = {k: data_cfg.get(k) for k in DATA_KEYS}
-    cfg["source"] = cfg["source"] or "embedded"
-    if cfg["source"] not in SOURCES:
-        raise TallyError(f"data.source: expected one of {', '.join(SOURCES)}, got {cfg['source']!r}")
-    cfg["setting"] = cfg["setting"] or "sub"
-    if cfg["setting"] not in SETTINGS:
-        raise TallyError(f"data.setting: expected one of {', '.join(SETTINGS)}, got {cfg['setting']!r}")
+        raise TallyError(f"data.{unknown[0]}: unknown field (expected one of {', '.join(fields)})")
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in data_cfg.items()}
+    cfg = {k: fields[k].check(f"data.{k}", fields[k].default if given.get(k) is None else given[k])
+           for k in DATA_KEYS}
+    if not all(isinstance(h, str) and h for h in cfg["held_out"]):
+        raise TallyError(f"data.held_out: expected a list of domain names, got {data_cfg['held_out']!r}")
+    held = cfg["held_out"]
     if cfg["setting"] == "ood" and cfg["source"] != "reference":
         raise TallyError(f"data.setting: 'ood' reads the reference's fixed *_ood.txt lists; it needs data.source "
                          f"'reference', got {cfg['source']!r}")
-    held = cfg["held_out"] or []
-    if isinstance(held, str):
-        held = [held]
-    if not isinstance(held, list | tuple) or not all(isinstance(h, str) and h for h in held):
-        raise TallyError(f"data.held_out: expected a list of domain names, got {cfg['held_out']!r}")
-    cfg["held_out"] = list(held)
     if cfg["setting"] == "domain" and not held and cfg["source"] != "wilds":
         raise TallyError("data.held_out: expected at least one domain name when data.setting is 'domain'")
     if cfg["setting"] != "domain" and held:
         raise TallyError("data.held_out: only used with data.setting 'domain'")
-    seed = cfg["split_seed"] if cfg["split_seed"] is not None else 0
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
-        raise TallyError(f"data.split_seed: expected an integer >= 0, got {cfg['split_seed']!r}")
-    cfg["split_seed"] = int(seed)
-    for key in ("root", "dataset"):
-        if cfg[key] is not None and not isinstance(cfg[key], str | Path):
-            raise TallyError(f"data.{key}: expected a string, got {cfg[key]!r}")
     if cfg["source"] != "embedded" and not cfg["root"]:
         raise TallyError(f"data.root: expected a path for data.source {cfg['source']!r}")
     if cfg["source"] == "wilds" and held:
