@@ -47,7 +47,8 @@ def cmd_train(args) -> int:
     print(f"run folder: {out}", flush=True)
     if args.final:
         print(f"final retrain of {source.where}: train + validation, {cfg['train']['epochs']} epochs, the last "
-              "one kept (no selection)", flush=True)
+              "one kept (no selection). Validation images join training, so tail pairs gain images: its test "
+              "numbers are not comparable with the search's", flush=True)
     if resources is None:
         from tally.training import train_run
 

@@ -134,7 +134,8 @@ def _model_card(config: dict, metrics: dict, trial: str, labels: dict, provenanc
 def _kept_line(config: dict) -> str:
     if config["train"].get("final"):
         return (f"- kept checkpoint: the last of {config['train']['epochs']} epochs of a final retrain on "
-                "train + validation (no selection; validation is training data here)")
+                "train + validation (no selection; validation is training data here, so tail pairs have more "
+                "training images than in the search and the test numbers below are not comparable with it)")
     return (f"- kept checkpoint selected on validation by {config['train']['selection_metric']}"
             + (" (ORACLE: test-domain selection)" if config["data"]["oracle_selection"] else ""))
 
