@@ -318,7 +318,11 @@ def train_on_ray(config: dict, run_dir: Path, resources: dict, address: str | No
     except ray.train.TrainingFailedError as e:  # the worker's own error is in the run's status
         status = results.read_json(run_dir / "status.json") or {}
         raise TallyError(f"{run_dir}: training failed: {status.get('error') or str(e).splitlines()[0]}") from None
-    return results.read_json(run_dir / "metrics.json") or {}
+    metrics = results.read_json(run_dir / "metrics.json")
+    if metrics is None:  # rank 0 ran on another node and wrote the run folder on its own disk
+        raise TallyError(f"{run_dir}: the run finished but its metrics.json is not here; with --address, "
+                         "--out must be a folder every node sees (a shared volume)")
+    return metrics
 
 
 # ---------------------------------------------------------------- follow-ups of a finished search
