@@ -3,9 +3,9 @@
 345 classes x 6 domains, 200,000 test predictions (bench/evaluator.py's seeded synthetic data),
 R = 1000 replicates. Timed side by side in this process:
 - point: every metric once (pair_counts + metrics_from_counts), the unit of cost;
-- table: tally.intervals.bootstrap from the long table alone (binomials; macro F1 pooled per domain);
+- table: tally.evaluation.intervals.bootstrap from the long table alone (binomials; macro F1 pooled per domain);
 - exact: the same with per-example predictions (macro F1 resampled exactly);
-- paired: tally.intervals.paired_difference of two runs on the same images;
+- paired: tally.evaluation.intervals.paired_difference of two runs on the same images;
 - per-replicate: the textbook formulation, one vectorised redraw of all 200,000 images per replicate
   (a Python loop over replicates), then the same metrics; it is also the check: its intervals must
   agree with the fast paths' within Monte Carlo error (exit code 1 if any endpoint differs by more
@@ -26,7 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluator import C, D, N, synthetic  # noqa: E402
 
-from tally import evaluation, intervals  # noqa: E402
+from tally import evaluation  # noqa: E402
+from tally.evaluation import intervals  # noqa: E402
 
 TOL = 0.01
 

@@ -21,8 +21,8 @@ DOMAINS = 6
 
 
 def _worker(rank: int, args, rendezvous: str, out: dict) -> None:
-    from tally.distributed import DistributedSync
     from tally.method.memory import FeatureMemory
+    from tally.training.distributed import DistributedSync
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 def make_bundle(tmp: Path, arch: str, image_size: int) -> Path:
     import tests.bundle_factory as bf
-    from tally.export import export_bundle
+    from tally.deploy.export import export_bundle
 
     bf.TINY_CONFIG = copy.deepcopy(bf.TINY_CONFIG)
     bf.TINY_CONFIG["model"]["arch"] = arch
@@ -73,8 +73,8 @@ def main() -> int:
     torch.set_num_threads(1)
 
     from tally.data import load_splits
-    from tally.export import Predictor
-    from tally.serve import decode_image_bytes
+    from tally.deploy.export import Predictor
+    from tally.deploy.serve import decode_image_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(args.bundle) if args.bundle else make_bundle(Path(tmp), args.arch, args.image_size)
@@ -94,7 +94,7 @@ def main() -> int:
         import ray
         from ray import serve
 
-        from tally.serve import start
+        from tally.deploy.serve import start
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
                  logging_level="ERROR")

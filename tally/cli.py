@@ -22,7 +22,7 @@ from tally.errors import TallyError
 # ---------------------------------------------------------------- one run
 def cmd_train(args) -> int:
     from tally import config as config_mod
-    from tally.export import retrain_source
+    from tally.deploy.export import retrain_source
 
     source = retrain_source(args.config, args.trial)
     raw = source.config
@@ -89,7 +89,7 @@ def cmd_evaluate(args) -> int:
 # ---------------------------------------------------------------- many runs
 def cmd_search(args) -> int:
     from tally import results
-    from tally import storage as bucket
+    from tally.results import storage as bucket
     from tally.search import dry_run_text, load_spec
 
     spec = load_spec(args.spec, name_override=args.name)  # validated: nothing written before this
@@ -149,8 +149,8 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from tally.report import experiment_table, format_table, left_out, seed_table
-    from tally.storage import read_mirror
+    from tally.evaluation.report import experiment_table, format_table, left_out, seed_table
+    from tally.results.storage import read_mirror
 
     experiment = read_mirror(args.experiment)  # a bucket store: a local mirror refreshed from it
     missing = left_out(experiment, args.group)
@@ -172,7 +172,7 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from tally.evaluation import METRIC_NAMES
-    from tally.intervals import compare_runs, format_difference
+    from tally.evaluation.intervals import compare_runs, format_difference
 
     wanted = args.metric or list(METRIC_NAMES)
     unknown = [m for m in wanted if m not in METRIC_NAMES and not m.startswith("domain_acc:")]
@@ -199,8 +199,8 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- ship
 def cmd_export(args) -> int:
-    from tally.export import export_bundle, export_config, resolve_trial
-    from tally.storage import fetch_run, read_mirror
+    from tally.deploy.export import export_bundle, export_config, resolve_trial
+    from tally.results.storage import fetch_run, read_mirror
 
     run_dir = resolve_trial(read_mirror(args.experiment), args.trial)
     fetch_run(run_dir)  # a bucket store: the chosen run's checkpoints too
@@ -213,14 +213,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from tally.export import run_predict
+    from tally.deploy.export import run_predict
 
     return run_predict(args.bundle, args.images, labels=args.labels, root=args.root, out=args.out,
                        top_k=args.top_k, batch_size=args.batch_size, device=args.device, workers=args.workers)
 
 
 def cmd_serve(args) -> int:
-    from tally.serve import serve_forever
+    from tally.deploy.serve import serve_forever
 
     return serve_forever(args.bundle, host=args.host, port=args.port, address=args.address,
                          replicas=args.replicas, gpus=args.gpus, cpus=args.cpus, top_k=args.top_k,
@@ -230,7 +230,7 @@ def cmd_serve(args) -> int:
 # ---------------------------------------------------------------- look
 def cmd_dashboard(args) -> int:
     from tally.dashboard.launch import launch
-    from tally.storage import is_remote
+    from tally.results.storage import is_remote
 
     return launch(args.root if is_remote(args.root) else Path(args.root), port=args.port, address=args.address)
 

@@ -54,7 +54,7 @@ def conclusion(summary, metrics=HEADLINE) -> list[str]:
 def run_demo(storage: Path) -> int:
     from tally import results, search
     from tally.data import describe, load_splits
-    from tally.export import export_bundle
+    from tally.deploy.export import export_bundle
     from tally.search import benchmark
 
     started = time.time()

@@ -21,7 +21,7 @@ ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DE
 def s3_server() -> Iterator[str]:
     server_mod = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")
     boto3 = pytest.importorskip("boto3")
-    from tally import storage
+    from tally.results import storage
 
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -29,7 +29,7 @@ DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
 CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
 EPOCHS, WARMUP = 8, 3
 T0 = 1_750_000_000.0  # a fixed start time: stores are byte-reproducible apart from mtimes
-ERROR = ("Traceback (most recent call last):\n  File \"tally/training.py\", line 212, in fit\n"
+ERROR = ("Traceback (most recent call last):\n  File \"tally/training/run.py\", line 212, in fit\n"
          "    loss.backward()\nRuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
 
 

@@ -198,7 +198,7 @@ def test_the_suite_is_large_enough():
 # ---------------------------------------------------------------- bundles and images (one tiny run)
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from tally.export import export_bundle
+    from tally.deploy.export import export_bundle
     from tests.bundle_factory import tiny_run
 
     tmp = tmp_path_factory.mktemp("bundle")
@@ -206,7 +206,7 @@ def bundle(tmp_path_factory):
 
 
 def _resign(bundle: Path, name: str) -> None:
-    from tally.export import MANIFEST, _sha256
+    from tally.deploy.export import MANIFEST, _sha256
 
     manifest = json.loads((bundle / MANIFEST).read_text())
     manifest["sha256"][name] = _sha256(bundle / name)

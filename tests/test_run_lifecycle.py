@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from tally import checkpoints, results
+from tally import results
 from tally.errors import TallyError
-from tally.training import train_run
+from tally.training import checkpoints, train_run
 
 pytestmark = pytest.mark.slow
 

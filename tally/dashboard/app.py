@@ -14,10 +14,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from tally import results, storage
+from tally import results
 from tally.dashboard import benchmark_views, cache, grid_views, search_views, views
 from tally.dashboard import data as dd
 from tally.dashboard import uncertainty as dun
+from tally.results import storage
 
 ROOT_ENV = "TALLY_RESULTS_ROOT"
 MIRROR_MAX_AGE_S = 5.0  # a bucket root is copied again at most this often (reruns, auto-refresh)

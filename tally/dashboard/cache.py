@@ -12,10 +12,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from tally import intervals, results
+from tally import results
 from tally.dashboard import data as dd
 from tally.dashboard import search_data as dsearch
 from tally.dashboard import uncertainty as dun
+from tally.evaluation import intervals
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from tally.dashboard import APP_PATH
-from tally.storage import is_remote
+from tally.results.storage import is_remote
 
 
 def command(root: Path | str, port: int = 8501, address: str = "127.0.0.1") -> list[str]:

@@ -1,7 +1,7 @@
 """Intervals for the dashboard: bootstrap intervals of a run's metrics, the paired difference of two
 runs, a benchmark folder's tables and a multi-objective search's Pareto front.
 
-Why a module apart from the views: every number comes from tally.intervals, tally.search.benchmark
+Why a module apart from the views: every number comes from tally.evaluation.intervals, tally.search.benchmark
 and tally.results (the same code as `tally compare`, `tally benchmark` and `tally export`), so the
 dashboard cannot drift from the CLI; this module only reshapes them for tables and charts. Nothing here
 imports streamlit. The replicate count is lower than the CLI's (1000) so a page stays fast; the seed
@@ -17,9 +17,10 @@ from pathlib import Path
 import pandas as pd
 
 from tally import evaluation as ev
-from tally import intervals, results
+from tally import results
 from tally.dashboard import data as dd
 from tally.errors import TallyError
+from tally.evaluation import intervals
 
 REPLICATES = 500
 LOW, HIGH = "95% low", "95% high"

@@ -325,7 +325,7 @@ def export_view(trials: dd.TrialSet, default: str | None) -> None:
     else:
         st.warning(f"{trial_id} has no config.yaml.")
     if not _export_available():
-        st.warning("Bundle export is unavailable: the tally.export module is not installed.")
+        st.warning("Bundle export is unavailable: the tally.deploy.export module is not installed.")
         return
     st.caption(f"The bundle is what `tally export {trials.exp_dir} --trial {trial_id} --out BUNDLE` writes: "
                "config, weights, class and domain names, preprocessing, metrics, eval tables, a model card.")
@@ -333,9 +333,9 @@ def export_view(trials: dd.TrialSet, default: str | None) -> None:
     if st.button("Build bundle", key="build_bundle"):
         st.session_state.pop(key, None)
         try:
-            from tally.export import bundle_zip_bytes  # imports torch: only when asked for
+            from tally.deploy.export import bundle_zip_bytes  # imports torch: only when asked for
         except ImportError as exc:
-            st.warning(f"Bundle export is unavailable: tally.export could not be imported ({exc}).")
+            st.warning(f"Bundle export is unavailable: tally.deploy.export could not be imported ({exc}).")
             return
         try:
             with st.spinner(f"Building the bundle of {trial_id} ..."):
@@ -348,8 +348,8 @@ def export_view(trials: dd.TrialSet, default: str | None) -> None:
 
 
 def _export_available() -> bool:
-    """Whether tally.export can be found, without importing it (it imports torch, seconds)."""
+    """Whether tally.deploy.export can be found, without importing it (it imports torch, seconds)."""
     try:
-        return importlib.util.find_spec("tally.export") is not None
+        return importlib.util.find_spec("tally.deploy.export") is not None
     except ValueError:  # already imported without a spec (e.g. replaced in tests): present
-        return sys.modules.get("tally.export") is not None
+        return sys.modules.get("tally.deploy.export") is not None

@@ -15,7 +15,7 @@ from torch import nn
 
 
 class MemorySync(Protocol):
-    """How DDP workers combine their memory updates and loss normalisers (tally.distributed implements it)."""
+    """How DDP workers combine their memory updates and loss normalisers (tally.training.distributed implements it)."""
 
     gather_classes: bool  # share the global batch's rows, not dense per-class sums
     world_size: int

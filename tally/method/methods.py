@@ -20,6 +20,7 @@ and no two ranks share a stream. Losses normalised over the batch are normalised
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -70,7 +71,7 @@ def register(name: str):
     return deco
 
 
-class Method(nn.Module):
+class Method(nn.Module, abc.ABC):
     """Base: config with defaults (unknown keys rejected), seeded CPU generators, the interface.
 
     Every method accepts `seed` (its own RNG stream: lambdas, pairings; None = drawn from the global torch
@@ -155,8 +156,9 @@ class Method(nn.Module):
         _check_phase(phase)
         return ("uniform",)
 
+    @abc.abstractmethod
     def loss(self, batches: tuple[Batch, ...], phase: str) -> torch.Tensor:
-        raise NotImplementedError
+        """The training loss of one step; every registered method defines its own."""
 
     def forward(self, batches: tuple[Batch, ...], phase: str) -> torch.Tensor:
         """The training loss (so that DistributedDataParallel(method)(batches, phase) works)."""

@@ -7,6 +7,8 @@ RNG, and its `state_dict()` / `load_state_dict()` make a resumed run draw exactl
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 KINDS = ("uniform", "class_balanced", "domain_balanced")
@@ -23,13 +25,14 @@ def _as_index(t, name: str) -> torch.Tensor:
     return t.to(device="cpu", dtype=torch.int64)
 
 
-class _Sampler:
+class _Sampler(abc.ABC):
     def __init__(self, size: int, seed: int):
         self.size = int(size)
         self.generator = torch.Generator().manual_seed(int(seed))
 
+    @abc.abstractmethod
     def draw(self, n: int) -> torch.Tensor:
-        raise NotImplementedError
+        """n indices into the training set, from this sampler's own generator."""
 
     def state_dict(self) -> dict:
         return {"size": self.size, "generator": self.generator.get_state()}

@@ -14,7 +14,7 @@ error over seeds (and each seed's value), read from each run's own metrics.json 
 accuracies from its eval.parquet, the same long table). Written as markdown, LaTeX and CSV.
 
 Paired differences against the baseline (or each of several): for each seed, a method's run and the
-baseline's run with that seed are compared on the same test images (tally.intervals.compare_runs: a paired bootstrap
+baseline's run with that seed are compared on the same test images (tally.evaluation.intervals.compare_runs: a paired bootstrap
 within (domain, class) pairs, 95% percentile interval). Across seeds: the mean difference ± standard
 error, and a verdict by one stated rule (VERDICT_RULE): "better" only when the interval lies above zero
 for EVERY seed, "worse" when below zero for every seed, else "no clear difference". The rule asks each
@@ -33,9 +33,10 @@ from pathlib import Path
 import pandas as pd
 
 from tally import config as config_mod
-from tally import evaluation, intervals, results
+from tally import evaluation, results
 from tally.config import check_int, check_section
 from tally.errors import TallyError
+from tally.evaluation import intervals
 from tally.search.spec import ENV_RE, check_resources
 
 RUNS_DIR = "runs"
@@ -443,7 +444,7 @@ def format_difference_rows(summary: pd.DataFrame, setting: str) -> list[str]:
 
 def markdown(out: dict[str, pd.DataFrame], metrics=DIFFERENCE_METRICS) -> str:
     """The benchmark's tables (percent; mean ± SE over seeds, then each seed) and paired differences."""
-    from tally.report import format_table
+    from tally.evaluation.report import format_table
 
     blocks = []
     for setting in dict.fromkeys(out["table"]["setting"]):
@@ -459,7 +460,7 @@ def markdown(out: dict[str, pd.DataFrame], metrics=DIFFERENCE_METRICS) -> str:
 
 
 def latex(out: dict[str, pd.DataFrame]) -> str:
-    from tally.report import format_table
+    from tally.evaluation.report import format_table
 
     return "\n".join(f"% {setting} ({test_split(setting)})\n" + format_table(wide_table(out["table"], setting), "latex")
                      for setting in dict.fromkeys(out["table"]["setting"]))

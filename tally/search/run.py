@@ -23,8 +23,8 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from tally import results
-from tally import storage as bucket
 from tally.errors import TallyError
+from tally.results import storage as bucket
 from tally.search.banks import prepare_for_configs, prepare_for_spec
 from tally.search.lean import own_cluster_address, reuse_trial_actors
 from tally.search.searcher import PruneAwareOptunaSearch

@@ -20,7 +20,7 @@ from ray.train.torch import TorchConfig
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tally import results
-from tally import storage as bucket
+from tally.results import storage as bucket
 from tally.search.lean import LeanTorchTrainer
 from tally.search.spec import Spec
 

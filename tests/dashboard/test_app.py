@@ -343,10 +343,10 @@ def test_search_view(store, monkeypatch):
 
 
 def _fake_export(monkeypatch, bundle) -> None:
-    """Stands in for tally.export (which imports torch, and needs real checkpoints)."""
-    module = types.ModuleType("tally.export")
+    """Stands in for tally.deploy.export (which imports torch, and needs real checkpoints)."""
+    module = types.ModuleType("tally.deploy.export")
     module.bundle_zip_bytes = bundle
-    monkeypatch.setitem(sys.modules, "tally.export", module)
+    monkeypatch.setitem(sys.modules, "tally.deploy.export", module)
 
 
 def test_export_panel(store, monkeypatch):
@@ -362,11 +362,11 @@ def test_export_panel(store, monkeypatch):
 
 
 def test_export_panel_builds_the_real_bundle(tmp_path, monkeypatch):
-    """The panel's zip is tally.export's own bundle: it unpacks to a bundle that verifies and predicts."""
+    """The panel's zip is tally.deploy.export's own bundle: it unpacks to a bundle that verifies and predicts."""
     import io
     import zipfile
 
-    from tally.export import Predictor
+    from tally.deploy.export import Predictor
     from tests.bundle_factory import tiny_run
 
     exp = tmp_path / "store" / "real"
@@ -386,7 +386,7 @@ def test_export_panel_builds_the_real_bundle(tmp_path, monkeypatch):
 
 
 def test_export_panel_errors(store, monkeypatch):
-    """A trial without checkpoints gives a message; a missing tally.export a warning, never a crash."""
+    """A trial without checkpoints gives a message; a missing tally.deploy.export a warning, never a crash."""
     def no_checkpoint(run_dir):
         raise FileNotFoundError(f"{run_dir}/checkpoints/best.pt")
 
@@ -395,7 +395,7 @@ def test_export_panel_errors(store, monkeypatch):
     at.button(key="build_bundle").click().run()
     assert_ok(at)
     assert "Could not build the bundle" in texts(at)
-    monkeypatch.setitem(sys.modules, "tally.export", None)  # `import tally.export` now fails
+    monkeypatch.setitem(sys.modules, "tally.deploy.export", None)  # `import tally.deploy.export` now fails
     at = show(run_app(store.root, monkeypatch), "Export")
     assert_ok(at)
     assert "Bundle export is unavailable" in texts(at)

@@ -1,4 +1,4 @@
-"""Intervals on the dashboard: the data layer returns tally.intervals' own numbers, and the app shows
+"""Intervals on the dashboard: the data layer returns tally.evaluation.intervals' own numbers, and the app shows
 them in the grid and compare views, a benchmark folder's tables, and a multi-objective Pareto front."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from tally import evaluation as ev
-from tally import intervals, results
+from tally import results
 from tally.dashboard import data as dd
 from tally.dashboard import uncertainty as dun
+from tally.evaluation import intervals
 from tally.search import benchmark
 from tests import store_factory as sf
 from tests.dashboard.test_app import assert_ok, figures, frame, plotly_array, run_app, show, texts

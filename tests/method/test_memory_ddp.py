@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tally.distributed import DistributedSync, gather_is_cheaper
 from tally.method.memory import FeatureMemory
+from tally.training.distributed import DistributedSync, gather_is_cheaper
 
 K, D, SHAPE, M = 6, 3, (2, 3, 3), 0.8
 ROWS = 6  # rows per worker: ranks share the batch size

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from tally import evaluation, intervals, results
+from tally import evaluation, results
 from tally.config import validate
 from tally.errors import TallyError
+from tally.evaluation import intervals
 from tally.search import benchmark
 from tally.search.benchmark import RUNS_DIR, benchmark_spec_from_raw
 

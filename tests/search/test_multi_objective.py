@@ -103,7 +103,7 @@ def test_searcher_tells_the_final_reports_values():
 
 def test_report_and_export_follow_the_pareto_rule(tmp_path, capsys):
     from tally import cli
-    from tally.export import resolve_trial
+    from tally.deploy.export import resolve_trial
     from tests.store_factory import make_experiment
 
     exp = make_experiment(tmp_path, "mo", n_trials=6, statuses=["done"] * 6).path

@@ -18,7 +18,8 @@ import optuna
 import pytest
 import yaml
 
-from tally import results, storage
+from tally import results
+from tally.results import storage
 from tests.s3_server import s3_server
 from tests.search.test_run import write_spec
 

@@ -112,7 +112,7 @@ def test_export_and_predict_round_trip(searched, tmp_path):
 
     # the bundle's predictions on test_sub reproduce the stored evaluation exactly
     from tally.data import load_splits
-    from tally.export import Predictor
+    from tally.deploy.export import Predictor
 
     cfg = yaml.safe_load((bundle / "config.yaml").read_text())
     test = load_splits(cfg["data"])["test_sub"]
@@ -131,7 +131,7 @@ def test_export_and_predict_round_trip(searched, tmp_path):
 
 
 def test_exported_config_reproduces_the_trial(searched, tmp_path):
-    from tally.export import export_bundle
+    from tally.deploy.export import export_bundle
     from tally.training import train_run
 
     _, exp_dir, summary = searched
@@ -152,8 +152,8 @@ def test_exported_config_reproduces_the_trial(searched, tmp_path):
 @pytest.mark.parametrize("batch_size", [16, 8], ids=["dense-all-reduce", "gathered-batch"])
 def test_two_workers_hold_identical_memories(local_ray, tmp_path, batch_size):
     from tally.config import validate
-    from tally.distributed import gather_is_cheaper
     from tally.search.trial import launch_trainer
+    from tally.training.distributed import gather_is_cheaper
 
     cfg = validate({**BASE, "train": {**BASE["train"], "epochs": 2, "batch_size": batch_size}})
     assert gather_is_cheaper(10, 2, batch_size) == (batch_size == 8)  # both sync paths run here

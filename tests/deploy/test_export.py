@@ -26,8 +26,8 @@ from tally.data import load_splits
 from tally.data.augment import to_float_normalized
 from tally.data.bank import resize_square
 from tally.data.dataset import read_image
+from tally.deploy.export import Predictor, export_bundle, export_config, retrain_source, verify_bundle
 from tally.errors import TallyError
-from tally.export import Predictor, export_bundle, export_config, retrain_source, verify_bundle
 from tests.bundle_factory import TINY_CONFIG, tiny_run
 
 pytestmark = pytest.mark.slow  # trains a tiny model once (about 5 s) and exports it
@@ -207,7 +207,7 @@ def test_exported_program_equals_the_eager_model_on_images_of_several_sizes(bund
 
 def readme_snippet() -> str:
     """The README's Deploy section: its Python block, the five lines a serving team copies."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     deploy = text[text.index("## Deploy"):]
     return deploy[deploy.index("```python") + len("```python"):].split("```")[0]
 
@@ -295,7 +295,7 @@ def test_predict_bad_inputs_are_one_line_errors(bundle, tmp_path, tally):
 
 
 def test_predict_uses_the_gpu_when_there_is_one_and_bounded_batches(bundle, sized_images, monkeypatch):
-    from tally.export import resolve_device
+    from tally.deploy.export import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
@@ -323,7 +323,7 @@ def test_predict_uses_the_gpu_when_there_is_one_and_bounded_batches(bundle, size
 def test_a_consistent_but_malicious_bundle_is_refused_before_any_allocation(bundle, tmp_path, tally, name, change,
                                                                              message):
     """The manifest is re-signed, as an attacker would: the contents themselves are checked."""
-    from tally.export import MANIFEST, _sha256
+    from tally.deploy.export import MANIFEST, _sha256
 
     copy = Path(shutil.copytree(bundle, tmp_path / "evil"))
     content = json.loads((copy / name).read_text())
@@ -341,7 +341,7 @@ def test_a_consistent_but_malicious_bundle_is_refused_before_any_allocation(bund
 def test_a_pickle_in_place_of_the_weights_is_refused_with_one_line(bundle, tmp_path, tally):
     import pickle
 
-    from tally.export import MANIFEST, _sha256
+    from tally.deploy.export import MANIFEST, _sha256
 
     copy = Path(shutil.copytree(bundle, tmp_path / "pickled"))
     (copy / "model.pt").write_bytes(pickle.dumps({"x": os.system}))  # weights_only refuses globals

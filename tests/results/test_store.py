@@ -60,7 +60,7 @@ def test_selection_of_spec_variants():
 def test_export_and_dashboard_pick_the_same_trial(tmp_path):
     """One rule: a spec without `selection:` selects on worst pair everywhere (export once used the mean)."""
     from tally.dashboard import data as dd
-    from tally.export import resolve_trial
+    from tally.deploy.export import resolve_trial
 
     exp = tmp_path / "exp"
     for trial, worst, mean in (("a", 0.2, 0.9), ("b", 0.4, 0.5)):

@@ -1,7 +1,7 @@
 """DomainBed-style tables of an experiment: rows runs (or configs over seeds), columns domains and summaries.
 
 Every number comes from the stored per-(domain, class) tables through tally.evaluation, and every
-number is shown with its uncertainty: a run's metric with its 95% bootstrap interval (tally.intervals:
+number is shown with its uncertainty: a run's metric with its 95% bootstrap interval (tally.evaluation.intervals:
 within-pair resampling of the test images), or, over seeds, the mean ± standard error with the
 seed-level values. A metric column ``m`` of a table frame has companions ``m:low`` / ``m:high``
 (interval) or ``m:se`` / ``m:values`` (seeds), which ``format_table`` folds into one cell.
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from tally import evaluation, intervals, results
+from tally import results
 from tally.errors import TallyError
+from tally.evaluation import intervals
+from tally.evaluation import metrics as evaluation
 
 SUMMARY_COLUMNS = {"pair_acc_mean": "avg pair", "domain_acc_worst": "worst domain",
                    "class_acc_worst": "worst class", "pair_acc_worst": "worst pair", "shot_many": "many",

@@ -50,8 +50,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tally import evaluation, results
+from tally import results
 from tally.errors import TallyError
+from tally.evaluation import metrics as evaluation
 
 REPLICATES = 1000
 LEVEL = 0.95

@@ -22,7 +22,7 @@ from PIL import Image
 
 from tally.data import load_splits
 from tally.data.dataset import read_image
-from tally.export import Predictor, export_bundle
+from tally.deploy.export import Predictor, export_bundle
 from tests.bundle_factory import TINY_CONFIG, tiny_run
 
 MAX_BYTES = 300_000
@@ -37,7 +37,7 @@ def _png(width: int, height: int, colour=(200, 30, 90)) -> bytes:
 
 # ---------------------------------------------------------------- without Ray
 def test_decoder_checks_the_header_before_decoding():
-    from tally.serve import BadRequest, decode_image_bytes
+    from tally.deploy.serve import BadRequest, decode_image_bytes
 
     image = decode_image_bytes(_png(7, 5), MAX_PIXELS)
     assert image.shape == (3, 5, 7) and image.dtype == torch.uint8
@@ -68,7 +68,7 @@ def server(bundle):
     import ray
     from ray import serve
 
-    from tally.serve import start
+    from tally.deploy.serve import start
 
     started_ray = not ray.is_initialized()
     if started_ray:

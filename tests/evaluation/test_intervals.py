@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from tally import cli, evaluation, intervals
+from tally import cli, evaluation
 from tally.errors import TallyError
-from tally.evaluation import metric_arrays, pair_table
-from tally.intervals import (
+from tally.evaluation import intervals, metric_arrays, pair_table
+from tally.evaluation.intervals import (
     bootstrap,
     paired_difference,
     prediction_frame,

@@ -55,7 +55,7 @@ class ProgramInput(nn.Module):
 
     The resize is the very op the training decoder applies (torchvision's resize of a uint8 image on
     the CPU is F.interpolate(bilinear, antialias) on uint8), so on the CPU the program's logits equal
-    the eager pipeline's (tests/test_export.py); an image already S x S passes through unchanged.
+    the eager pipeline's (tests/deploy/test_export.py); an image already S x S passes through unchanged.
     """
 
     def __init__(self, net: nn.Module, image_size: int, mean, std):
@@ -317,7 +317,7 @@ def retrain_source(location: str, trial: str | None = None) -> RetrainSource:
     against its manifest); a run folder; or an experiment (local or a bucket URI: its best trial on
     validation, or ``trial``)."""
     from tally import config as config_mod
-    from tally.storage import is_remote, read_mirror
+    from tally.results.storage import is_remote, read_mirror
 
     path = Path(location).expanduser()
     if not is_remote(location) and path.is_file():

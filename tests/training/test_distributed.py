@@ -20,9 +20,10 @@ from tally.config import validate
 from tally.data import load_splits
 from tally.data.augment import to_float_normalized
 from tally.data.bank import bank_for_training
-from tally.distributed import RANK_STREAMS, stream_seed
 from tally.method.backbone import SplitResNet
-from tally.training import BatchSource, RunContext, build_method_for, load_checkpoint, train_run
+from tally.training import BatchSource, RunContext, build_method_for, train_run
+from tally.training.checkpoints import load_checkpoint
+from tally.training.distributed import RANK_STREAMS, stream_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,13 +59,13 @@ class GroupNormResNet(SplitResNet):
 
 
 def _worker(rank, method, rendezvous, run_dir, dump_dir):
-    import tally.training
+    import tally.training.run
 
     torch.set_num_threads(1)
-    tally.training.SplitResNet = GroupNormResNet  # this spawned process only
+    tally.training.run.SplitResNet = GroupNormResNet  # this spawned process only
     decoded = []  # the splits this rank decodes (their sizes)
-    real_bank = tally.training.bank_for_training
-    tally.training.bank_for_training = lambda ds, *a, **k: decoded.append(len(ds)) or real_bank(ds, *a, **k)
+    real_bank = tally.training.run.bank_for_training
+    tally.training.run.bank_for_training = lambda ds, *a, **k: decoded.append(len(ds)) or real_bank(ds, *a, **k)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         ctx = RunContext(rank=rank, world_size=2, device=torch.device("cpu"), progress=False,
@@ -88,7 +89,7 @@ def test_two_workers_compute_what_one_process_computes_on_the_concatenated_batch
     """
     mp.spawn(_worker, args=(method, str(tmp_path / "rendezvous"), str(tmp_path / "ddp"), str(tmp_path / "dumps")),
              nprocs=2, join=True)
-    monkeypatch.setattr("tally.training.SplitResNet", GroupNormResNet)
+    monkeypatch.setattr("tally.training.run.SplitResNet", GroupNormResNet)
     ctx = RunContext(progress=False, emulate_world_size=2, memory_dump_dir=tmp_path / "one")
     train_run(_config(method), tmp_path / "one", ctx=ctx)
 

@@ -33,20 +33,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tally import evaluation, intervals, results
-from tally.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tally import evaluation, results
 from tally.config import load, validate
 from tally.data import run_splits
 from tally.data.augment import augment, to_float_normalized
 from tally.data.bank import ImageBank, bank_for_training
-from tally.distributed import broadcast_object, gather_object, memory_sync, stream_seed
 from tally.errors import TallyError
+from tally.evaluation import intervals
 from tally.method.backbone import SplitResNet
 from tally.method.memory import MemorySync
 from tally.method.methods import Method, TrainInfo, build_method
 from tally.method.perf import keep_cpu_memory
 from tally.method.samplers import build_sampler
 from tally.method.stats import to_device
+from tally.training.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tally.training.distributed import broadcast_object, gather_object, memory_sync, stream_seed
 
 # 2: one random-stream state per rank ("ranks"); version 1 checkpoints shared streams across ranks
 CHECKPOINT_VERSION = 2
@@ -70,7 +71,7 @@ class RunContext:
     # test hook: one process plays this many data-parallel ranks at once, its batches being their
     # batches concatenated in rank order (each drawn from that rank's streams). It computes what that
     # many workers compute together, so a K-worker run can be checked against it
-    # (tests/test_distributed.py).
+    # (tests/training/test_distributed.py).
     emulate_world_size: int | None = None
 
     @property
@@ -143,7 +144,7 @@ def bank_fits_on_device(nbytes: int, device: torch.device) -> bool:
 class BatchSource:
     """Draws (x, y, d) batches from a decoded image bank for the data-parallel ranks this process plays.
 
-    Every rank owns independent streams (tally.distributed.stream_seed) for its class- and
+    Every rank owns independent streams (tally.training.distributed.stream_seed) for its class- and
     domain-balanced samplers and its augmentation. The uniform sampler's permutations are shared on
     purpose and sharded: each rank takes its own block of every global draw, so a warm-up epoch shows
     each example once across all ranks. Playing several ranks concatenates their draws in rank order,

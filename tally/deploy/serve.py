@@ -133,7 +133,7 @@ class BundleServer:
 
     def __init__(self, bundle: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                  top_k: int = 5, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
-        from tally.export import Predictor
+        from tally.deploy.export import Predictor
 
         self.predictor = Predictor(bundle, device="auto")  # a replica without GPUs sees none
         self.max_bytes, self.max_pixels = int(max_bytes), int(max_pixels)
@@ -200,7 +200,7 @@ def start(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, address
 
     import ray
 
-    from tally.export import verify_bundle
+    from tally.deploy.export import verify_bundle
 
     verify_bundle(bundle)  # a bad bundle fails here, in one line, before Ray starts
     app = build_app(bundle, replicas=replicas, gpus=gpus, cpus=cpus, **options)

@@ -191,7 +191,7 @@ def _mean_worst(values: np.ndarray, mask: np.ndarray) -> tuple[Any, Any]:
     """Mean and minimum of ``values[..., mask]`` over the masked trailing axes; NaN when the mask is empty.
 
     ``values`` may carry leading (replicate) axes in front of the mask's shape: the bootstrap
-    (tally.intervals) computes every metric for all replicates at once through this same function.
+    (tally.evaluation.intervals) computes every metric for all replicates at once through this same function.
     """
     v = values[..., mask]
     if v.shape[-1] == 0:

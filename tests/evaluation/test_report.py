@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from tally import cli, evaluation
-from tally.intervals import prediction_frame, write_predictions
-from tally.report import experiment_table, format_table, seed_table
+from tally.evaluation.intervals import prediction_frame, write_predictions
+from tally.evaluation.report import experiment_table, format_table, seed_table
 
 D, C = 2, 3
 # training counts 70 (many only for OfficeHome: > 60), 22 (few only for TerraIncognita: <= 25), 5

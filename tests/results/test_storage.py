@@ -1,4 +1,4 @@
-"""tally.storage against a real S3-compatible server (moto on 127.0.0.1): copies both ways, only what
+"""tally.results.storage against a real S3-compatible server (moto on 127.0.0.1): copies both ways, only what
 changed, status.json last, the bucket wins on pull, a killed writer publishes nothing, the lock."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tally import results, storage
+from tally import results
 from tally.errors import TallyError
+from tally.results import storage
 from tests.s3_server import s3_server
 
 
@@ -148,7 +149,7 @@ def test_a_writer_killed_mid_upload_publishes_nothing(prefix):
     part already uploaded) leaves the old object, whole."""
     uri = storage.join(prefix, "checkpoints", "last.pt")
     _put(uri, b"old")
-    script = (f"import os; from tally import storage; fs, path = storage.filesystem({uri!r}); "
+    script = (f"import os; from tally.results import storage; fs, path = storage.filesystem({uri!r}); "
               "out = fs.open_output_stream(path); out.write(b'x' * (12 * 2**20)); out.flush(); os._exit(9)")
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(Path.cwd())},
                           capture_output=True, text=True, timeout=120)

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from tally import results
-from tally.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tally.config import validate
 from tally.data import load_splits
 from tally.data.bank import bank_for_training
 from tally.errors import TallyError
 from tally.training import BatchSource, train_run
+from tally.training.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 CUDA_STATES = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # 2 GPUs' Philox states
 

@@ -44,8 +44,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tally import results
 from tally.errors import TallyError
+from tally.results import store as results
 
 STAGING_ENV = "TALLY_STAGING"  # where staging folders live (default $TALLY_CACHE/staging): node-local
 REMOTE_FILE = ".remote"        # in a staging folder: the bucket prefix it mirrors
