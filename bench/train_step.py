@@ -34,7 +34,7 @@ from tally.config import validate
 from tally.data.bank import ImageBank
 from tally.method import SplitResNet, TrainInfo, build_method
 from tally.method.perf import keep_cpu_memory
-from tally.training import BatchSource, TrainStep, _LossModule, build_optimizer
+from tally.training.run import BatchSource, TrainStep, _LossModule, build_optimizer
 
 # runner -> (method, stem pass, the phase it is timed in)
 RUNNERS = {"erm": ("erm", None, "warmup"), "tally": ("tally", "separate", "main"),
