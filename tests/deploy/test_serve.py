@@ -63,17 +63,13 @@ def bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(bundle):
-    """The deployment on 127.0.0.1 at a free port; Serve (and Ray, when this module started it) stopped after."""
-    import ray
+def server(bundle, local_ray):
+    """The deployment on 127.0.0.1 at a free port, on the session's one local Ray; Serve stopped after
+    (Ray stays up for the other modules: one Ray per test session)."""
     from ray import serve
 
     from tally.deploy.serve import start
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 2**20,
-                 configure_logging=True, logging_level="ERROR")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,8 +79,6 @@ def server(bundle):
         yield url
     finally:
         serve.shutdown()
-        if started_ray:
-            ray.shutdown()
 
 
 def request(url: str, data: bytes | None = None, content_type: str = "application/octet-stream"):
