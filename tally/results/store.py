@@ -45,6 +45,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write_bytes(path, data)
+
+
 def write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode())
 
