@@ -444,6 +444,22 @@ def calibration_intervals(run_dir: str | Path, splits: Sequence[str] | None = No
     return frame
 
 
+def headline_metrics(logits: dict, table: pd.DataFrame, info: dict, thresholds=evaluation.DEFAULT_SHOT_THRESHOLDS,
+                     bins: int = BINS, what: str = "run") -> dict[str, dict[str, float]]:
+    """``{split: {metric: value}}`` of ``METRIC_NAMES`` (and their ``ts_`` values on test splits, with
+    ``info``'s temperature): what training adds to metrics.json, so that searches, benchmarks and
+    summaries can report or select on them like any accuracy metric."""
+    out = {}
+    for split, arrays in logits.items():
+        ex = _split_examples(table, split, arrays, thresholds, what)
+        values = {m: float(v[0]) for m, v in ex.metrics(1.0, bins).items() if m in METRIC_NAMES}
+        if split != "val" and info.get("fitted_on") is not None:
+            values.update({TS_PREFIX + m: float(v[0]) for m, v in ex.metrics(float(info["temperature"]), bins).items()
+                           if m in METRIC_NAMES})
+        out[split] = values
+    return out
+
+
 def run_calibration(run_dir: str | Path, *, bins: int = BINS, thresholds: tuple[int, int] | None = None
                     ) -> dict[str, dict[str, float]] | None:
     """``{split: {metric: value}}`` (no intervals; ``ts_`` after temperature scaling), or None for a
@@ -465,34 +481,31 @@ def calibration_table(run_dirs: dict[str, str | Path], *, split: str | None = No
                       replicates: int = 200, seed: int = SEED) -> str:
     """One short text table: per run, each metric before -> after temperature scaling, with 95%
     intervals, on one test split (the first test split of the first run when not given)."""
-    lines, header_done = [], False
+    table: list[list[str]] = []
     missing = []
     for name, run_dir in run_dirs.items():
         frame = calibration_intervals(run_dir, replicates=replicates, seed=seed)
-        if frame.empty:
-            missing.append(name)
-            continue
         if split is None:
             tests = [s for s in pd.unique(frame["split"]) if s != "val"]
-            if not tests:
-                missing.append(name)
-                continue
-            split = str(tests[0])
+            split = str(tests[0]) if tests else None
         rows = frame[frame["split"] == split].set_index("metric")
-        if not header_done:
-            lines.append(f"calibration on {split} (before -> after temperature scaling fitted on val; 95% intervals)")
-            lines.append(f"{'method':<12} {'T':>5}  " + "  ".join(f"{m:<34}" for m in metrics))
-            header_done = True
-        cells = []
-        for m in metrics:
-            cell = _cell(rows, m)
-            if TS_PREFIX + m in rows.index:
-                cell += " -> " + _cell(rows, TS_PREFIX + m)
-            cells.append(f"{cell:<34}")
+        if rows.empty:
+            missing.append(name)
+            continue
         t = rows.loc["temperature", "value"] if "temperature" in rows.index else math.nan
-        lines.append(f"{name:<12} {t:>5.2f}  " + "  ".join(cells))
+        cells = [name, f"{t:.2f}"]
+        for m in metrics:
+            cells.append(_cell(rows, m) + (" -> " + _cell(rows, TS_PREFIX + m) if TS_PREFIX + m in rows.index else ""))
+        table.append(cells)
+    lines = []
+    if table:
+        header = ["method", "T", *metrics]
+        widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+        lines.append(f"calibration on {split}: before -> after temperature scaling (T fitted on val); "
+                     "95% bootstrap intervals within (domain, class) cells")
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *table]]
     if missing:
-        lines.append(f"(no calibration: {', '.join(missing)} kept no logits; runs from before logits.npz)")
+        lines.append(f"(no calibration: {', '.join(missing)}: no logits.npz, a run from before it)")
     return "\n".join(lines)
 
 
@@ -503,3 +516,17 @@ def _cell(rows: pd.DataFrame, metric: str) -> str:
     if math.isnan(r["low"]):
         return f"{r['value']:.3f}"
     return f"{r['value']:.3f} [{r['low']:.3f},{r['high']:.3f}]"
+
+
+def benchmark_calibration_table(bench_dir: str | Path, seed: int | None = None, replicates: int = 200) -> str:
+    """``calibration_table`` of a benchmark folder: one run per method (the first seed of the plan, or
+    ``seed``) on its setting's test split; the demo prints it."""
+    plan = results.read_parquet(Path(bench_dir) / "plan.parquet")
+    if plan is None or plan.empty:
+        return f"(no calibration: {bench_dir} has no plan.parquet)"
+    seed = int(plan["seed"].min()) if seed is None else seed
+    rows = plan[plan["seed"] == seed].drop_duplicates("method")
+    # "runs" is tally.search.benchmark.RUNS_DIR (not imported: evaluation never imports search)
+    runs = {str(r.method): Path(bench_dir) / "runs" / str(r.run) for r in rows.itertuples(index=False)}
+    split = str(rows["split"].iloc[0])
+    return calibration_table(runs, split=split, replicates=replicates) + f"\n(seed {seed})"

@@ -195,3 +195,22 @@ def test_calibration_table(tmp_path):
     t_erm, t_tally = float(erm.split()[1]), float(tally.split()[1])
     assert t_erm > 1 > t_tally  # overconfident ERM cooled (T > 1), underconfident TALLY sharpened
     assert "OLD" in lines[-1]
+
+
+def test_benchmark_calibration_table(tmp_path):
+    rng = np.random.default_rng(10)
+    bench = tmp_path / "bench"
+    plan = []
+    for method, shift in (("tally", 0.5), ("erm", 3.0)):
+        for seed in (0, 1):
+            run = f"{method}-sub-s{seed}"
+            _write_run(bench / "runs" / run, rng, shift=shift)
+            plan.append({"run": run, "method": method, "setting": "sub", "split": "test_sub", "seed": seed})
+    results.write_parquet(bench / "plan.parquet", pd.DataFrame(plan))
+    text = cal.benchmark_calibration_table(bench, replicates=20)
+    lines = text.splitlines()
+    assert "test_sub" in lines[0]
+    assert lines[2].startswith("tally") and lines[3].startswith("erm") and lines[-1] == "(seed 0)"
+    direct = cal.calibration_table({"tally": bench / "runs" / "tally-sub-s0", "erm": bench / "runs" / "erm-sub-s0"},
+                                   split="test_sub", replicates=20)
+    assert text.startswith(direct)
