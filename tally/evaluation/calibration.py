@@ -444,6 +444,61 @@ def calibration_intervals(run_dir: str | Path, splits: Sequence[str] | None = No
     return frame
 
 
+def _run_examples(run_dir: Path, thresholds) -> tuple[dict, dict, dict] | None:
+    """(SplitExamples by split, temperature info, config) of a run; None without logits."""
+    logits = read_logits(run_dir)
+    if logits is None:
+        return None
+    table = results.read_parquet(run_dir / "eval.parquet")
+    if table is None:
+        raise TallyError(f"{run_dir}: no eval.parquet (not a finished run folder)")
+    cfg = results.read_yaml(run_dir / "config.yaml") or {}
+    if thresholds is None:
+        thresholds = evaluation.shot_thresholds_of(cfg.get("data"))
+    info = read_temperature(run_dir) or temperature_of(logits, bool((cfg.get("train") or {}).get("final")))
+    return ({s: _split_examples(table, s, arrays, thresholds, str(run_dir)) for s, arrays in logits.items()},
+            info, cfg)
+
+
+def calibration_differences(run_a: str | Path, run_b: str | Path, splits: Sequence[str] | None = None, *,
+                            metrics: Sequence[str] = METRIC_NAMES, replicates: int = REPLICATES,
+                            level: float = LEVEL, seed: int = SEED, bins: int = BINS) -> pd.DataFrame:
+    """Run A minus run B on the same test images, each metric before and (where both runs have a
+    temperature) after temperature scaling: rows ``split, metric, a, b, diff, low, high``, the format
+    of ``intervals.paired_difference``. Both runs are redrawn with the SAME images in each replicate
+    (one set of cell picks for both), so the interval removes what they share. For these metrics a
+    NEGATIVE difference means A is better except for ``acc_at_cov*`` (``higher_is_better``); for that
+    reason they are not rows of ``compare_runs``, whose readers (the benchmark's verdicts) take every
+    row as higher-is-better. Empty when either run has no logits; other test sets are refused."""
+    columns = ["split", "metric", "a", "b", "diff", "low", "high"]
+    got_a, got_b = _run_examples(Path(run_a), None), _run_examples(Path(run_b), None)
+    if got_a is None or got_b is None:
+        return pd.DataFrame(columns=columns)
+    (ex_a, info_a, _), (ex_b, info_b, _) = got_a, got_b
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split in splits or [s for s in ex_a if s != "val"]:
+        if split not in ex_a or split not in ex_b:
+            raise TallyError(f"{run_a} and {run_b}: split {split!r} has no logits in both runs")
+        a, b = ex_a[split], ex_b[split]
+        if not (np.array_equal(a.labels, b.labels) and np.array_equal(a.domains, b.domains)):
+            raise TallyError(f"{run_a} and {run_b}: test sets differ on split {split!r} (labels or domains)")
+        picks = a.cell_picks(replicates, rng) if replicates else None
+        temps = [("", 1.0, 1.0)]
+        if split != "val" and info_a.get("fitted_on") and info_b.get("fitted_on"):
+            temps.append((TS_PREFIX, float(info_a["temperature"]), float(info_b["temperature"])))
+        for prefix, t_a, t_b in temps:
+            point_a, point_b = a.metrics(t_a, bins), b.metrics(t_b, bins)
+            rep_a = a.metrics(t_a, bins, picks=picks) if picks is not None else None
+            rep_b = b.metrics(t_b, bins, picks=picks) if picks is not None else None
+            for name in metrics:
+                va, vb = float(point_a[name][0]), float(point_b[name][0])
+                low, high = _interval(rep_a[name] - rep_b[name], level) if rep_a else (math.nan, math.nan)
+                rows.append({"split": split, "metric": prefix + name, "a": va, "b": vb, "diff": va - vb,
+                             "low": low, "high": high})
+    return pd.DataFrame(rows, columns=columns)
+
+
 def headline_metrics(logits: dict, table: pd.DataFrame, info: dict, thresholds=evaluation.DEFAULT_SHOT_THRESHOLDS,
                      bins: int = BINS, what: str = "run") -> dict[str, dict[str, float]]:
     """``{split: {metric: value}}`` of ``METRIC_NAMES`` (and their ``ts_`` values on test splits, with

@@ -214,3 +214,24 @@ def test_benchmark_calibration_table(tmp_path):
     direct = cal.calibration_table({"tally": bench / "runs" / "tally-sub-s0", "erm": bench / "runs" / "erm-sub-s0"},
                                    split="test_sub", replicates=20)
     assert text.startswith(direct)
+
+
+def test_paired_calibration_differences(tmp_path):
+    rng = np.random.default_rng(11)
+    _write_run(tmp_path / "a", rng, shift=3.0)
+    arrays = _write_run(tmp_path / "b", rng, shift=0.5)
+    same = cal.calibration_differences(tmp_path / "a", tmp_path / "a", replicates=50)
+    # the same images for both runs in every replicate: a run minus itself is exactly 0
+    assert (same["diff"] == 0).all() and (same["low"] == 0).all() and (same["high"] == 0).all()
+    diff = cal.calibration_differences(tmp_path / "a", tmp_path / "b", replicates=50).set_index("metric")
+    one = cal.calibration_intervals(tmp_path / "a", replicates=1)
+    one = one[one["split"] == "test_sub"].set_index("metric")
+    assert diff.loc["ece", "a"] == pytest.approx(one.loc["ece", "value"])
+    assert diff.loc["ts_ece", "a"] == pytest.approx(one.loc["ts_ece", "value"])
+    assert diff.loc["ece", "diff"] == pytest.approx(diff.loc["ece", "a"] - diff.loc["ece", "b"])
+    assert diff.loc["nll", "low"] <= diff.loc["nll", "diff"] <= diff.loc["nll", "high"]
+    # other test images are refused
+    logits, labels, domains = arrays["test_sub"]
+    cal.write_logits(tmp_path / "b", {"val": arrays["val"], "test_sub": (logits, labels[::-1], domains[::-1])})
+    with pytest.raises(Exception, match="differ|disagrees"):
+        cal.calibration_differences(tmp_path / "a", tmp_path / "b", replicates=5)
