@@ -585,3 +585,47 @@ def benchmark_calibration_table(bench_dir: str | Path, seed: int | None = None, 
     runs = {str(r.method): Path(bench_dir) / "runs" / str(r.run) for r in rows.itertuples(index=False)}
     split = str(rows["split"].iloc[0])
     return calibration_table(runs, split=split, replicates=replicates) + f"\n(seed {seed})"
+
+
+# --------------------------------------------------------------------------------------------------
+# What the dashboard draws
+# --------------------------------------------------------------------------------------------------
+
+TAIL = "tail (few- and zero-shot pairs)"
+_CURVE_POINTS = 400  # a risk-coverage curve is drawn from at most this many points
+
+
+def split_views(run_dir: str | Path, split: str, bins: int = BINS) -> dict | None:
+    """One split of a run, for the dashboard: ``reliability`` (rows group, when, bin, confidence,
+    accuracy, n: per domain and for the tail pairs together, before and after temperature scaling),
+    ``risk`` (rows when, coverage, risk), ``gap`` (domains x classes: mean confidence minus accuracy of
+    each pair, > 0 overconfident; NaN where the pair has no examples) and ``temperature``. None for a
+    run without logits or a split without them."""
+    got = _run_examples(Path(run_dir), None)
+    if got is None or split not in got[0]:
+        return None
+    ex, info = got[0][split], got[1]
+    whens = [("before", 1.0)]
+    if split != "val" and info.get("fitted_on"):
+        whens.append((f"after T = {float(info['temperature']):.2f}", float(info["temperature"])))
+    rel, risk = [], []
+    for when, t in whens:
+        stats = example_stats(ex.logits, ex.labels, t)
+        groups = [(str(name), ex.domains == i) for i, name in enumerate(ex.domain_names)]
+        groups.append((TAIL, ex.bucket >= 2))
+        for name, mask in groups:
+            if mask.any():
+                rel.append(reliability(stats["confidence"][mask], stats["correct"][mask], bins)
+                           .assign(group=name, when=when))
+        curve = risk_coverage(stats["confidence"], stats["correct"])
+        step = max(1, len(curve) // _CURVE_POINTS)
+        risk.append(pd.concat([curve.iloc[::step], curve.iloc[-1:]]).drop_duplicates().assign(when=when))
+    stats = example_stats(ex.logits, ex.labels)
+    cell = ex.domains * ex.C + ex.labels
+    size = ex.D * ex.C
+    n = np.bincount(cell, minlength=size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = (np.bincount(cell, stats["confidence"] - stats["correct"], minlength=size) / n).reshape(ex.D, ex.C)
+    return {"reliability": pd.concat(rel, ignore_index=True), "risk": pd.concat(risk, ignore_index=True),
+            "gap": pd.DataFrame(gap, index=ex.domain_names, columns=ex.class_names).dropna(how="all"),
+            "temperature": float(info["temperature"]) if len(whens) > 1 else None}
