@@ -235,3 +235,23 @@ def test_paired_calibration_differences(tmp_path):
     cal.write_logits(tmp_path / "b", {"val": arrays["val"], "test_sub": (logits, labels[::-1], domains[::-1])})
     with pytest.raises(Exception, match="differ|disagrees"):
         cal.calibration_differences(tmp_path / "a", tmp_path / "b", replicates=5)
+
+
+def test_compare_command_prints_paired_calibration_with_its_direction(tmp_path, capsys):
+    from tally import cli
+    from tests.evaluation.test_report import C, D, write_run
+
+    lab = np.tile(np.repeat(np.arange(C), 20), D)
+    dom = np.repeat(np.arange(D), C * 20)
+    for name, seed, p, scale in (("a", 0, 0.7, 3.0), ("b", 1, 0.6, 1.0)):
+        write_run(tmp_path / name, seed, method=name, p=p)
+        pred = np.where(np.random.default_rng(seed).random(lab.size) < p, lab, (lab + 1) % C)  # write_run's
+        logits = scale * np.eye(C)[pred] + np.random.default_rng(seed).uniform(-1, 1, (lab.size, C))
+        cal.write_logits(tmp_path / name, {"val": (logits, lab, dom), "test": (logits, lab, dom)})
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--replicates", "100",
+                     "--metric", "ece", "--metric", "acc_at_cov90"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    want = cal.calibration_differences(tmp_path / "a", tmp_path / "b", replicates=1).set_index("metric")
+    assert out[2].startswith(f"  a - b on ECE: {want.loc['ece', 'diff']:+.3f} [") and out[2].endswith("(lower is better)")
+    assert out[3].startswith("  a - b on accuracy at 90% coverage:") and out[3].endswith("(higher is better)")
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--metric", "ece_nope"]) == 2
