@@ -4,7 +4,7 @@ Why besides AppTest: AppTest runs the script but not the frontend; this test pro
 through ``tally.dashboard.launch`` on localhost, the page loads, a trial can be picked with the mouse
 and keyboard, plotly draws the grids (values read back from the DOM) with no cell text wider than its
 cell, and a DomainNet-sized grid (120 classes) draws without cell text next to a correct worst-pairs
-table. One server, three page states. No browser is downloaded: Playwright drives /usr/bin/chromium
+table, and the reliability diagram's points are the evaluator's. One server, three page states. No browser is downloaded: Playwright drives /usr/bin/chromium
 (apt package ``chromium``; TALLY_TEST_CHROMIUM overrides the path). Without it the test skips, unless
 TALLY_REQUIRE_BROWSER is set (CI), where it fails.
 """
@@ -187,7 +187,7 @@ def test_dashboard_in_chromium(tmp_path):
     # the reliability diagram: every domain with test examples and the tail pairs, before and after
     # temperature scaling, each point the (confidence, accuracy) of a bin as the evaluator computes it
     views = calibration.split_views(exp.path / results.TRIALS_DIR / trial, "test_sub")
-    assert reliability["title"].startswith("test_sub: reliability diagram")
+    assert re.sub("<[^>]+>", "", reliability["title"]).startswith("test_sub: reliability diagram")  # <b> from the theme
     want = views["reliability"]
     assert sorted(reliability["traces"]) == sorted(f"{g} ({w})" for g, w in
                                                     want[["group", "when"]].drop_duplicates().itertuples(index=False))
