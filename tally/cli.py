@@ -171,23 +171,43 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from tally.evaluation import METRIC_NAMES
+    from tally.evaluation import METRIC_NAMES, calibration
     from tally.evaluation.intervals import compare_runs, format_difference
 
+    def is_calibration(m: str) -> bool:
+        return m.removeprefix(calibration.TS_PREFIX) in calibration.METRIC_NAMES
+
     wanted = args.metric or list(METRIC_NAMES)
-    unknown = [m for m in wanted if m not in METRIC_NAMES and not m.startswith("domain_acc:")]
+    unknown = [m for m in wanted if m not in METRIC_NAMES and not m.startswith("domain_acc:") and not is_calibration(m)]
     if unknown:
-        raise TallyError(f"--metric: unknown metric {unknown[0]!r} (expected one of {', '.join(METRIC_NAMES)})")
+        raise TallyError(f"--metric: unknown metric {unknown[0]!r} (expected one of {', '.join(METRIC_NAMES)}, "
+                         f"or {', '.join(calibration.METRIC_NAMES)}, with or without ts_)")
     frame, (name_a, name_b) = compare_runs(args.run_a, args.run_b, splits=args.split or None,
                                            replicates=args.replicates, seed=args.bootstrap_seed)
+    # calibration (issue 24): paired too, on the same redrawn images; lower is better for most of them
+    cal_wanted = [m for m in wanted if is_calibration(m)] if args.metric else list(calibration.HEADLINE)
+    cal = calibration.calibration_differences(args.run_a, args.run_b, splits=sorted(set(frame["split"])),
+                                              metrics=sorted({m.removeprefix(calibration.TS_PREFIX) for m in cal_wanted}),
+                                              replicates=args.replicates, seed=args.bootstrap_seed)
     print(f"paired bootstrap, {args.replicates} replicates, 95% percentile intervals")
     for split, rows in frame.groupby("split", sort=False):
         print(f"{split}:")
         for metric in wanted:
+            if is_calibration(metric):
+                continue
             row = rows[rows["metric"] == metric]
             if row.empty:
                 raise TallyError(f"--metric: {metric!r} not computed on split {split!r}")
             print("  " + format_difference(row.iloc[0], name_a, name_b))
+        mine = cal[cal["split"] == split]
+        if cal_wanted and mine.empty:
+            print("  (no calibration: a run without logits.npz)")
+        for metric in [m for m in cal_wanted + [calibration.TS_PREFIX + m for m in cal_wanted if not args.metric]
+                       if m in set(mine["metric"])]:
+            row = mine[mine["metric"] == metric].iloc[0]
+            better = "higher" if calibration.higher_is_better(metric) else "lower"
+            print(f"  {name_a} - {name_b} on {calibration.metric_label(metric)}: {row['diff']:+.3f} "
+                  f"[{row['low']:.3f}, {row['high']:.3f}] ({better} is better)")
     return 0
 
 

@@ -55,6 +55,7 @@ def run_demo(storage: Path) -> int:
     from tally import results, search
     from tally.data import describe, load_splits
     from tally.deploy.export import export_bundle
+    from tally.evaluation import calibration
     from tally.search import benchmark
 
     started = time.time()
@@ -87,6 +88,7 @@ def run_demo(storage: Path) -> int:
     for line in conclusion(out["difference_summary"]):
         print(line)
     bench_dir = results.experiment_dir(storage, bench.name)
+    print("\n" + calibration.benchmark_calibration_table(bench_dir))
     print(f"\nsearch:    {exp_dir}\nbenchmark: {bench_dir} (table.md, table.tex, table.csv, differences.csv)"
           f"\nbundle:    {bundle}\ndashboard: .venv/bin/tally dashboard {storage}"
           f"\ndemo took {time.time() - started:.0f}s")

@@ -322,3 +322,28 @@ def strip_to_old_version(exp: Experiment) -> None:
     (exp.path / "summary.parquet").unlink(missing_ok=True)
     for trial in exp.path.glob(f"{results.TRIALS_DIR}/*/metrics.json"):
         trial.unlink()
+
+
+def write_logits(run_dir: Path, seed: int = 24) -> None:
+    """logits.npz for a done trial, consistent with its eval.parquet: per pair, ``correct`` examples
+    whose argmax is their label and the rest argmax the next class, with confidences that vary (so the
+    reliability diagram has something to show). A separate random stream: the store's others are
+    unchanged."""
+    from tally.evaluation import calibration
+
+    rng = np.random.default_rng(seed)
+    table = results.read_parquet(run_dir / "eval.parquet")
+    n_classes = int(table["class_idx"].max()) + 1
+    arrays = {}
+    for split, rows in table.groupby("split", sort=False):
+        rows = rows[rows["n"] > 0]
+        labels = np.repeat(rows["class_idx"].to_numpy(), rows["n"].to_numpy())
+        domains = np.repeat(rows["domain_idx"].to_numpy(), rows["n"].to_numpy())
+        rank = np.arange(len(labels)) - np.repeat(np.cumsum(rows["n"].to_numpy()) - rows["n"].to_numpy(),
+                                                  rows["n"].to_numpy())
+        right = rank < np.repeat(rows["correct"].to_numpy(), rows["n"].to_numpy())
+        top = np.where(right, labels, (labels + 1) % n_classes)
+        logits = rng.normal(0, 0.5, (len(labels), n_classes))
+        logits[np.arange(len(labels)), top] += rng.uniform(1.0, 5.0, len(labels))
+        arrays[str(split)] = (logits, labels, domains)
+    calibration.write_logits(run_dir, arrays)

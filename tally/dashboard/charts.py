@@ -88,7 +88,7 @@ def shot_heatmap(shots: pd.DataFrame, title: str) -> go.Figure:
     return _grid_layout(fig, title, rows, buckets)
 
 
-def difference_heatmap(diff: pd.DataFrame, title: str) -> go.Figure:
+def difference_heatmap(diff: pd.DataFrame, title: str, scale: str = "Δ acc") -> go.Figure:
     """Accuracy difference (a - b) per pair on a diverging scale centred at 0; blank where undefined."""
     rows, cols = [str(d) for d in diff.index], [str(c) for c in diff.columns]
     z = diff.to_numpy(dtype=float)
@@ -97,7 +97,7 @@ def difference_heatmap(diff: pd.DataFrame, title: str) -> go.Figure:
     fig = go.Figure(go.Heatmap(
         z=np.where(np.isnan(z), None, z).tolist(), x=cols, y=rows, zmid=0.0, zmin=-bound, zmax=bound,
         colorscale="RdBu", text=text, texttemplate="%{text}", hoverongaps=False, xgap=1, ygap=1,
-        colorbar={"title": "Δ acc"},
+        colorbar={"title": scale},
         hovertemplate="domain %{y}<br>class %{x}<br>Δ %{z:+.3f}<extra></extra>"))
     return _grid_layout(fig, title, rows, cols)
 
@@ -210,3 +210,29 @@ def contour_figure(study, x: str, y: str, metric: str) -> go.Figure:
 
     fig = optuna.visualization.plot_contour(study, params=[x, y], target_name=metric)
     return fig.update_layout(height=480, margin={"t": 50})
+
+
+def reliability_figure(frame: pd.DataFrame, title: str) -> go.Figure:
+    """Reliability diagram: accuracy against mean confidence per equal-mass bin, one line per group
+    (dashed after temperature scaling), beside the diagonal of perfect calibration."""
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="calibrated",
+                               line={"color": "grey", "dash": "dot"}, hoverinfo="skip"))
+    for (group, when), rows in frame.groupby(["group", "when"], sort=False):
+        fig.add_trace(go.Scatter(
+            x=rows["confidence"].tolist(), y=rows["accuracy"].tolist(), mode="lines+markers", name=f"{group} ({when})",
+            line={"dash": "solid" if when == "before" else "dash"}, customdata=rows["n"].tolist(),
+            hovertemplate="confidence %{x:.3f}<br>accuracy %{y:.3f}<br>n %{customdata}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="confidence (mean of the bin)", yaxis_title="accuracy",
+                      xaxis_range=[0, 1], yaxis_range=[0, 1.02], height=420, legend={"font": {"size": 10}})
+    return fig
+
+
+def risk_coverage_figure(frame: pd.DataFrame, title: str) -> go.Figure:
+    """Risk (error rate of the kept examples) against coverage, most confident kept first."""
+    fig = go.Figure()
+    for when, rows in frame.groupby("when", sort=False):
+        fig.add_trace(go.Scatter(x=rows["coverage"].tolist(), y=rows["risk"].tolist(), mode="lines", name=when,
+                                 line={"dash": "solid" if when == "before" else "dash"}))
+    fig.update_layout(title=title, xaxis_title="coverage", yaxis_title="risk (error rate)", xaxis_range=[0, 1],
+                      height=420)
+    return fig

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from tally.dashboard import cache, grids, views
+from tally.dashboard import cache, calibration_views, grids, views
 from tally.dashboard import data as dd
 
 ALL_DOMAINS = "all domains"
@@ -82,6 +82,7 @@ def grid_view(trials: dd.TrialSet, trial_id: str) -> None:
                          column_config={"acc": st.column_config.NumberColumn(format="%.3f")},
                          height=min(35 * (int(k) + 1) + 3, 738))  # all k rows visible up to 20
 
+    calibration_views.calibration_section(run.path, trial_id, split)  # issue 24: beside the grids
     views.run_metrics_section(run, trial_id, splits, "trial_metrics", f"{name}-{trial_id}-metrics.csv")
     with st.expander(f"{split} grid as a table (accuracy, then training counts)"):
         full = grids.grid(table, split).ordered(order)

@@ -2,8 +2,10 @@
 
 A bundle is a folder a serving team can use without this package:
 
-- model.pt2: a torch.export program, uint8 RGB images (N, 3, H, W) -> logits (N, C), with the
-  resize to the training size and the normalisation inside the graph (see ``ProgramInput``);
+- model.pt2: a torch.export program, uint8 RGB images (N, 3, H, W) -> calibrated logits (N, C), with
+  the resize to the training size, the normalisation and the temperature (logits / T, T fitted on
+  validation; evaluation/calibration.py) inside the graph (see ``ProgramInput``): its softmax is the
+  calibrated probabilities `tally predict` and `tally serve` return;
 - model.onnx (optional, ``--onnx``): the same program for onnxruntime;
 - model.pt: the network's weights (torch.load(weights_only=True)), for this package's own loader;
 - config.yaml: the complete run config (`tally train config.yaml` retrains it); labels.json;
@@ -40,6 +42,7 @@ from torch import nn
 from tally import evaluation, results
 from tally.data.augment import IMAGENET_MEAN, IMAGENET_STD, to_float_normalized
 from tally.errors import TallyError
+from tally.evaluation import calibration
 
 BUNDLE_FORMAT = "tally-bundle-v2"
 MANIFEST = "manifest.json"
@@ -51,23 +54,25 @@ MAX_SIDE = 16384
 
 # ---------------------------------------------------------------- the exported program
 class ProgramInput(nn.Module):
-    """uint8 RGB (N, 3, H, W) -> logits: resize to S x S, scale to [0, 1], normalise, the network.
+    """uint8 RGB (N, 3, H, W) -> logits / T: resize to S x S, scale to [0, 1], normalise, the network,
+    the temperature (1 leaves the logits as they are; T > 0 never changes the argmax).
 
     The resize is the very op the training decoder applies (torchvision's resize of a uint8 image on
     the CPU is F.interpolate(bilinear, antialias) on uint8), so on the CPU the program's logits equal
     the eager pipeline's (tests/deploy/test_export.py); an image already S x S passes through unchanged.
     """
 
-    def __init__(self, net: nn.Module, image_size: int, mean, std):
+    def __init__(self, net: nn.Module, image_size: int, mean, std, temperature: float = 1.0):
         super().__init__()
         self.net, self.image_size = net, int(image_size)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         size = (self.image_size, self.image_size)
         x = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return self.net((x.to(torch.float32) / 255.0 - self.mean) / self.std)
+        return self.net((x.to(torch.float32) / 255.0 - self.mean) / self.std) / self.temperature
 
 
 def _program_example(image_size: int) -> tuple[tuple[torch.Tensor], tuple[dict]]:
@@ -81,7 +86,7 @@ def _program_example(image_size: int) -> tuple[tuple[torch.Tensor], tuple[dict]]
 
 def export_program(net: nn.Module, pre: dict, path: Path) -> None:
     """Write model.pt2 (torch.export, CPU, eval mode)."""
-    module = ProgramInput(net, pre["image_size"], pre["mean"], pre["std"]).eval()
+    module = ProgramInput(net, pre["image_size"], pre["mean"], pre["std"], pre.get("temperature", 1.0)).eval()
     args, dynamic = _program_example(pre["image_size"])
     program = torch.export.export(module, args, dynamic_shapes=dynamic)
     torch.export.save(program, path)
@@ -94,7 +99,7 @@ def export_onnx(net: nn.Module, pre: dict, path: Path) -> None:
         import onnxscript  # noqa: F401
     except ImportError:
         raise TallyError("--onnx needs the onnx extra: pip install 'tally-platform[onnx]'") from None
-    module = ProgramInput(net, pre["image_size"], pre["mean"], pre["std"]).eval()
+    module = ProgramInput(net, pre["image_size"], pre["mean"], pre["std"], pre.get("temperature", 1.0)).eval()
     args, dynamic = _program_example(pre["image_size"])
     program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, input_names=["images"],
                                 output_names=["logits"], verbose=False)
@@ -213,13 +218,19 @@ def _write_bundle(run_dir: Path, out: Path, config: dict, table: pd.DataFrame, m
     net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     labels = {"classes": _names(table, "class_idx", "class"), "domains": _names(table, "domain_idx", "domain")}
     size = config["data"]["image_size"]
+    # fitted on validation at the end of training; a run from before calibration.json keeps T = 1
+    temperature = calibration.read_temperature(run_dir) or {"temperature": 1.0, "fitted_on": None}
     pre = {"image_size": size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
            "program_input": f"uint8 RGB tensor (N, 3, H, W); N >= 1; 2 <= H, W <= {MAX_SIDE}; "
                             "one size per batch",
-           "program_output": "float32 logits (N, classes); softmax over dim 1 gives probabilities",
+           "program_output": "float32 calibrated logits (N, classes): the network's logits / temperature; "
+                             "softmax over dim 1 gives the calibrated probabilities",
+           "temperature": temperature["temperature"],
+           "temperature_fitted_on": temperature.get("fitted_on"),
            "in_program": [f"resize to {size}x{size}: F.interpolate(bilinear, antialias=True, "
                           "align_corners=False) on the uint8 tensor (torchvision's CPU resize)",
-                          "float32 / 255", "(x - mean) / std per channel"],
+                          "float32 / 255", "(x - mean) / std per channel", "the network",
+                          "logits / temperature"],
            "outside_program": "decode to RGB uint8 (any decoder; the training data were decoded by "
                               "torchvision.io.decode_image, PIL for other formats)"}
     net = SplitResNet(config["model"]["arch"], config["model"]["cut"], len(labels["classes"]))
@@ -416,6 +427,9 @@ def _checked_contents(bundle: Path) -> tuple[dict, dict, dict]:
     if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 1024 or size != config["data"]["image_size"]:
         raise TallyError(f"{bundle}/preprocessing.json: image_size: expected the config's "
                          f"{config['data']['image_size']} (8..1024), got {size!r}")
+    t = pre.get("temperature", 1.0)
+    if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise TallyError(f"{bundle}/preprocessing.json: temperature: expected a finite number > 0, got {t!r}")
     for key in ("mean", "std"):
         values = pre.get(key)
         if not (isinstance(values, list) and len(values) == 3
@@ -447,6 +461,8 @@ class Predictor:
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         self.device = resolve_device(device)
         self.net.to(self.device).eval()
+        # the calibration model.pt2 applies in its graph (a bundle from before it has none: T = 1)
+        self.temperature = float(self.pre.get("temperature", 1.0))
 
     @property
     def image_size(self) -> int:
@@ -462,7 +478,7 @@ class Predictor:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, S, S) -> float32 (N, C) probabilities on the CPU; float32 throughout (no autocast)."""
         x = to_float_normalized(images.to(self.device, non_blocking=True), self.pre["mean"], self.pre["std"])
-        return self.net(x).softmax(1).float().cpu()
+        return (self.net(x) / self.temperature).softmax(1).float().cpu()
 
     def predict(self, paths: list[str | Path]) -> list[tuple[str, str, float]]:
         """(path, label, confidence) per image file."""

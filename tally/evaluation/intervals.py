@@ -402,8 +402,15 @@ def run_intervals(run_dir: str | Path, *, splits: Sequence[str] | None = None, r
     table, predictions, cfg = _read_run(run_dir)
     if thresholds is None:
         thresholds = evaluation.shot_thresholds_of(cfg.get("data"))
-    return bootstrap(table, predictions, splits=splits, replicates=replicates, level=level, seed=seed,
-                     thresholds=thresholds, what=str(run_dir))
+    frame = bootstrap(table, predictions, splits=splits, replicates=replicates, level=level, seed=seed,
+                      thresholds=thresholds, what=str(run_dir))
+    # --- calibration hook (issue 24): ECE/Brier/NLL/selective rows, same row format, from logits.npz;
+    # none for a run without it. Kept to these lines so the interval rewrite can re-home them.
+    from tally.evaluation import calibration
+    extra = calibration.calibration_intervals(run_dir, splits, replicates=replicates, level=level, seed=seed,
+                                              thresholds=thresholds)
+    return pd.concat([frame, extra], ignore_index=True) if len(extra) else frame
+    # --- end of the calibration hook
 
 
 def run_label(run_dir: Path, cfg: dict) -> str:

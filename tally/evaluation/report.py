@@ -17,12 +17,15 @@ import pandas as pd
 
 from tally import results
 from tally.errors import TallyError
-from tally.evaluation import intervals
+from tally.evaluation import calibration, intervals
 from tally.evaluation import metrics as evaluation
 
 SUMMARY_COLUMNS = {"pair_acc_mean": "avg pair", "domain_acc_worst": "worst domain",
                    "class_acc_worst": "worst class", "pair_acc_worst": "worst pair", "shot_many": "many",
                    "shot_medium": "medium", "shot_few": "few", "shot_zero": "zero", "macro_f1": "macro F1"}
+# calibration (evaluation/calibration.py; lower is better), for runs that kept their logits
+CALIBRATION_COLUMNS = {"ece": "ECE", "ts_ece": "ECE after T", "ece_worst_domain": "worst-domain ECE",
+                       "aurc": "AURC"}
 ID_COLUMNS = ("run", "method", "split", "seeds")
 LOW, HIGH, SE, VALUES = ":low", ":high", ":se", ":values"
 # seeds of one config: runs whose configs differ only in these fields are the same config
@@ -51,6 +54,18 @@ def run_row(table: pd.DataFrame, split: str, thresholds=evaluation.DEFAULT_SHOT_
     estimates = intervals.bootstrap(table, predictions, splits=[split], replicates=max(replicates, 1),
                                     seed=seed, thresholds=thresholds)
     return _columns(estimates, interval=replicates > 0)
+
+
+def _calibration_columns(estimates: pd.DataFrame, interval: bool) -> dict:
+    """The calibration columns of one run and split (none for a run without logits)."""
+    by_metric = estimates.set_index("metric")
+    row = {}
+    for metric, label in CALIBRATION_COLUMNS.items():
+        if metric in by_metric.index:
+            row[label] = by_metric.at[metric, "value"]
+            if interval:
+                row[label + LOW], row[label + HIGH] = by_metric.at[metric, "low"], by_metric.at[metric, "high"]
+    return row
 
 
 def _config_key(cfg: dict) -> str:
@@ -85,12 +100,15 @@ def experiment_table(exp_dir: Path, split: str | None = None, group: str = resul
             raise TallyError(f"{run_dir}: shot thresholds: {e}") from None
         predictions = intervals.read_predictions(run_dir)
         splits = [split] if split else sorted(s for s in table["split"].unique() if s != "val")
+        cal = calibration.calibration_intervals(run_dir, splits, replicates=max(replicates, 1), seed=seed,
+                                                thresholds=thresholds)
         for s in splits:
             if s not in set(table["split"]):
                 continue
             rows.append({"run": run_dir.name, "method": (cfg.get("method") or {}).get("name", "?"), "split": s,
                          "_config": _config_key(cfg), "_seed": (cfg.get("train") or {}).get("seed"),
-                         **run_row(table, s, thresholds, predictions, replicates, seed)})
+                         **run_row(table, s, thresholds, predictions, replicates, seed),
+                         **_calibration_columns(cal[cal["split"] == s], replicates > 0)})
     if not rows:
         raise TallyError(f"{exp_dir}: no finished runs with evaluation tables under {group}/")
     return pd.DataFrame(rows)

@@ -41,6 +41,7 @@ from tally.results.store import (  # noqa: F401
     summarise,
     trial_row,
     truncate_epochs,
+    write_bytes,
     write_json,
     write_parquet,
     write_status,

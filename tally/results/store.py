@@ -45,6 +45,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write_bytes(path, data)
+
+
 def write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode())
 
@@ -404,6 +408,11 @@ def trial_row(run_dir: Path) -> dict:
     for split, values in metrics.items():
         for name, value in values.items():
             row[f"{split}/{name}"] = value
+    # calibration metrics (evaluation/calibration.py writes them beside the temperature): extra columns
+    calibration = read_json(run_dir / "calibration.json") if (run_dir / "calibration.json").is_file() else None
+    for split, values in (clean_metrics((calibration or {}).get("metrics")) or {}).items():
+        for name, value in values.items():
+            row.setdefault(f"{split}/{name}", value)
     return row
 
 

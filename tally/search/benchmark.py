@@ -327,6 +327,9 @@ def run_values(exp_dir: Path, plan: pd.DataFrame) -> pd.DataFrame:
         if p.split not in metrics or table is None:
             continue
         values = dict(metrics[p.split])
+        # calibration (issue 24): extra metrics from calibration.json, when the run kept its logits
+        values.update((results.clean_metrics((results.read_json(run_dir / "calibration.json") or {})
+                                             .get("metrics")) or {}).get(p.split, {}))
         counts = evaluation.count_arrays(table, p.split)
         names = evaluation.accuracy_grid(table, p.split, "n").index
         for name, acc in zip(names, evaluation.domain_accuracies(counts["n"], counts["correct"]), strict=True):

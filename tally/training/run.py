@@ -39,7 +39,7 @@ from tally.data import run_splits
 from tally.data.augment import augment, to_float_normalized
 from tally.data.bank import ImageBank, bank_for_training
 from tally.errors import TallyError
-from tally.evaluation import intervals
+from tally.evaluation import calibration, intervals
 from tally.method.backbone import SplitResNet
 from tally.method.memory import MemorySync
 from tally.method.methods import Method, TrainInfo, build_method
@@ -545,23 +545,28 @@ def _finite(x: float) -> float:
 # ---------------------------------------------------------------- evaluation
 @torch.inference_mode()
 def predict(model: nn.Module, bank: ImageBank, batch_size: int, device: torch.device,
-            confidence: bool = False):
+            confidence: bool = False, logits_out: list | None = None):
     """Plain forward passes (no mixing) over a whole bank; returns predicted class indices (and, with
-    ``confidence``, each prediction's softmax probability).
+    ``confidence``, each prediction's softmax probability). With ``logits_out``, the float32 logits
+    (N, C) are appended to it (calibration).
 
     Always float32, even inside a caller's autocast: logits rounded to bf16 tie (3 significant
     digits), and which class wins a tie would then depend on the precision setting, not the model.
     """
     was_training = model.training
     model.eval()
-    preds, confs = [], []
+    preds, confs, all_logits = [], [], []
     with torch.autocast(device.type, enabled=False):
         for start in range(0, len(bank.labels), batch_size):
             x = to_float_normalized(bank.images[start:start + batch_size].to(device, non_blocking=True))
             logits = model(x).float()
             preds.append(logits.argmax(1).cpu())
             confs.append((logits.amax(1) - logits.logsumexp(1)).exp().cpu())  # softmax of the argmax
+            if logits_out is not None:
+                all_logits.append(logits.cpu())
     model.train(was_training)
+    if logits_out is not None:
+        logits_out.append(torch.cat(all_logits).numpy() if all_logits else np.zeros((0, 0), dtype=np.float32))
     out = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
     if confidence:
         return out, (torch.cat(confs).numpy() if confs else np.zeros(0, dtype=np.float32))
@@ -569,11 +574,15 @@ def predict(model: nn.Module, bank: ImageBank, batch_size: int, device: torch.de
 
 
 def evaluate_split(model, name: str, bank: ImageBank, ds, train_counts, cfg, device,
-                   keep: list | None = None) -> pd.DataFrame:
-    """The split's long table; with ``keep``, its per-example predictions are appended to it too."""
-    preds, conf = predict(model, bank, cfg["train"]["eval_batch_size"], device, confidence=True)
+                   keep: list | None = None, keep_logits: dict | None = None) -> pd.DataFrame:
+    """The split's long table; with ``keep``, its per-example predictions are appended to it too, and
+    with ``keep_logits`` its (logits, labels, domains) are stored under its name (calibration)."""
+    out: list | None = [] if keep_logits is not None else None
+    preds, conf = predict(model, bank, cfg["train"]["eval_batch_size"], device, confidence=True, logits_out=out)
     if keep is not None:
         keep.append(intervals.prediction_frame(name, preds, bank.labels, bank.domains, conf))
+    if keep_logits is not None:
+        keep_logits[name] = (out[0], bank.labels.numpy(), bank.domains.numpy())
     return evaluation.pair_table(name, preds, bank.labels.numpy(), bank.domains.numpy(),
                                  ds.class_names, ds.domain_names, train_counts)
 
@@ -611,13 +620,21 @@ def finalize(cfg, run_dir: Path, method, banks, splits, train_counts, device) ->
     state = load_checkpoint(best_path)
     method.load_state_dict(state["model"])
     kept: list = []  # per-example predictions of the test splits (paired comparisons, exact F1 intervals)
+    logits: dict = {}  # every evaluated split's logits, val included: temperature scaling is fitted on val
     tables = [evaluate_split(method.net, name, banks[name], ds, train_counts, cfg, device,
-                             keep=None if name == "val" else kept)
+                             keep=None if name == "val" else kept, keep_logits=logits)
               for name, ds in splits.items() if name != "train"]
     table = pd.concat(tables, ignore_index=True)
     metrics = evaluation.all_metrics(table, *evaluation.shot_thresholds_of(cfg["data"]))
     results.write_parquet(run_dir / "eval.parquet", table)
     intervals.write_predictions(run_dir, kept)
+    calibration.write_logits(run_dir, logits)
+    # the temperature (fitted on val) and the calibration metrics, apart from metrics.json: those come
+    # from the per-(domain, class) table, these from per-example logits
+    temperature = calibration.temperature_of(logits, cfg["train"]["final"])
+    temperature["metrics"] = calibration.headline_metrics(logits, table, temperature,
+                                                          evaluation.shot_thresholds_of(cfg["data"]))
+    results.write_json(run_dir / calibration.CALIBRATION_FILE, temperature)
     results.write_json(run_dir / "metrics.json", metrics)
     if cfg["train"]["final"]:
         selection = {"split": None, "rule": "final retrain on train + val: the last epoch"}

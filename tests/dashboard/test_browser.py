@@ -4,7 +4,7 @@ Why besides AppTest: AppTest runs the script but not the frontend; this test pro
 through ``tally.dashboard.launch`` on localhost, the page loads, a trial can be picked with the mouse
 and keyboard, plotly draws the grids (values read back from the DOM) with no cell text wider than its
 cell, and a DomainNet-sized grid (120 classes) draws without cell text next to a correct worst-pairs
-table. One server, three page states. No browser is downloaded: Playwright drives /usr/bin/chromium
+table, and the reliability diagram's points are the evaluator's. One server, three page states. No browser is downloaded: Playwright drives /usr/bin/chromium
 (apt package ``chromium``; TALLY_TEST_CHROMIUM overrides the path). Without it the test skips, unless
 TALLY_REQUIRE_BROWSER is set (CI), where it fails.
 """
@@ -21,6 +21,7 @@ import pytest
 from tally import evaluation as ev
 from tally import results
 from tally.dashboard import grids
+from tally.evaluation import calibration
 from tests import store_factory as sf
 from tests.dashboard.server import dashboard_server
 
@@ -67,6 +68,12 @@ def _browser_or_skip():
     return sync_api
 
 
+RELIABILITY_JS = """() => { const gd = Array.from(document.querySelectorAll('.js-plotly-plot')).find(
+  g => g.layout.title && (g.layout.title.text || '').includes('reliability diagram'));
+  const traces = {}; gd.data.slice(1).forEach(t => { traces[t.name] = t.x.map((x, i) => [x, t.y[i]]); });
+  return {title: gd.layout.title.text, traces: traces}; }"""
+
+
 def _settled(page) -> None:
     """Wait until the script has finished its run (Streamlit's own end-to-end tests wait the same way):
     a click during a rerun can land on an element that the rerun then replaces."""
@@ -103,6 +110,7 @@ def test_dashboard_in_chromium(tmp_path):
     big = sf.make_experiment(tmp_path, "domainnet", 4, seed=7, domains=BIG_DOMAINS, classes=BIG_CLASSES,
                              held_out=("sketch",), statuses=["done"] * 4)
     trial = next(t for t in exp.trials_with("done") if t != exp.best)  # not the default selection
+    sf.write_logits(exp.path / results.TRIALS_DIR / trial)  # this trial has calibration to show
     table = results.read_parquet(exp.path / results.TRIALS_DIR / trial / "eval.parquet")
     acc = ev.accuracy_grid(table, "test_sub")
     present = acc[ev.accuracy_grid(table, "test_sub", "n").sum(axis=1) > 0]
@@ -136,7 +144,12 @@ def test_dashboard_in_chromium(tmp_path):
             _settled(page)
             _pick(page, "Trial", trial)
             page.get_by_role("tab", name="Accuracy grid").click()
-            _wait_grids(page, trial, 2)
+            _wait_grids(page, trial, 3)  # test_sub and the held-out domain, and the calibration grid
+            page.wait_for_function(  # the reliability diagram: the diagonal and one line per group
+                "t => Array.from(document.querySelectorAll('.js-plotly-plot')).some(gd => gd.layout.title"
+                " && (gd.layout.title.text || '').includes('reliability diagram (' + t) && gd.data.length > 2"
+                " && gd.querySelector('.scatterlayer .trace'))", arg=trial)
+            reliability = page.evaluate(RELIABILITY_JS)
             small = page.evaluate(GRAPHS_JS)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
@@ -170,6 +183,18 @@ def test_dashboard_in_chromium(tmp_path):
     held = next(g for g in small if g["title"].startswith("test_domain:sketch: pair"))
     assert held["yticks"] == ["sketch"]
     assert not any("n_train" in text for g in small for text, _ in g["cells"])
+
+    # the reliability diagram: every domain with test examples and the tail pairs, before and after
+    # temperature scaling, each point the (confidence, accuracy) of a bin as the evaluator computes it
+    views = calibration.split_views(exp.path / results.TRIALS_DIR / trial, "test_sub")
+    assert re.sub("<[^>]+>", "", reliability["title"]).startswith("test_sub: reliability diagram")  # <b> from the theme
+    want = views["reliability"]
+    assert sorted(reliability["traces"]) == sorted(f"{g} ({w})" for g, w in
+                                                    want[["group", "when"]].drop_duplicates().itertuples(index=False))
+    assert any(name.startswith(calibration.TAIL) for name in reliability["traces"])
+    for (group, when), rows in want.groupby(["group", "when"]):
+        got = reliability["traces"][f"{group} ({when})"]
+        np.testing.assert_allclose(got, rows[["confidence", "accuracy"]].to_numpy().tolist(), atol=1e-9)
 
     # large grid: all 120 classes drawn, no cell text at all, and the worst pairs as the evaluator ranks them
     big_table = results.read_parquet(big.path / results.TRIALS_DIR / big_trial / "eval.parquet")

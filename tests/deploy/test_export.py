@@ -55,6 +55,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(run_dir, tmp_path_factory):
     old = os.umask(0o077)  # a strict umask must not leak into the bundle's permissions
+    _RUN_TEMPERATURE[:] = [results.read_json(run_dir / "calibration.json")["temperature"]]
     try:
         return export_bundle(run_dir, tmp_path_factory.mktemp("bundles") / "bundle")
     finally:
@@ -187,11 +188,22 @@ def test_a_final_retrain_starts_from_a_trial_an_experiment_or_a_bundle(run_dir, 
 
 # ---------------------------------------------------------------- exported programs
 def _eager_logits(bundle: Path, path: Path) -> torch.Tensor:
-    """The package's own pipeline: the training decoder, its resize, normalisation, the eager net."""
+    """The package's own pipeline: the training decoder, its resize, normalisation, the eager net, and
+    the temperature fitted on the run's validation split (read from the run, not the bundle)."""
     predictor = Predictor(bundle)
     x = to_float_normalized(resize_square(read_image(str(path)), predictor.image_size)[None])
     with torch.inference_mode():
-        return predictor.net(x)
+        return predictor.net(x) / _RUN_TEMPERATURE[0]
+
+
+_RUN_TEMPERATURE: list[float] = []  # filled by the bundle fixture from the run folder
+
+
+def test_the_bundle_keeps_the_temperature_fitted_on_validation(run_dir, bundle):
+    info = results.read_json(run_dir / "calibration.json")
+    pre = json.loads((bundle / "preprocessing.json").read_text())
+    assert info["fitted_on"] == "val" and pre["temperature_fitted_on"] == "val"
+    assert pre["temperature"] == info["temperature"] and abs(info["temperature"] - 1) > 1e-3  # a real T, not 1
 
 
 def test_exported_program_equals_the_eager_model_on_images_of_several_sizes(bundle, sized_images):
@@ -238,6 +250,8 @@ def test_onnx_program_gives_the_same_top1_on_the_test_split(run_dir, bundle, tes
     (logits,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     eager = Predictor(bundle).probabilities(images)
     assert np.array_equal(logits.argmax(1), eager.argmax(1).numpy())
+    # the temperature is in the ONNX graph too: its softmax is the calibrated probabilities
+    np.testing.assert_allclose(torch.from_numpy(logits).softmax(1).numpy(), eager.numpy(), atol=1e-4)
     # and on a size that must be resized inside the program
     big = torch.nn.functional.interpolate(images[:8].float(), size=(45, 51)).round().to(torch.uint8)
     (logits,) = session.run(None, {session.get_inputs()[0].name: big.numpy()})
@@ -257,9 +271,14 @@ def test_predict_a_folder_to_csv_with_top_k(bundle, sized_images, tmp_path, tall
     assert (table["label"] == table["top1_label"]).all()
     assert (table["top1_confidence"] >= table["top2_confidence"]).all()
     assert (table["top2_confidence"] >= table["top3_confidence"]).all()
+    program = torch.export.load(bundle / "model.pt2").module()
     for row in table.itertuples():  # the same answer as the eager model, image by image
         probs = _eager_logits(bundle, Path(row.path)).softmax(1)[0]
         assert row.confidence == pytest.approx(float(probs.max()), abs=1e-5)
+        # and as model.pt2's calibrated probabilities (the temperature is inside its graph)
+        calibrated = program(read_image(str(row.path))[None]).softmax(1)[0].detach()
+        assert row.confidence == pytest.approx(float(calibrated.max()), abs=1e-5)
+        assert row.top2_confidence == pytest.approx(float(calibrated.topk(2).values[1]), abs=1e-5)
 
 
 def test_predict_scores_a_labelled_list_like_the_training_evaluation(run_dir, bundle, test_split, tmp_path, tally):

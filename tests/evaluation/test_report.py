@@ -116,3 +116,27 @@ def test_failed_lost_and_unreadable_runs_are_listed_not_dropped(experiment, caps
     assert "broken: failed: TallyError: training diverged" in err
     assert "torn: done; eval.parquet unreadable: " in err
     assert "broken" not in out and "torn" not in out and "tally-s0" in out
+
+
+def test_calibration_columns_for_runs_that_kept_logits(experiment):
+    from tally.evaluation import calibration
+
+    exp, tables = experiment
+    run_dir = exp / "trials" / "tally-s0"
+    rng = np.random.default_rng(0)
+    lab = np.tile(np.repeat(np.arange(C), 20), D)
+    dom = np.repeat(np.arange(D), C * 20)
+    table = tables["tally-s0"]  # the run's predictions, rebuilt from its seed as write_run drew them
+    pred = np.where(np.random.default_rng(0).random(lab.size) < 0.7, lab, (lab + 1) % C)
+    rebuilt = evaluation.pair_table("test", pred, lab, dom, ["a", "b", "c"], ["x", "y"], TRAIN)
+    assert rebuilt["correct"].tolist() == table["correct"].tolist()
+    logits = 3 * np.eye(C)[pred] + rng.uniform(-1, 1, (lab.size, C))
+    calibration.write_logits(run_dir, {"val": (logits, lab, dom), "test": (logits, lab, dom)})
+    frame = experiment_table(exp, replicates=50).set_index("run")
+    want = calibration.calibration_intervals(run_dir, ["test"], replicates=50).set_index("metric")
+    row = frame.loc["tally-s0"]
+    assert row["ECE"] == pytest.approx(want.loc["ece", "value"])
+    assert row["ECE after T"] == pytest.approx(want.loc["ts_ece", "value"])
+    assert row["AURC:low"] <= row["AURC"] <= row["AURC:high"]
+    assert math.isnan(frame.loc["tally-s1", "ECE"])  # no logits: no calibration, shown as --
+    assert "| ECE | ECE after T | worst-domain ECE | AURC |" in format_table(frame.reset_index()).splitlines()[0]

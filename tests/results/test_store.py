@@ -79,6 +79,18 @@ def test_experiment_dir_stays_inside_the_store(tmp_path):
         results.experiment_dir(tmp_path, "../elsewhere")
 
 
+def test_calibration_metrics_are_summary_columns_beside_metrics_json(tmp_path):
+    run = tmp_path / "trials" / "t1"
+    results.write_json(run / "metrics.json", {"val": {"acc": 0.5}})
+    results.write_json(run / "calibration.json", {"temperature": 1.3, "fitted_on": "val",
+                                                  "metrics": {"val": {"ece": 0.2, "acc": 0.9}, "test": {"ts_ece": 0.1}}})
+    row = results.trial_row(run)
+    assert row["val/ece"] == 0.2 and row["test/ts_ece"] == 0.1
+    assert row["val/acc"] == 0.5  # metrics.json wins a name both hold
+    (run / "calibration.json").write_text("[1]")  # unreadable: the accuracy columns remain
+    assert "val/ece" not in results.trial_row(run) and results.trial_row(run)["val/acc"] == 0.5
+
+
 def test_one_bad_file_hides_only_what_it_holds(tmp_path):
     run = tmp_path / "trials" / "t1"
     run.mkdir(parents=True)

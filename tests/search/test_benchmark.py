@@ -201,6 +201,18 @@ def test_table_numbers_are_the_runs_own_metrics(store):
         assert table.loc[(method, "sub", "domain_acc:noisy"), "values"][0] == pytest.approx(acc[2])
 
 
+def test_calibration_metrics_join_the_table_as_extra_rows(store):
+    spec, exp = store
+    run = exp / RUNS_DIR / "tally-sub-seed0"
+    results.write_json(run / "calibration.json", {"temperature": 1.5, "fitted_on": "val",
+                                                  "metrics": {"test_sub": {"ece": 0.12, "ts_ece": 0.03}}})
+    out = benchmark.tables(exp, spec.plan, "erm", replicates=20)
+    values = out["values"].set_index(["run", "metric"])["value"]
+    assert values[("tally-sub-seed0", "ece")] == 0.12 and values[("tally-sub-seed0", "ts_ece")] == 0.03
+    assert ("tally-sub-seed1", "ece") not in values.index  # a run without calibration: no row, no error
+    assert set(out["differences"]["metric"]).isdisjoint({"ece", "ts_ece"})  # verdicts stay accuracy-only
+
+
 def test_differences_per_seed_and_the_verdict(store):
     spec, exp = store
     out = benchmark.tables(exp, spec.plan, "erm", replicates=200)

@@ -12,6 +12,7 @@ import yaml
 
 from tally import evaluation, results
 from tally.errors import TallyError
+from tally.evaluation import calibration, intervals
 from tally.training import evaluate_run_split, train_run
 from tally.training.checkpoints import load_checkpoint
 
@@ -44,6 +45,19 @@ def test_training_learns_and_writes_the_run_folder(tmp_path):
     # `tally evaluate` re-scores the kept checkpoint from the run folder alone: same numbers
     table, again = evaluate_run_split(tmp_path / "run", "test_domain:noisy")
     assert again == pytest.approx(metrics["test_domain:noisy"], nan_ok=True)
+
+    # the kept checkpoint's logits of every evaluated split (val included), in predictions' order,
+    # and the temperature fitted on val alone
+    logits = calibration.read_logits(tmp_path / "run")
+    assert set(logits) == {"val", "test_sub", "test_domain:noisy"}
+    preds = intervals.read_predictions(tmp_path / "run")
+    for split in ("test_sub", "test_domain:noisy"):
+        mine = preds[preds["split"] == split].sort_values("index")
+        assert (logits[split][0].argmax(1) == mine["prediction"].to_numpy()).all()
+        assert (logits[split][1] == mine["label"].to_numpy()).all()
+    info = results.read_json(tmp_path / "run" / calibration.CALIBRATION_FILE)
+    assert info["fitted_on"] == "val"
+    assert info["temperature"] == pytest.approx(calibration.fit_temperature(*logits["val"][:2]))
 
 
 @pytest.mark.slow
@@ -160,6 +174,9 @@ def test_a_final_retrain_trains_on_train_and_val_keeps_its_last_epoch_and_resume
     n = len(splits["train"]) + len(splits["val"])
     assert list(run.epochs["steps"]) == [-(-n // 32), 3]
     assert not any(k.startswith("val/") for k in run.epochs.columns)  # nothing validated
+    # nothing held out to fit a temperature on: T = 1, and the reason is kept
+    info = results.read_json(tmp_path / "final" / calibration.CALIBRATION_FILE)
+    assert info["temperature"] == 1.0 and info["fitted_on"] is None and "final" in info["reason"]
     kept = load_checkpoint(tmp_path / "final" / "checkpoints" / "best.pt")
     last = load_checkpoint(tmp_path / "final" / "checkpoints" / "last.pt")["model"]
     assert kept["epoch"] == 1 and all(torch.equal(v, last[k]) for k, v in kept["model"].items() if torch.is_tensor(v))
