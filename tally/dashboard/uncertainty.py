@@ -1,7 +1,7 @@
 """Intervals for the dashboard: a run's metrics with their 95% intervals, the paired difference of two
 runs, a benchmark folder's tables and a multi-objective search's Pareto front.
 
-Why a module apart from the views: every number comes from tally.evaluation.intervals, tally.search.benchmark
+Why a module apart from the views: every number comes from tally.evaluation.intervals, tally.evaluation.benchmark_tables
 and tally.results (the same code as `tally compare`, `tally benchmark` and `tally export`), so the
 dashboard cannot drift from the CLI; this module only reshapes them for tables and charts. Nothing here
 imports streamlit. Macro F1's draw count is lower than the CLI's (1000) so a page stays fast; the seed
@@ -25,6 +25,8 @@ from tally.evaluation import intervals
 REPLICATES = 500
 LOW, HIGH, SMALL = "95% low", "95% high", "cells < 5 images"
 LEGEND_RUN, LEGEND_DIFF = intervals.LEGEND_RUN, intervals.LEGEND_DIFF
+SEED_LEGEND = ("mean over seeds; SE combines the seed-to-seed spread and the test-set noise all seeds share "
+               "(the same test images); 'small' columns: the most cells of < 5 test images under a seed's worst-case value.")
 BENCHMARK_FILES = ("plan.parquet", "spec.yaml")
 
 
@@ -101,16 +103,16 @@ def benchmark_settings(out: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def seed_frame(out: dict[str, pd.DataFrame], setting: str) -> pd.DataFrame:
-    """One setting's over-seeds table (``benchmark.wide_table``): a row per method, per column the mean,
+    """One setting's over-seeds table (``benchmark_tables.wide_table``): a row per method, per column the mean,
     and its standard error as ``<column> SE``; the seed-level values stay in the CSV."""
-    from tally.search import benchmark
+    from tally.evaluation import benchmark_tables
 
-    wide = benchmark.wide_table(out["table"], setting)
+    wide = benchmark_tables.wide_table(out["table"], setting)
     if wide.empty:
         return wide
     columns = ["method", "seeds"]
     for col in wide.columns:
-        if col not in columns and not col.endswith((":se", ":values")):
+        if col not in columns and not col.endswith((":se", ":values", ":small")):
             wide = wide.rename(columns={f"{col}:se": f"{col} SE"})
             columns += [col, f"{col} SE"]
     return wide[columns]
@@ -118,7 +120,8 @@ def seed_frame(out: dict[str, pd.DataFrame], setting: str) -> pd.DataFrame:
 
 def difference_frame(out: dict[str, pd.DataFrame], setting: str) -> pd.DataFrame:
     """One setting's paired differences against the baseline: mean ± SE over seeds, each seed's
-    interval as text, and the verdict (``benchmark.VERDICT_RULE``)."""
+    interval as text, and the verdict (``benchmark_tables.VERDICT_RULE``; ``comparisons`` and ``adjust``
+    say how many verdicts were made and how they were adjusted)."""
     summary = out["difference_summary"]
     part = summary[summary["setting"] == setting].copy()
     part["per seed (diff [95% low, 95% high])"] = part["per_seed"].map(
