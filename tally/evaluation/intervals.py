@@ -116,17 +116,19 @@ def prediction_frame(split: str, preds, labels, domains, confidence, keys=None) 
 
 
 def image_keys(paths: Sequence[str] | None, root=None, images=None) -> np.ndarray | None:
-    """Stable image keys: paths relative to ``root`` (as given when outside it), or where there are no
-    files a content hash of each decoded image (uint8 rows of ``images``), or None."""
+    """Stable image keys: each path relative to ``root`` (its last three parts, domain/class/file as
+    in the folder layout, when there is no root or it lies outside), or, where the source has no
+    files, a content hash of each decoded image (uint8 rows of ``images``); None without either."""
     if paths is not None and len(paths) and all(paths):
         base = Path(root).expanduser().resolve() if root else None
         out = []
-        for p in paths:
+        for p in paths:  # once per evaluated image at the end of training: not a hot path
             path = Path(p)
+            rel = None
             if base is not None:
-                with contextlib.suppress(ValueError):  # outside the root: kept as given
-                    path = path.resolve().relative_to(base)
-            out.append(path.as_posix())
+                with contextlib.suppress(ValueError):  # outside the root: the last parts below
+                    rel = path.resolve().relative_to(base).as_posix()
+            out.append(rel or "/".join(path.parts[-3:]))
         return np.asarray(out, dtype=object)
     if images is None:
         return None
@@ -135,9 +137,8 @@ def image_keys(paths: Sequence[str] | None, root=None, images=None) -> np.ndarra
     out = np.empty((len(flat), 2), dtype=np.uint64)
     with np.errstate(over="ignore"):  # a wrapping polynomial hash: overflow is the point
         for i in range(0, len(flat), 4096):  # blocks bound the uint64 copy
-            block = flat[i:i + 4096].astype(np.uint64)
-            out[i:i + 4096] = block @ weights.T
-    return np.asarray([f"sha:{a:016x}{b:016x}" for a, b in out], dtype=object)
+            out[i:i + 4096] = flat[i:i + 4096].astype(np.uint64) @ weights.T
+    return np.asarray([f"hash:{a:016x}{b:016x}" for a, b in out], dtype=object)
 
 
 def write_predictions(run_dir: str | Path, frames: Iterable[pd.DataFrame]) -> Path | None:

@@ -573,7 +573,9 @@ def evaluate_split(model, name: str, bank: ImageBank, ds, train_counts, cfg, dev
     """The split's long table; with ``keep``, its per-example predictions are appended to it too."""
     preds, conf = predict(model, bank, cfg["train"]["eval_batch_size"], device, confidence=True)
     if keep is not None:
-        keep.append(intervals.prediction_frame(name, preds, bank.labels, bank.domains, conf))
+        # a stable key per image, so `tally compare` pairs two runs image by image (not by position)
+        keys = intervals.image_keys(getattr(ds, "paths", None), cfg["data"].get("root"), bank.images)
+        keep.append(intervals.prediction_frame(name, preds, bank.labels, bank.domains, conf, keys))
     return evaluation.pair_table(name, preds, bank.labels.numpy(), bank.domains.numpy(),
                                  ds.class_names, ds.domain_names, train_counts)
 
