@@ -159,7 +159,7 @@ def _holm(exp_dir, plan, baselines, per_seed: pd.DataFrame, replicates: int, boo
         now = paired_differences(exp_dir, plan, baselines, replicates, bootstrap_seed, level)
         new = {k for k, r in now.groupby(keys, sort=False)
                if k in comparisons and k not in decided and _verdict(r) in ("better", "worse")}
-        open_rows = ~judged.set_index(keys).index.isin(decided)
+        open_rows = ~judged.set_index(keys).index.isin(list(decided))
         judged.loc[open_rows, ["low", "high"]] = now.loc[open_rows, ["low", "high"]].to_numpy()
         if not new:
             break

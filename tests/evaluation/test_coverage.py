@@ -37,16 +37,28 @@ def test_run_folders_go_through_the_public_api(tmp_path):
     assert (tmp_path / "a" / "predictions.parquet").is_file() and (tmp_path / "b" / "config.yaml").is_file()
 
 
+def pooled(frame, by):
+    """Coverage and false-verdict rate pooled over the other axes (40 sets per cell are too few to judge
+    one cell: at a true 95%, 5 misses of 40 happen 14% of the time; pooled over 120-360 sets a rate
+    below 0.90 or above 0.08 is a real failure, not chance)."""
+    hits = frame.assign(c=frame["coverage"] * frame["sets"], x=frame["excludes0"] * frame["sets"])
+    out = hits.groupby(by)[["c", "x", "sets"]].sum()
+    return out.assign(coverage=out["c"] / out["sets"], excludes0=out["x"] / out["sets"])
+
+
 @pytest.mark.slow
 def test_every_interval_reaches_its_coverage(frame):
-    low = frame[frame["coverage"] < 0.90]
+    """Per kind (run, equal, differ) x metric x layout, over the three accuracy profiles."""
+    cov = pooled(frame, ["kind", "metric", "layout"])
+    low = cov[cov["coverage"] < 0.90]
     assert low.empty, "coverage below 0.90:\n" + low.to_string()
 
 
 @pytest.mark.slow
 def test_equal_models_are_rarely_called_different(frame):
-    equal = frame[frame["kind"] == "equal"]
-    false = equal[equal["excludes0"] > 0.08]
+    """Per metric, over layouts and profiles: equal models' difference interval excludes 0."""
+    rate = pooled(frame[frame["kind"] == "equal"], ["metric"])
+    false = rate[rate["excludes0"] > 0.08]
     assert false.empty, "equal models called different:\n" + false.to_string()
 
 
