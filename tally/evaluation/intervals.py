@@ -354,14 +354,20 @@ def _centred(value: float, draws: np.ndarray, level: float) -> tuple[float, floa
 def _f1_draws(n, p, predicted_obs, correct_obs, n_train, thresholds, rng) -> np.ndarray:
     """Macro F1 of (R, D, C) cell accuracies ``p``: each domain's wrong images spread over the classes
     by a Dirichlet draw around its observed false-positive profile (one pseudo-image spread evenly),
-    so the false positives vary as a multinomial split of the wrong images would."""
+    so the false positives vary as a multinomial split of the wrong images would. The F1 itself is
+    metrics.metric_arrays' definition (WILDS': classes present in the split), written out for the
+    draws alone (the full metric set over R replicates would be computed and thrown away)."""
     fp_obs = (np.asarray(predicted_obs) - np.asarray(correct_obs)).astype(np.float64)
     C = fp_obs.shape[1]
     g = rng.gamma(np.broadcast_to(fp_obs + 1.0 / C, p.shape))
-    profile = g / g.sum(axis=-1, keepdims=True)
+    g /= g.sum(axis=-1, keepdims=True)
     correct = n * p
-    wrong = (n - correct).sum(axis=-1, keepdims=True)
-    return evaluation.metric_arrays(n, correct, correct + wrong * profile, n_train, *thresholds)["macro_f1"]
+    g *= (n - correct).sum(axis=-1, keepdims=True)  # each domain's wrong images, spread over classes
+    tp = correct.sum(axis=-2)
+    support = np.asarray(n, dtype=np.float64).sum(axis=0)
+    present = support > 0
+    f1 = 2 * tp[..., present] / (support[present] + tp[..., present] + g.sum(axis=-2)[..., present])
+    return f1.mean(axis=-1) if present.any() else np.full(p.shape[:-2], np.nan)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -255,3 +255,26 @@ def test_training_keeps_the_test_predictions_of_the_kept_checkpoint(tmp_path, on
     out = intervals.run_intervals(tmp_path / "run", replicates=20)
     assert set(out["split"]) == set(table["split"])
     assert preds.attrs["keyed"] and preds["key"].is_unique
+
+
+def test_macro_f1_of_the_draws_is_the_evaluators_definition():
+    """_f1_draws writes macro F1 out for speed: with the profile draw pinned to its centre it must equal
+    metrics.metric_arrays' macro F1 on the same counts (absent classes, false positives included)."""
+
+    class Pinned:  # a gamma "draw" that returns a huge multiple of its shape: the Dirichlet's mean
+        def gamma(self, shape):
+            return np.asarray(shape) * 1e9
+
+    rng = np.random.default_rng(0)
+    D, C = 3, 5
+    n = rng.integers(0, 6, (D, C))
+    n[:, 4] = 0  # a class absent from the split: not averaged in
+    k = rng.binomial(n, 0.7)
+    predicted = k + rng.integers(0, 3, (D, C))
+    p = np.broadcast_to(np.divide(k, n, out=np.zeros((D, C)), where=n > 0), (4, D, C))
+    got = intervals._f1_draws(n, p, predicted, k, n * 0, (100, 20), Pinned())
+    fp = predicted - k + 1.0 / C
+    correct = n * p
+    spread = (n - correct).sum(-1, keepdims=True) * fp / fp.sum(-1, keepdims=True)
+    want = evaluation.metric_arrays(n, correct, correct + spread, n * 0)["macro_f1"]
+    np.testing.assert_allclose(got, want)
