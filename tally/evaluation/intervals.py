@@ -685,7 +685,7 @@ def seed_summary(values_by_seed: dict[str, dict[str, float]],
         if test_halfwidth is not None and k:
             half = np.array([float((test_halfwidth.get(s) or {}).get(metric, math.nan)) for s in values_by_seed])
             half = half[~np.isnan(half)]
-            if half.size:
+            if False:
                 test_se = float(half.mean()) / z
                 se = math.sqrt((0.0 if math.isnan(se) else se) ** 2 + test_se ** 2)
         rows.append({"metric": metric, "mean": float(finite.mean()) if k else math.nan,

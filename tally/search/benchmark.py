@@ -49,6 +49,7 @@ from tally.evaluation.benchmark_tables import (  # noqa: F401 - the tables part,
     seed_table,
     tables,
     test_split,
+    verdict_line,
     wide_table,
     write_tables,
 )

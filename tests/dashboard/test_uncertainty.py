@@ -101,7 +101,7 @@ def test_paired_is_compare_runs_or_says_why(store):
     keep_predictions(b, seed=2, quality=0.5)
     diff, why = dun.paired(a, b, "test_sub", replicates=200)
     want, _ = intervals.compare_runs(a, b, splits=["test_sub"], replicates=200)
-    assert why == ""
+    assert "without image keys" in why  # keep_predictions writes an older run's file: paired by index
     pd.testing.assert_frame_equal(diff, want.set_index("metric")[["diff", "low", "high", "small_cells"]])
 
 
@@ -223,7 +223,7 @@ def test_benchmark_folder_is_selectable(store, monkeypatch):
     assert (diff.set_index("metric").at["pair_acc_mean", "verdict"]
             == out["difference_summary"].set_index("metric").at["pair_acc_mean", "verdict"])
     assert {b.key for b in at.get("download_button")} >= {"csv_bench_table", "csv_bench_diff", "csv_bench_seeds"}
-    assert "Verdict rule" in texts(at)
+    assert "verdict rule" in texts(at) and "comparisons" in texts(at) and "spread is itself uncertain" in texts(at)
     # the search experiments beside it still work
     at = run_app(store.root, monkeypatch, experiment="pacs-sub")
     assert_ok(at)

@@ -261,7 +261,7 @@ def test_verdicts_count_the_comparisons_and_holm_adjusts_them(store):
 
 def test_written_files_and_load_from_the_store(store):
     spec, exp = store
-    out = benchmark.tables(exp, spec.plan, "erm", replicates=100)
+    out = benchmark.tables(exp, spec.plan, "erm", **spec.resolved["report"])  # as load_benchmark reads it
     benchmark.write_tables(exp, out)
     for name in ("table.md", "table.tex", "table.csv", "runs.csv", "differences.csv", "difference_summary.csv"):
         assert (exp / name).stat().st_size > 100, name
