@@ -357,7 +357,8 @@ def _f1_draws(n, p, predicted_obs, correct_obs, n_train, thresholds, rng) -> np.
     so the false positives vary as a multinomial split of the wrong images would. The F1 itself is
     metrics.metric_arrays' definition (WILDS': classes present in the split), written out for the
     draws alone (the full metric set over R replicates would be computed and thrown away)."""
-    fp_obs = (np.asarray(predicted_obs) - np.asarray(correct_obs)).astype(np.float64)
+    # >= 0: an older table without a `predicted` column reads it as 0 (the dashboard blanks its F1)
+    fp_obs = np.maximum(np.asarray(predicted_obs) - np.asarray(correct_obs), 0).astype(np.float64)
     C = fp_obs.shape[1]
     g = rng.gamma(np.broadcast_to(fp_obs + 1.0 / C, p.shape))
     g /= g.sum(axis=-1, keepdims=True)
@@ -685,7 +686,7 @@ def seed_summary(values_by_seed: dict[str, dict[str, float]],
         if test_halfwidth is not None and k:
             half = np.array([float((test_halfwidth.get(s) or {}).get(metric, math.nan)) for s in values_by_seed])
             half = half[~np.isnan(half)]
-            if False:
+            if half.size:
                 test_se = float(half.mean()) / z
                 se = math.sqrt((0.0 if math.isnan(se) else se) ** 2 + test_se ** 2)
         rows.append({"metric": metric, "mean": float(finite.mean()) if k else math.nan,
