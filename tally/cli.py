@@ -149,7 +149,7 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from tally.evaluation.report import experiment_table, format_table, left_out, seed_table
+    from tally.evaluation.report import experiment_table, format_table, left_out, legend, seed_table
     from tally.results.storage import read_mirror
 
     experiment = read_mirror(args.experiment)  # a bucket store: a local mirror refreshed from it
@@ -160,7 +160,9 @@ def cmd_report(args) -> int:
             print(f"  {line}", file=sys.stderr)
     frame = experiment_table(experiment, args.split, args.group, replicates=args.replicates,
                              seed=args.bootstrap_seed, many_above=args.many_above, few_at_most=args.few_at_most)
-    print(format_table(seed_table(frame) if args.seeds else frame, args.format))
+    shown = seed_table(frame) if args.seeds else frame
+    print(format_table(shown, args.format))
+    print(("% " if args.format == "latex" else "") + legend(shown))
     if args.group == "trials":  # the run the experiment's one selection rule picks (results.select_trial)
         from tally import results
 
@@ -172,7 +174,7 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from tally.evaluation import METRIC_NAMES, calibration
-    from tally.evaluation.intervals import compare_runs, format_difference
+    from tally.evaluation.intervals import LEGEND_DIFF, compare_runs, format_difference
 
     def is_calibration(m: str) -> bool:
         return m.removeprefix(calibration.TS_PREFIX) in calibration.METRIC_NAMES
@@ -189,7 +191,9 @@ def cmd_compare(args) -> int:
     cal = calibration.calibration_differences(args.run_a, args.run_b, splits=sorted(set(frame["split"])),
                                               metrics=sorted({m.removeprefix(calibration.TS_PREFIX) for m in cal_wanted}),
                                               replicates=args.replicates, seed=args.bootstrap_seed)
-    print(f"paired bootstrap, {args.replicates} replicates, 95% percentile intervals")
+    print(LEGEND_DIFF)
+    for note in frame.attrs.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     for split, rows in frame.groupby("split", sort=False):
         print(f"{split}:")
         for metric in wanted:
@@ -307,8 +311,8 @@ def _benchmark_args(p: argparse.ArgumentParser) -> None:
 
 def _interval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicates", type=_ranged_int(1), default=1000, metavar="R",
-                   help="bootstrap replicates for the 95%% intervals (default 1000)")
-    p.add_argument("--bootstrap-seed", type=_ranged_int(0), default=0, help="seed of the bootstrap (default 0)")
+                   help="draws for macro F1's 95%% interval (default 1000; other metrics need none)")
+    p.add_argument("--bootstrap-seed", type=_ranged_int(0), default=0, help="seed of the interval draws (default 0)")
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:

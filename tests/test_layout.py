@@ -86,6 +86,14 @@ def test_dashboard_data_layer_never_imports_streamlit():
                                        "tally.dashboard.search_data", "tally.dashboard.launch"]) == []
 
 
+def test_dashboard_never_imports_search():
+    """The dashboard reads only the store: a finished benchmark's tables come from
+    tally.evaluation.benchmark_tables, never from tally.search (which runs things, on Ray)."""
+    dashboard = [m for m in MODULES if m.startswith("tally.dashboard")]
+    assert dashboard
+    assert _forbidden(("tally.search",), dashboard) == []
+
+
 def test_loading_a_spec_needs_neither_ray_nor_optuna():
     spec_side = ["tally.search", "tally.search.spec", "tally.search.space", "tally.search.dry_run",
                  "tally.config", "tally.results"]

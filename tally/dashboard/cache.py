@@ -98,13 +98,13 @@ def paired(run_a: Path, run_b: Path, split: str):
     return _paired(str(run_a), str(run_b), split, stamps)
 
 
-@st.cache_data(show_spinner="Reading the benchmark (paired bootstraps of its runs) ...", max_entries=8)
+@st.cache_data(show_spinner="Reading the benchmark (paired intervals of its runs) ...", max_entries=8)
 def _benchmark(exp_dir: str, signature: tuple) -> dict:
-    from tally.search import benchmark
+    from tally.evaluation import benchmark_tables
 
-    return benchmark.load_benchmark(exp_dir)
+    return benchmark_tables.load_benchmark(exp_dir)
 
 
 def benchmark(exp_dir: Path) -> dict:
-    """``benchmark.load_benchmark`` of a benchmark folder, re-read when a run or the plan changes."""
+    """``benchmark_tables.load_benchmark`` of a benchmark folder, re-read when a run or the plan changes."""
     return _benchmark(str(exp_dir), dun.benchmark_signature(exp_dir))

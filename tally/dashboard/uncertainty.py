@@ -1,10 +1,10 @@
-"""Intervals for the dashboard: bootstrap intervals of a run's metrics, the paired difference of two
+"""Intervals for the dashboard: a run's metrics with their 95% intervals, the paired difference of two
 runs, a benchmark folder's tables and a multi-objective search's Pareto front.
 
-Why a module apart from the views: every number comes from tally.evaluation.intervals, tally.search.benchmark
+Why a module apart from the views: every number comes from tally.evaluation.intervals, tally.evaluation.benchmark_tables
 and tally.results (the same code as `tally compare`, `tally benchmark` and `tally export`), so the
 dashboard cannot drift from the CLI; this module only reshapes them for tables and charts. Nothing here
-imports streamlit. The replicate count is lower than the CLI's (1000) so a page stays fast; the seed
+imports streamlit. Macro F1's draw count is lower than the CLI's (1000) so a page stays fast; the seed
 is the same fixed one, so a rerun shows the same interval.
 """
 
@@ -23,23 +23,26 @@ from tally.errors import TallyError
 from tally.evaluation import intervals
 
 REPLICATES = 500
-LOW, HIGH = "95% low", "95% high"
+LOW, HIGH, SMALL = "95% low", "95% high", "cells < 5 images"
+LEGEND_RUN, LEGEND_DIFF = intervals.LEGEND_RUN, intervals.LEGEND_DIFF
+SEED_LEGEND = ("mean over seeds; SE combines the seed-to-seed spread and the test-set noise all seeds share "
+               "(the same test images); 'small' columns: the most cells of < 5 test images under a seed's worst-case value.")
 BENCHMARK_FILES = ("plan.parquet", "spec.yaml")
 
 
 # ---------------------------------------------------------------- one run
 def run_intervals(run: results.RunRecord, replicates: int = REPLICATES) -> pd.DataFrame:
-    """``intervals.bootstrap`` of a run (its eval table, its predictions when it kept them, its config's
-    shot thresholds): rows split, metric, value, low, high, f1. Metrics an older table cannot support
-    (``dd.run_metrics`` blanks them) are blanked here too."""
+    """``intervals.table_intervals`` of a run (its eval table, its predictions when it kept them, its
+    config's shot thresholds): rows split, metric, value, low, high, method, small_cells. Metrics an
+    older table cannot support (``dd.run_metrics`` blanks them) are blanked here too."""
     table = run.eval_table
     try:
         predictions = intervals.read_predictions(run.path)
     except (TallyError, OSError, ValueError):  # an unreadable predictions file: the table alone still works
         predictions = None
     thresholds = ev.shot_thresholds_of((run.config or {}).get("data"))
-    out = intervals.bootstrap(table, predictions, replicates=replicates, thresholds=thresholds,
-                              what=str(run.path))
+    out = intervals.table_intervals(table, predictions, replicates=replicates, thresholds=thresholds,
+                                    what=str(run.path))
     lacks = table.attrs.get("lacks", [])
     blank = (["macro_f1"] if "predicted" in lacks else []) + (list(dd.SHOT_METRICS) if "n_train" in lacks else [])
     out.loc[out["metric"].isin(blank), ["value", "low", "high"]] = math.nan
@@ -47,11 +50,13 @@ def run_intervals(run: results.RunRecord, replicates: int = REPLICATES) -> pd.Da
 
 
 def interval_frame(long: pd.DataFrame, splits: list[str]) -> pd.DataFrame:
-    """Metrics (rows) by split, each split as three columns: ``<split>``, ``<split> 95% low``, ``... high``."""
+    """Metrics (rows) by split, each split as four columns: ``<split>``, ``<split> 95% low``, ``... high``
+    and ``... cells < 5 images`` (under a worst-case value; 0 elsewhere)."""
     parts = []
     for split in splits:
         rows = long[long["split"] == split].set_index("metric")
-        parts.append(rows[["value", "low", "high"]].set_axis([split, f"{split} {LOW}", f"{split} {HIGH}"], axis=1))
+        parts.append(rows[["value", "low", "high", "small_cells"]].set_axis(
+            [split, f"{split} {LOW}", f"{split} {HIGH}", f"{split} {SMALL}"], axis=1))
     order = list(dict.fromkeys(long["metric"]))
     return pd.concat(parts, axis=1).reindex(order) if parts else pd.DataFrame(index=order)
 
@@ -61,8 +66,9 @@ def has_predictions(run_dir: Path) -> bool:
 
 
 def paired(run_a: Path, run_b: Path, split: str, replicates: int = REPLICATES) -> tuple[pd.DataFrame | None, str]:
-    """(rows metric, diff, low, high of A - B on ``split``, "") from ``intervals.compare_runs``, or
-    (None, why not): a run without per-example predictions, or test sets that differ."""
+    """(rows metric, diff, low, high, small_cells of A - B on ``split``, notes) from
+    ``intervals.compare_runs``, or (None, why not): a run without per-example predictions, or test
+    sets that differ."""
     lacking = [Path(r).name for r in (run_a, run_b) if not has_predictions(r)]
     if lacking:
         return None, (f"no paired difference: {', '.join(lacking)} kept no per-example predictions "
@@ -71,7 +77,7 @@ def paired(run_a: Path, run_b: Path, split: str, replicates: int = REPLICATES) -
         frame, _ = intervals.compare_runs(run_a, run_b, splits=[split], replicates=replicates)
     except TallyError as exc:
         return None, f"no paired difference: {exc}"
-    return frame.set_index("metric")[["diff", "low", "high"]], ""
+    return frame.set_index("metric")[["diff", "low", "high", "small_cells"]], "; ".join(frame.attrs.get("notes", []))
 
 
 # ---------------------------------------------------------------- benchmark folders
@@ -97,16 +103,16 @@ def benchmark_settings(out: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def seed_frame(out: dict[str, pd.DataFrame], setting: str) -> pd.DataFrame:
-    """One setting's over-seeds table (``benchmark.wide_table``): a row per method, per column the mean,
+    """One setting's over-seeds table (``benchmark_tables.wide_table``): a row per method, per column the mean,
     and its standard error as ``<column> SE``; the seed-level values stay in the CSV."""
-    from tally.search import benchmark
+    from tally.evaluation import benchmark_tables
 
-    wide = benchmark.wide_table(out["table"], setting)
+    wide = benchmark_tables.wide_table(out["table"], setting)
     if wide.empty:
         return wide
     columns = ["method", "seeds"]
     for col in wide.columns:
-        if col not in columns and not col.endswith((":se", ":values")):
+        if col not in columns and not col.endswith((":se", ":values", ":small")):
             wide = wide.rename(columns={f"{col}:se": f"{col} SE"})
             columns += [col, f"{col} SE"]
     return wide[columns]
@@ -114,7 +120,8 @@ def seed_frame(out: dict[str, pd.DataFrame], setting: str) -> pd.DataFrame:
 
 def difference_frame(out: dict[str, pd.DataFrame], setting: str) -> pd.DataFrame:
     """One setting's paired differences against the baseline: mean ± SE over seeds, each seed's
-    interval as text, and the verdict (``benchmark.VERDICT_RULE``)."""
+    interval as text, and the verdict (``benchmark_tables.VERDICT_RULE``; ``comparisons`` and ``adjust``
+    say how many verdicts were made and how they were adjusted)."""
     summary = out["difference_summary"]
     part = summary[summary["setting"] == setting].copy()
     part["per seed (diff [95% low, 95% high])"] = part["per_seed"].map(

@@ -56,24 +56,23 @@ def data_table(frame: pd.DataFrame, key: str, file_name: str, *, full: pd.DataFr
 
 def metric_table(frame: pd.DataFrame, key: str, file_name: str) -> None:
     """Metrics (rows) by split or trial (columns), every row visible, 4 decimals."""
-    config = {c: st.column_config.NumberColumn(str(c), format="%.4f") for c in frame.columns}
+    config = {c: st.column_config.NumberColumn(str(c), format="%d" if str(c).endswith(dun.SMALL) else "%.4f")
+              for c in frame.columns}
     data_table(frame, key, file_name, hide_index=False, column_config=config, height=35 * (len(frame) + 1) + 3)
 
 
 def run_metrics_section(run, trial_id: str, splits: list[str], key: str, file_name: str) -> None:
-    """A run's metrics by split, each with its 95% bootstrap interval (``uncertainty.run_intervals``);
-    the plain metrics when the bootstrap cannot run on this table (said so, never an error)."""
+    """A run's metrics by split, each with its 95% interval (``uncertainty.run_intervals``); the plain
+    metrics when the intervals cannot be computed on this table (said so, never an error)."""
     try:
         long = cache.run_intervals(run.path)
-    except Exception as exc:  # noqa: BLE001 - e.g. an old table the bootstrap refuses: show the values
+    except Exception as exc:  # noqa: BLE001 - e.g. an old table the intervals refuse: show the values
         st.markdown(f"**Metrics of {trial_id}** (from its eval table)")
         st.caption(f"No intervals: {exc}")
         metric_table(dd.run_metrics_frame(run.eval_table, splits), key, file_name)
         return
-    exact = "exact (per-example predictions)" if (long["f1"] == "exact").any() else \
-        "approximate (no per-example predictions: pooled per domain)"
-    st.markdown(f"**Metrics of {trial_id}** with 95% bootstrap intervals (within (domain, class) pairs, "
-                f"{dun.REPLICATES} replicates; macro F1's {exact})")
+    st.markdown(f"**Metrics of {trial_id}** with 95% intervals over the test images")
+    st.caption(dun.LEGEND_RUN + "; the column 'cells < 5 images' gives k.")
     metric_table(dun.interval_frame(long, splits), key, file_name)
 
 
@@ -255,10 +254,12 @@ def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
     table = _compare_table(run_a, run_b, a, b, split)
     diff, why = cache.paired(run_a.path, run_b.path, split)
     if diff is not None:
-        table = table.join(diff.rename(columns={"diff": "A - B", "low": f"A - B {dun.LOW}",
-                                                "high": f"A - B {dun.HIGH}"})[[f"A - B {dun.LOW}", f"A - B {dun.HIGH}"]])
-        st.markdown(f"**{a} - {b} on {split}**: per-run 95% intervals, and the paired bootstrap interval of the "
-                    "difference (both runs redrawn with the same test images, as `tally compare`)")
+        table = table.join(diff.rename(columns={"diff": "A - B", "low": f"A - B {dun.LOW}", "high": f"A - B {dun.HIGH}",
+                                                "small_cells": f"A - B {dun.SMALL}"})[
+            [f"A - B {dun.LOW}", f"A - B {dun.HIGH}", f"A - B {dun.SMALL}"]])
+        st.markdown(f"**{a} - {b} on {split}**: per-run 95% intervals, and the paired interval of the "
+                    "difference (on the same test images, as `tally compare`)")
+        st.caption(dun.LEGEND_DIFF + (f". Note: {why}" if why else ""))
     else:
         st.markdown(f"**{a} and {b} on {split}** with per-run 95% intervals")
         st.caption(why)
@@ -266,7 +267,7 @@ def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
 
 
 def _compare_table(run_a, run_b, a: str, b: str, split: str) -> pd.DataFrame:
-    """Both runs' metrics on ``split`` with their intervals (plain values when the bootstrap fails) and A - B."""
+    """Both runs' metrics on ``split`` with their intervals (plain values when they fail) and A - B."""
     if a == b:  # the same trial twice: distinct column names
         a, b = f"A: {a}", f"B: {b}"
     parts = []
@@ -274,7 +275,8 @@ def _compare_table(run_a, run_b, a: str, b: str, split: str) -> pd.DataFrame:
         try:
             long = cache.run_intervals(run.path)
             part = dun.interval_frame(long[long["split"] == split], [split])
-            parts.append(part.set_axis([label, f"{label} {dun.LOW}", f"{label} {dun.HIGH}"], axis=1))
+            parts.append(part.set_axis([label, f"{label} {dun.LOW}", f"{label} {dun.HIGH}", f"{label} {dun.SMALL}"],
+                                       axis=1))
         except Exception:  # noqa: BLE001 - the plain metric still shows
             parts.append(pd.DataFrame({label: dd.run_metrics(run.eval_table)[split]}))
     table = pd.concat(parts, axis=1)

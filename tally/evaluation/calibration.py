@@ -418,12 +418,12 @@ def _split_examples(table: pd.DataFrame, split: str, arrays: tuple, thresholds, 
 def calibration_intervals(run_dir: str | Path, splits: Sequence[str] | None = None, *,
                           replicates: int = REPLICATES, level: float = LEVEL, seed: int = SEED,
                           bins: int = BINS, thresholds: tuple[int, int] | None = None) -> pd.DataFrame:
-    """Rows ``split, metric, value, low, high, f1`` (run_intervals' format; ``f1`` is ``"-"``) of every
+    """Rows ``split, metric, value, low, high, method, small_cells`` (run_intervals' format) of every
     calibration metric of a run, before and after temperature scaling; empty for a run without
     logits. The temperature: the run's calibration.json, else fitted now on its validation logits.
     """
     run_dir = Path(run_dir)
-    columns = ["split", "metric", "value", "low", "high", "f1"]
+    columns = ["split", "metric", "value", "low", "high", "method", "small_cells"]
     logits = read_logits(run_dir)
     if logits is None:
         return pd.DataFrame(columns=columns)
@@ -446,8 +446,8 @@ def calibration_intervals(run_dir: str | Path, splits: Sequence[str] | None = No
         rows += split_intervals(ex, split, scaled, replicates=replicates, level=level, rng=rng, bins=bins)
         rows.append({"split": split, "metric": "temperature", "value": float(info["temperature"]),
                      "low": math.nan, "high": math.nan})
-    frame = pd.DataFrame(rows, columns=columns[:-1])
-    frame["f1"] = "-"
+    frame = pd.DataFrame(rows, columns=columns[:-2])
+    frame["method"], frame["small_cells"] = "bootstrap over images within cells", 0
     return frame
 
 

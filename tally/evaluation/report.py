@@ -1,10 +1,12 @@
 """DomainBed-style tables of an experiment: rows runs (or configs over seeds), columns domains and summaries.
 
 Every number comes from the stored per-(domain, class) tables through tally.evaluation, and every
-number is shown with its uncertainty: a run's metric with its 95% bootstrap interval (tally.evaluation.intervals:
-within-pair resampling of the test images), or, over seeds, the mean ± standard error with the
+number is shown with its uncertainty: a run's metric with its 95% interval over the test images
+(tally.evaluation.intervals: the method per kind of metric, coverage measured), or, over seeds, the
+mean ± a standard error that combines the seed-to-seed spread and the test-set noise, with the
 seed-level values. A metric column ``m`` of a table frame has companions ``m:low`` / ``m:high``
-(interval) or ``m:se`` / ``m:values`` (seeds), which ``format_table`` folds into one cell.
+(interval), ``m:small`` (cells of < 5 images under a worst-case value) or ``m:se`` / ``m:values``
+(seeds), which ``format_table`` folds into one cell; ``legend`` says what they mean in one line.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ SUMMARY_COLUMNS = {"pair_acc_mean": "avg pair", "domain_acc_worst": "worst domai
 CALIBRATION_COLUMNS = {"ece": "ECE", "ts_ece": "ECE after T", "ece_worst_domain": "worst-domain ECE",
                        "aurc": "AURC"}
 ID_COLUMNS = ("run", "method", "split", "seeds")
-LOW, HIGH, SE, VALUES = ":low", ":high", ":se", ":values"
+LOW, HIGH, SE, VALUES, SMALL = ":low", ":high", ":se", ":values", ":small"
 # seeds of one config: runs whose configs differ only in these fields are the same config
 SEED_FIELDS = (("train", "seed"), ("method", "seed"))
 
 
 def _columns(estimates: pd.DataFrame, interval: bool) -> dict:
-    """Report columns of one run and split from ``intervals.bootstrap`` rows (domains, then summaries)."""
+    """Report columns of one run and split from ``intervals.table_intervals`` rows (domains, then summaries)."""
     by_metric = estimates.set_index("metric")
     row = {}
     names = [m for m in by_metric.index if m.startswith(intervals.DOMAIN_PREFIX)]
@@ -43,6 +45,7 @@ def _columns(estimates: pd.DataFrame, interval: bool) -> dict:
         row[label] = by_metric.at[metric, "value"]
         if interval:
             row[label + LOW], row[label + HIGH] = by_metric.at[metric, "low"], by_metric.at[metric, "high"]
+            row[label + SMALL] = int(by_metric.at[metric, "small_cells"])
     return row
 
 
@@ -50,9 +53,9 @@ def run_row(table: pd.DataFrame, split: str, thresholds=evaluation.DEFAULT_SHOT_
             predictions: pd.DataFrame | None = None, replicates: int = intervals.REPLICATES,
             seed: int = intervals.SEED) -> dict:
     """Per-domain accuracy (mean pair accuracy within the domain) plus summary metrics of a split,
-    each with its bootstrap interval (``replicates`` 0: point values only)."""
-    estimates = intervals.bootstrap(table, predictions, splits=[split], replicates=max(replicates, 1),
-                                    seed=seed, thresholds=thresholds)
+    each with its 95% interval (``replicates`` 0: point values only; else macro F1's draws)."""
+    estimates = intervals.table_intervals(table, predictions, splits=[split], replicates=max(replicates, 1),
+                                          seed=seed, thresholds=thresholds)
     return _columns(estimates, interval=replicates > 0)
 
 
@@ -82,8 +85,8 @@ def experiment_table(exp_dir: Path, split: str | None = None, group: str = resul
     """One row per finished run of ``group`` (trials, confirm, robustness) on each test split.
 
     Shot thresholds: each run's config (its dataset's, ``evaluation.shot_thresholds``) unless
-    ``many_above`` / ``few_at_most`` are given. Intervals: ``replicates`` bootstrap replicates
-    (0 = none); exact for macro F1 where the run kept its per-example predictions.
+    ``many_above`` / ``few_at_most`` are given. Intervals: ``intervals.table_intervals`` (``replicates``
+    0 = none; else macro F1's draws).
     """
     rows = []
     for path in sorted((Path(exp_dir) / group).glob("*/eval.parquet")):
@@ -134,16 +137,22 @@ def left_out(exp_dir: Path, group: str = results.TRIALS_DIR) -> list[str]:
 
 def seed_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Runs of one config (differing only in seeds) folded into one row per split: each metric's mean,
-    standard error and seed-level values (``intervals.seed_summary``); ``seeds`` counts the runs."""
+    standard error and seed-level values (``intervals.seed_summary``: the SE carries the seed-to-seed
+    spread and, where the runs have intervals, the test-set noise every seed shares); ``seeds`` counts
+    the runs."""
     metrics = [c for c in frame.columns if c not in ID_COLUMNS and not c.startswith("_") and ":" not in c]
     rows = []
     for (_, split), runs in frame.groupby(["_config", "split"], sort=False):
         by_seed = {str(r["run"]): {m: r[m] for m in metrics} for _, r in runs.iterrows()}
-        summary = intervals.seed_summary(by_seed).set_index("metric")
+        half = ({str(r["run"]): {m: (r[m + HIGH] - r[m + LOW]) / 2 for m in metrics if m + LOW in r}
+                 for _, r in runs.iterrows()} if any(m + LOW in frame for m in metrics) else None)
+        summary = intervals.seed_summary(by_seed, half).set_index("metric")
         row = {"run": ", ".join(by_seed), "method": runs["method"].iloc[0], "split": split, "seeds": len(runs)}
         for m in metrics:
             row[m], row[m + SE], row[m + VALUES] = summary.at[m, "mean"], summary.at[m, "stderr"], \
                 summary.at[m, "values"]
+            if m + SMALL in runs:
+                row[m + SMALL] = runs[m + SMALL].max()
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -152,9 +161,22 @@ def _percent(value, digits: int = 1) -> str:
     return "--" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}"
 
 
+def legend(df: pd.DataFrame) -> str:
+    """One line saying what the table's ± and [ ] mean (printed under every table)."""
+    if any(c.endswith(SE) for c in df.columns):
+        seeds = pd.to_numeric(df.get("seeds", pd.Series([0])), errors="coerce").min()
+        text = ("mean over seeds ± SE (seed-to-seed spread and the test-set noise all seeds share), then each "
+                "seed's value")
+        if seeds == seeds and seeds <= 3:
+            text += f"; with {int(seeds)} seed(s) the spread is itself uncertain (an SE from 2-3 values can be far off)"
+        return text + "; '!k': a worst-case value resting on k cells with < 5 test images."
+    return intervals.LEGEND_RUN + "."
+
+
 def format_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
-    """Markdown or LaTeX, in percent as DomainBed prints: ``85.3 [82.1, 88.0]`` (a run's 95% interval)
-    or ``85.3 ± 1.2 (84.1, 86.5)`` (mean ± standard error over seeds, then each seed's value)."""
+    """Markdown or LaTeX, in percent as DomainBed prints: ``85.3 [82.1, 88.0]`` (a run's 95% interval;
+    ``!3``: a worst-case value resting on 3 cells of < 5 images) or ``85.3 ± 1.2 (84.1, 86.5)`` (mean ±
+    SE over seeds, then each seed's value); ``legend`` says so in one line."""
     pm = r"$\pm$" if fmt == "latex" else "±"
     shown = {}
     for col in df.columns:
@@ -169,6 +191,8 @@ def format_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
             cell = _percent(v)
             if col + LOW in df and not math.isnan(df[col + LOW].iat[i]):
                 cell += f" [{_percent(df[col + LOW].iat[i])}, {_percent(df[col + HIGH].iat[i])}]"
+            if col + SMALL in df and df[col + SMALL].iat[i] == df[col + SMALL].iat[i] and df[col + SMALL].iat[i] > 0:
+                cell += f" !{int(df[col + SMALL].iat[i])}"
             if col + SE in df and cell != "--":
                 se = df[col + SE].iat[i]
                 cell += f" {pm} {_percent(se)}" if not math.isnan(se) else ""

@@ -24,7 +24,6 @@ seed to show the difference on its own, so neither one lucky seed nor test-set n
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -33,30 +32,37 @@ from pathlib import Path
 import pandas as pd
 
 from tally import config as config_mod
-from tally import evaluation, results
+from tally import results
 from tally.config import check_int, check_section
 from tally.errors import TallyError
-from tally.evaluation import intervals
+from tally.evaluation.benchmark_tables import (  # noqa: F401 - the tables part, re-exported for callers
+    DIFFERENCE_METRICS,
+    RUNS_DIR,
+    SUMMARY,
+    VERDICT_RULE,
+    difference_summary,
+    latex,
+    load_benchmark,
+    markdown,
+    paired_differences,
+    run_values,
+    seed_table,
+    tables,
+    test_split,
+    verdict_line,
+    wide_table,
+    write_tables,
+)
 from tally.search.spec import ENV_RE, check_resources
 
-RUNS_DIR = "runs"
 TOP_KEYS = ("name", "data", "base", "methods", "baseline", "settings", "seeds", "selection_metric",
             "concurrency", "resources", "report")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 METHOD_RE = re.compile(r"[A-Za-z0-9_.]+")  # no '-': it separates the parts of a run id
 # data fields a searched config may differ in from the benchmark's data (they do not change the images)
 FREE_DATA_FIELDS = frozenset({"setting", "held_out", "shot_many_above", "shot_few_at_most", "decode_workers"})
-DEFAULT_REPORT = {"replicates": 1000, "bootstrap_seed": 0}
-# the table's summary columns (report.py's, so `tally report` and `tally benchmark` read alike)
-SUMMARY = {"pair_acc_mean": "avg pair", "domain_acc_worst": "worst domain", "class_acc_worst": "worst class",
-           "pair_acc_worst": "worst pair", "shot_many": "many", "shot_medium": "medium", "shot_few": "few",
-           "shot_zero": "zero", "macro_f1": "macro F1"}
-DIFFERENCE_METRICS = ("pair_acc_mean", "pair_acc_worst", "class_acc_worst", "domain_acc_worst", "shot_few",
-                      "shot_zero", "macro_f1")
-VERDICT_RULE = ("better / worse: the paired 95% bootstrap interval of (method - baseline) lies above / below 0 "
-                "for every seed; otherwise no clear difference")
-
-
+DEFAULT_REPORT = {"replicates": 1000, "bootstrap_seed": 0, "adjust": "none"}
+ADJUST = ("none", "holm")
 # ---------------------------------------------------------------- the spec
 @dataclass
 class BenchmarkSpec:
@@ -109,8 +115,11 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     out["concurrency"] = check_int("concurrency", raw.get("concurrency", 1), 1)
     out["resources"] = check_resources(raw.get("resources"))
     rep = check_section("report", raw.get("report"), DEFAULT_REPORT)
+    if rep["adjust"] not in ADJUST:
+        raise TallyError(f"report.adjust: expected one of {', '.join(ADJUST)}, got {rep['adjust']!r}")
     out["report"] = {"replicates": check_int("report.replicates", rep["replicates"], 1),
-                     "bootstrap_seed": check_int("report.bootstrap_seed", rep["bootstrap_seed"], 0)}
+                     "bootstrap_seed": check_int("report.bootstrap_seed", rep["bootstrap_seed"], 0),
+                     "adjust": rep["adjust"]}
 
     from tally.data import load_splits
 
@@ -146,11 +155,6 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
                 plan.append({"run": run_id, "method": label, "setting": setting, "split": test_split(setting),
                              "seed": seed})
     return BenchmarkSpec(out["name"], out, runs, pd.DataFrame(plan), domain_names, source)
-
-
-def test_split(setting: str) -> str:
-    """The test split a setting is scored on: test_sub, or the held-out domain's own test split."""
-    return "test_sub" if setting == "sub" else f"test_domain:{setting.removeprefix('heldout-')}"
 
 
 def _validated(build, path: str):
@@ -313,176 +317,6 @@ def pending_runs(spec: BenchmarkSpec, exp_dir: Path) -> dict[str, dict]:
         if status != "done" or results.read_json(run_dir / "metrics.json") is None:
             todo[run_id] = cfg
     return todo
-
-
-# ---------------------------------------------------------------- tables
-def run_values(exp_dir: Path, plan: pd.DataFrame) -> pd.DataFrame:
-    """Long table of every finished run's numbers on its setting's test split: run, method, setting,
-    seed, metric, value. Metrics are the run's metrics.json; ``domain_acc:<d>`` its eval.parquet's."""
-    rows = []
-    for p in plan.itertuples(index=False):
-        run_dir = Path(exp_dir) / RUNS_DIR / p.run
-        metrics = results.clean_metrics(results.read_json(run_dir / "metrics.json")) or {}
-        table = results.read_parquet(run_dir / "eval.parquet")
-        if p.split not in metrics or table is None:
-            continue
-        values = dict(metrics[p.split])
-        # calibration (issue 24): extra metrics from calibration.json, when the run kept its logits
-        values.update((results.clean_metrics((results.read_json(run_dir / "calibration.json") or {})
-                                             .get("metrics")) or {}).get(p.split, {}))
-        counts = evaluation.count_arrays(table, p.split)
-        names = evaluation.accuracy_grid(table, p.split, "n").index
-        for name, acc in zip(names, evaluation.domain_accuracies(counts["n"], counts["correct"]), strict=True):
-            if not math.isnan(acc):
-                values[intervals.DOMAIN_PREFIX + str(name)] = float(acc)
-        rows += [{"run": p.run, "method": p.method, "setting": p.setting, "seed": p.seed, "metric": m,
-                  "value": v} for m, v in values.items()]
-    return pd.DataFrame(rows, columns=["run", "method", "setting", "seed", "metric", "value"])
-
-
-def seed_table(values: pd.DataFrame) -> pd.DataFrame:
-    """method, setting, metric -> mean, stderr, n (seeds), values (each seed's), via intervals.seed_summary."""
-    parts = []
-    for (method, setting), rows in values.groupby(["method", "setting"], sort=False):
-        by_seed = {str(s): dict(zip(r["metric"], r["value"], strict=True)) for s, r in rows.groupby("seed")}
-        summary = intervals.seed_summary(by_seed)
-        parts.append(summary.assign(method=method, setting=setting))
-    columns = ["method", "setting", "metric", "mean", "stderr", "n", "values"]
-    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
-
-
-def paired_differences(exp_dir: Path, plan: pd.DataFrame, baselines: list[str], replicates: int = 1000,
-                       bootstrap_seed: int = 0) -> pd.DataFrame:
-    """Per seed and setting: every other method minus each baseline's run with the same seed, on the
-    setting's test split (paired bootstrap; rows metric, diff, low, high)."""
-    baselines = [baselines] if isinstance(baselines, str) else list(baselines)
-    done = plan[[(Path(exp_dir) / RUNS_DIR / r / "metrics.json").is_file() for r in plan["run"]]]
-    rows = []
-    for baseline in baselines:
-        base = done[done["method"] == baseline].set_index(["setting", "seed"])["run"]
-        for p in done[~done["method"].isin(baselines)].itertuples(index=False):
-            other = base.get((p.setting, p.seed))
-            if other is None:
-                continue
-            frame, _ = intervals.compare_runs(Path(exp_dir) / RUNS_DIR / p.run, Path(exp_dir) / RUNS_DIR / other,
-                                              splits=[p.split], replicates=replicates, seed=bootstrap_seed)
-            rows.append(frame.drop(columns=["split"]).assign(method=p.method, baseline=baseline,
-                                                              setting=p.setting, seed=p.seed))
-    columns = ["method", "baseline", "setting", "seed", "metric", "a", "b", "diff", "low", "high"]
-    return pd.concat(rows, ignore_index=True)[columns] if rows else pd.DataFrame(columns=columns)
-
-
-def difference_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Across seeds: mean difference ± standard error, the per-seed intervals, and the verdict
-    (VERDICT_RULE)."""
-    rows = []
-    for (method, baseline, setting, metric), r in per_seed.groupby(["method", "baseline", "setting", "metric"],
-                                                                   sort=False):
-        diffs = r["diff"].to_numpy(float)
-        k = len(diffs)
-        verdict = ("n/a" if r["diff"].isna().all() else "better" if (r["low"] > 0).all()
-                   else "worse" if (r["high"] < 0).all() else "no clear difference")
-        rows.append({"method": method, "baseline": baseline, "setting": setting, "metric": metric,
-                     "mean_diff": float(diffs.mean()),
-                     "stderr": float(diffs.std(ddof=1) / math.sqrt(k)) if k > 1 else math.nan, "seeds": k,
-                     "per_seed": tuple(zip(r["seed"].tolist(), diffs.tolist(), r["low"].tolist(),
-                                           r["high"].tolist(), strict=True)),
-                     "verdict": verdict})
-    return pd.DataFrame(rows, columns=["method", "baseline", "setting", "metric", "mean_diff", "stderr",
-                                       "seeds", "per_seed", "verdict"])
-
-
-def tables(exp_dir: Path, plan: pd.DataFrame, baselines: list[str], replicates: int = 1000,
-           bootstrap_seed: int = 0) -> dict[str, pd.DataFrame]:
-    """Everything a benchmark shows, from the store alone: ``values`` (per run), ``table`` (over seeds),
-    ``differences`` (per seed) and ``difference_summary``. The dashboard's benchmark view reads these."""
-    values = run_values(exp_dir, plan)
-    per_seed = paired_differences(exp_dir, plan, baselines, replicates, bootstrap_seed)
-    return {"values": values, "table": seed_table(values), "differences": per_seed,
-            "difference_summary": difference_summary(per_seed)}
-
-
-def load_benchmark(exp_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """``tables`` of a benchmark folder (its stored plan and spec), for readers such as the dashboard."""
-    exp_dir = Path(exp_dir)
-    plan, spec = results.read_parquet(exp_dir / "plan.parquet"), results.read_yaml(exp_dir / "spec.yaml")
-    if plan is None or spec is None:
-        raise TallyError(f"{exp_dir}: not a benchmark folder (no plan.parquet / spec.yaml)")
-    return tables(exp_dir, plan, spec["baseline"], **spec.get("report", {}))
-
-
-# ---------------------------------------------------------------- formatting
-def wide_table(table: pd.DataFrame, setting: str) -> pd.DataFrame:
-    """One setting as report.format_table's frame: a row per method, a column per domain and summary
-    metric, with ``:se`` and ``:values`` companions."""
-    rows = []
-    part = table[table["setting"] == setting]
-    domains = [m for m in dict.fromkeys(part["metric"]) if m.startswith(intervals.DOMAIN_PREFIX)]
-    labels = {**{m: m[len(intervals.DOMAIN_PREFIX):] for m in domains}, **SUMMARY}
-    for method, r in part.groupby("method", sort=False):
-        by_metric = r.set_index("metric")
-        row = {"method": method, "seeds": str(int(by_metric["n"].max()))}
-        for metric, label in labels.items():
-            if metric in by_metric.index:
-                row[label], row[label + ":se"] = by_metric.at[metric, "mean"], by_metric.at[metric, "stderr"]
-                row[label + ":values"] = by_metric.at[metric, "values"]
-            else:
-                row[label], row[label + ":se"], row[label + ":values"] = math.nan, math.nan, ()
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def format_difference_rows(summary: pd.DataFrame, setting: str) -> list[str]:
-    """Markdown rows: metric | mean ± SE | per seed: diff [low, high] | verdict (percentage points)."""
-    lines = []
-    for r in summary[summary["setting"] == setting].itertuples(index=False):
-        if math.isnan(r.mean_diff):  # undefined on this split (e.g. few-shot pairs of a held-out domain)
-            continue
-        se = "" if math.isnan(r.stderr) else f" ± {100 * r.stderr:.1f}"
-        seeds = "; ".join(f"s{s}: {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for s, d, lo, hi in r.per_seed)
-        lines.append(f"| {r.method} - {r.baseline} | {evaluation.metric_label(r.metric)} | "
-                     f"{100 * r.mean_diff:+.1f}{se} | {seeds} | {r.verdict} |")
-    return lines
-
-
-def markdown(out: dict[str, pd.DataFrame], metrics=DIFFERENCE_METRICS) -> str:
-    """The benchmark's tables (percent; mean ± SE over seeds, then each seed) and paired differences."""
-    from tally.evaluation.report import format_table
-
-    blocks = []
-    for setting in dict.fromkeys(out["table"]["setting"]):
-        blocks.append(f"### {setting} ({test_split(setting)})\n\n" + format_table(wide_table(out["table"], setting)))
-        diff = out["difference_summary"]
-        diff = diff[diff["metric"].isin(metrics)]
-        if len(diff[diff["setting"] == setting]):
-            blocks.append("paired differences (percentage points; per seed: 95% paired bootstrap interval)\n\n"
-                          "| comparison | metric | mean ± SE over seeds | per seed | verdict |\n|---|---|---|---|---|\n"
-                          + "\n".join(format_difference_rows(diff, setting)))
-    blocks.append(f"verdict rule: {VERDICT_RULE}.")
-    return "\n\n".join(blocks) + "\n"
-
-
-def latex(out: dict[str, pd.DataFrame]) -> str:
-    from tally.evaluation.report import format_table
-
-    return "\n".join(f"% {setting} ({test_split(setting)})\n" + format_table(wide_table(out["table"], setting), "latex")
-                     for setting in dict.fromkeys(out["table"]["setting"]))
-
-
-def write_tables(exp_dir: Path, out: dict[str, pd.DataFrame]) -> None:
-    """table.md, table.tex, table.csv (over seeds), runs.csv (per run), differences.csv (per seed) and
-    difference_summary.csv in the benchmark folder."""
-    exp_dir = Path(exp_dir)
-    results.write_text(exp_dir / "table.md", markdown(out))
-    results.write_text(exp_dir / "table.tex", latex(out))
-    csv = out["table"].assign(values=out["table"]["values"].map(lambda v: " ".join(f"{x:.6g}" for x in v)))
-    results.write_text(exp_dir / "table.csv", csv.to_csv(index=False))
-    results.write_text(exp_dir / "runs.csv", out["values"].to_csv(index=False))
-    results.write_text(exp_dir / "differences.csv", out["differences"].to_csv(index=False))
-    summary = out["difference_summary"]
-    summary = summary.assign(per_seed=summary["per_seed"].map(
-        lambda t: " ".join(f"{s}:{d:.6g}[{lo:.6g},{hi:.6g}]" for s, d, lo, hi in t)))
-    results.write_text(exp_dir / "difference_summary.csv", summary.to_csv(index=False))
 
 
 def dry_run_text(spec: BenchmarkSpec) -> str:

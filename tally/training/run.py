@@ -580,7 +580,9 @@ def evaluate_split(model, name: str, bank: ImageBank, ds, train_counts, cfg, dev
     out: list | None = [] if keep_logits is not None else None
     preds, conf = predict(model, bank, cfg["train"]["eval_batch_size"], device, confidence=True, logits_out=out)
     if keep is not None:
-        keep.append(intervals.prediction_frame(name, preds, bank.labels, bank.domains, conf))
+        # a stable key per image, so `tally compare` pairs two runs image by image (not by position)
+        keys = intervals.image_keys(getattr(ds, "paths", None), cfg["data"].get("root"), bank.images)
+        keep.append(intervals.prediction_frame(name, preds, bank.labels, bank.domains, conf, keys))
     if keep_logits is not None:
         keep_logits[name] = (out[0], bank.labels.numpy(), bank.domains.numpy())
     return evaluation.pair_table(name, preds, bank.labels.numpy(), bank.domains.numpy(),

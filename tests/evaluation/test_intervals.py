@@ -1,5 +1,6 @@
-"""The bootstrap against exact binomial cases and hand-computed ones, the exact F1 resampling against
-a plain per-image resampler, the paired comparison's coverage, refusals, seeds and `tally compare`."""
+"""Intervals per kind of metric against hand-computed cases, the point estimate inside its interval,
+never a zero width, paired differences, refusals (other images, other thresholds), image keys, one
+random stream per split, seeds and `tally compare`. Coverage itself: test_coverage.py."""
 
 from __future__ import annotations
 
@@ -9,23 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy import stats
 
 from tally import cli, evaluation
 from tally.errors import TallyError
-from tally.evaluation import intervals, metric_arrays, pair_table
+from tally.evaluation import intervals, pair_table
 from tally.evaluation.intervals import (
-    bootstrap,
     paired_difference,
     prediction_frame,
     read_predictions,
-    replicate_counts,
     seed_summary,
+    table_intervals,
     write_predictions,
 )
-
-
-def binomial_pmf(n: int, p: float) -> np.ndarray:
-    return np.array([math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)])
 
 
 def one_pair_table(n: int, correct: int, split: str = "test") -> pd.DataFrame:
@@ -34,82 +31,76 @@ def one_pair_table(n: int, correct: int, split: str = "test") -> pd.DataFrame:
                       ["d"], np.array([[50, 50]]))
 
 
-def test_one_pair_accuracy_is_binomial():
-    """One pair, n = 20, 7 right: a replicate's accuracy is Binomial(20, 0.35) / 20 exactly."""
-    n, k, R = 20, 7, 40_000
-    counts = evaluation.count_arrays(one_pair_table(n, k))
-    [(correct_r, _)] = replicate_counts(counts["n"], counts["correct"], counts["predicted"], R,
-                                        np.random.default_rng(0))
-    acc = correct_r[:, 0, 0] / n
-    p = k / n
-    assert abs(acc.mean() - p) < 4 * math.sqrt(p * (1 - p) / n / R)
-    assert acc.var() == pytest.approx(p * (1 - p) / n, rel=0.05)
-    freq = np.bincount(correct_r[:, 0, 0], minlength=n + 1) / R
-    pmf = binomial_pmf(n, p)
-    assert np.all(np.abs(freq - pmf) < 5 * np.sqrt(pmf * (1 - pmf) / R) + 1e-12)
-
-    # the reported interval is the distribution's 2.5 / 97.5 percentiles: within one step of the exact ones
-    rows = bootstrap(one_pair_table(n, k), replicates=R).set_index("metric")
-    cdf = np.cumsum(pmf)
-    exact_low, exact_high = np.searchsorted(cdf, 0.025) / n, np.searchsorted(cdf, 0.975) / n
-    assert rows.at["acc", "value"] == p
-    assert abs(rows.at["acc", "low"] - exact_low) <= 1 / n and abs(rows.at["acc", "high"] - exact_high) <= 1 / n
-    assert rows.at["acc", "low"] < p < rows.at["acc", "high"]
+def test_smooth_metric_is_the_normal_interval_with_the_laplace_variance():
+    """One pair, 7 of 20 right: 0.35 +- 1.96 sqrt(p~(1 - p~) / 20) with p~ = 8 / 22."""
+    rows = table_intervals(one_pair_table(20, 7)).set_index("metric")
+    half = stats.norm.isf(0.025) * math.sqrt((8 / 22) * (14 / 22) / 20)
+    assert rows.at["acc", "value"] == 0.35
+    assert (rows.at["acc", "low"], rows.at["acc", "high"]) == pytest.approx((0.35 - half, 0.35 + half))
+    assert rows.at["acc", "method"] == "normal" and rows.at["pair_acc_mean", "method"] == "normal"
 
 
-def test_worst_pair_is_the_minimum_of_independent_binomials():
-    """Two pairs (8 of 10 right, 12 of 20 right): P(worst >= x) = P(A >= x) P(B >= x) exactly."""
+def test_worst_pair_is_the_min_of_lows_and_the_min_of_bonferroni_highs():
+    """Two pairs (8 of 10, 12 of 20): low = min of the Clopper-Pearson 2.5% lows, high = min of the
+    Clopper-Pearson highs at 2.5% / 2 (two candidates)."""
     lab = np.r_[np.zeros(10, np.int64), np.ones(20, np.int64)]
     pred = np.r_[np.zeros(8), np.ones(2), np.ones(12), np.zeros(8)].astype(np.int64)
     table = pair_table("t", pred, lab, np.zeros(30, np.int64), ["a", "b"], ["d"], np.array([[5, 5]]))
-    c = evaluation.count_arrays(table)
-    R = 40_000
-    [(correct_r, predicted_r)] = replicate_counts(c["n"], c["correct"], c["predicted"], R, np.random.default_rng(1))
-    worst = metric_arrays(c["n"], correct_r, predicted_r, c["n_train"])["pair_acc_worst"]
-    grid = np.linspace(0, 1, 41)
-    surv_a = np.array([binomial_pmf(10, 0.8)[np.arange(11) / 10 >= x - 1e-12].sum() for x in grid])
-    surv_b = np.array([binomial_pmf(20, 0.6)[np.arange(21) / 20 >= x - 1e-12].sum() for x in grid])
-    exact = surv_a * surv_b
-    got = np.array([(worst >= x - 1e-12).mean() for x in grid])
-    assert np.max(np.abs(got - exact)) < 0.01
+    row = table_intervals(table).set_index("metric").loc["pair_acc_worst"]
+    lows = [stats.beta.ppf(0.025, 8, 3), stats.beta.ppf(0.025, 12, 9)]
+    highs = [stats.beta.isf(0.0125, 9, 2), stats.beta.isf(0.0125, 13, 8)]
+    assert row["value"] == 0.6 and row["method"] == "simultaneous"
+    assert (row["low"], row["high"]) == pytest.approx((min(lows), min(highs)))
+    assert row["small_cells"] == 0
 
 
-def test_hand_computed_case():
-    """Pair (d, a): 2 images, one right; pair (d, b): 1 image, right. A replicate redraws (d, a) as
-    0, 1 or 2 right with probabilities 1/4, 1/2, 1/4, so worst pair is 0, 0.5 or 1 and the 95%
-    interval is [0, 1]; micro accuracy is (k + 1) / 3. Macro F1 (exact, per example): the wrong image
-    of (d, a) is predicted b; with k right: F1_a = 2k / (2 + k), F1_b = 2 / (2 + 1 + (2 - k)), i.e.
-    macro F1 = 0.25, 2/3, 1 for k = 0, 1, 2."""
-    lab, pred, dom = np.array([0, 0, 1]), np.array([0, 1, 1]), np.zeros(3, np.int64)
-    table = pair_table("test", pred, lab, dom, ["a", "b"], ["d"], np.array([[10, 10]]))
-    examples = prediction_frame("test", pred, lab, dom, np.ones(3))
-    R = 20_000
-    rows = bootstrap(table, examples, replicates=R).set_index("metric")
-    assert rows.at["pair_acc_worst", "value"] == 0.5
-    assert (rows.at["pair_acc_worst", "low"], rows.at["pair_acc_worst", "high"]) == (0.0, 1.0)
-    assert (rows.at["acc", "low"], rows.at["acc", "high"]) == pytest.approx((1 / 3, 1.0))
-    assert rows.at["macro_f1", "value"] == pytest.approx(2 / 3)
-    assert (rows.at["macro_f1", "low"], rows.at["macro_f1", "high"]) == pytest.approx((0.25, 1.0))
-    assert set(rows["f1"]) == {"exact"}
-
-    c = evaluation.count_arrays(table)
-    [(correct_r, predicted_r)] = replicate_counts(c["n"], c["correct"], c["predicted"], R, np.random.default_rng(2),
-                                                  [(lab, dom, pred)])
-    f1 = metric_arrays(c["n"], correct_r, predicted_r, c["n_train"])["macro_f1"]
-    for value, prob in ((0.25, 0.25), (2 / 3, 0.5), (1.0, 0.25)):
-        assert np.isclose(f1, value).mean() == pytest.approx(prob, abs=0.015)
-    # every count stays consistent: a domain's predictions sum to its images in every replicate
-    assert (predicted_r.sum(axis=-1) == 3).all() and (correct_r <= predicted_r).all()
+def test_the_point_estimate_lies_inside_and_small_cells_are_counted():
+    """The issue's case: 28 pairs of 5 images, 12 of them 3 of 5 right (the rest 5 of 5): worst pair
+    0.6 lay outside the old interval [0.0, 0.4]. Now inside. 5-image cells are not flagged; with one
+    image fewer per pair the flag counts the candidates' 4-image cells."""
+    D, C = 4, 7
+    lab = np.tile(np.repeat(np.arange(C), 5), D)
+    dom = np.repeat(np.arange(D), C * 5)
+    right = np.ones(lab.size, bool)
+    cells = np.arange(lab.size) // 5
+    right[(cells < 12) & (np.arange(lab.size) % 5 >= 3)] = False
+    pred = np.where(right, lab, (lab + 1) % C)
+    rows = table_intervals(pair_table("t", pred, lab, dom, list("abcdefg"), list("wxyz"),
+                                      np.full((D, C), 50))).set_index("metric")
+    for metric in ("pair_acc_worst", "class_acc_worst", "domain_acc_worst"):
+        assert rows.at[metric, "low"] <= rows.at[metric, "value"] <= rows.at[metric, "high"], metric
+        assert rows.at[metric, "low"] < rows.at[metric, "high"]
+    assert rows.at["pair_acc_worst", "value"] == 0.6 and rows.at["pair_acc_worst", "small_cells"] == 0
+    keep = np.arange(lab.size) % 5 != 4  # drop one image of each pair: 4-image cells are flagged
+    rows = table_intervals(pair_table("t", pred[keep], lab[keep], dom[keep], list("abcdefg"), list("wxyz"),
+                                      np.full((D, C), 50))).set_index("metric")
+    assert rows.at["pair_acc_worst", "small_cells"] > 0 and rows.at["class_acc_worst", "small_cells"] > 0
+    assert rows.at["acc", "small_cells"] == 0  # only worst-case values are flagged
 
 
-def test_perfect_predictions_give_degenerate_intervals():
+def test_perfect_predictions_and_one_image_cells_never_give_zero_width():
     lab = np.array([0, 1, 1, 0])
     table = pair_table("test", lab, lab, np.array([0, 0, 1, 1]), ["a", "b"], ["x", "y"], np.ones((2, 2)))
-    rows = bootstrap(table, replicates=50)
+    rows = table_intervals(table, prediction_frame("test", lab, lab, np.array([0, 0, 1, 1]), np.ones(4)),
+                           replicates=200)
     defined = rows.dropna(subset=["value"])
-    assert (defined["low"] == 1.0).all() and (defined["high"] == 1.0).all() and (defined["value"] == 1.0).all()
+    assert (defined["value"] == 1.0).all() and (defined["high"] == 1.0).all() and (defined["low"] < 0.95).all()
     # undefined metrics (no many-shot pair) stay NaN, never 0 or 1
     assert rows.set_index("metric").loc["shot_many", ["value", "low", "high"]].isna().all()
+    same = paired_difference(table, table, *[prediction_frame("test", lab, lab, np.array([0, 0, 1, 1]),
+                                                              np.ones(4))] * 2, replicates=200)
+    same = same.dropna(subset=["diff"])
+    assert (same["diff"] == 0).all() and (same["low"] < 0).all() and (same["high"] > 0).all()
+
+
+def test_a_splits_interval_does_not_depend_on_the_other_splits():
+    rng = np.random.default_rng(0)
+    lab, dom, pred = random_split(rng, N=200)
+    table = pd.concat([pair_table(s, pred, lab, dom, list("abcd"), ["x", "y"], np.full((2, 4), 9))
+                       for s in ("val", "test")], ignore_index=True)
+    alone = table_intervals(table, splits=["test"], replicates=100)
+    both = table_intervals(table, splits=["val", "test"], replicates=100)
+    pd.testing.assert_frame_equal(alone.reset_index(drop=True), both[both["split"] == "test"].reset_index(drop=True))
 
 
 def random_split(rng, D=2, C=4, N=300, p=0.6, confusion=None):
@@ -118,66 +109,6 @@ def random_split(rng, D=2, C=4, N=300, p=0.6, confusion=None):
     wrong = (lab + 1) % C if confusion == "next" else rng.integers(0, C, N)
     pred = np.where(rng.random(N) < p, lab, wrong)
     return lab, dom, pred
-
-
-def test_exact_f1_matches_resampling_images_one_by_one():
-    """The fast exact path against the definition: redraw each pair's images with replacement."""
-    rng = np.random.default_rng(3)
-    D, C = 2, 4
-    lab, dom, pred = random_split(rng, D, C, N=120, p=0.5)
-    table = pair_table("t", pred, lab, dom, list("abcd"), ["x", "y"], np.full((D, C), 30))
-    c = evaluation.count_arrays(table)
-    R = 4000
-    [(cr, pr)] = replicate_counts(c["n"], c["correct"], c["predicted"], R, np.random.default_rng(4),
-                                  [(lab, dom, pred)])
-    fast = metric_arrays(c["n"], cr, pr, c["n_train"])["macro_f1"]
-
-    naive = np.empty(R)
-    plain = np.random.default_rng(5)
-    members = [np.flatnonzero(dom * C + lab == g) for g in range(D * C)]
-    for r in range(R):  # a plain loop, the reference only
-        idx = np.concatenate([m[plain.integers(0, len(m), len(m))] for m in members if len(m)])
-        n, correct, predicted = evaluation.pair_counts(pred[idx], lab[idx], dom[idx], D, C)
-        naive[r] = evaluation.metrics_from_counts(n, correct, predicted, c["n_train"])["macro_f1"]
-    se = naive.std() / math.sqrt(R)
-    assert abs(fast.mean() - naive.mean()) < 5 * math.sqrt(2) * se
-    assert fast.std() == pytest.approx(naive.std(), rel=0.08)
-    assert np.quantile(fast, [0.025, 0.975]) == pytest.approx(np.quantile(naive, [0.025, 0.975]), abs=0.01)
-
-
-def test_paired_interval_covers_the_truth_at_its_rate():
-    """200 simulated test sets from a known population: runs A and B share most of their successes
-    (paired); the 95% interval of A - B on mean pair accuracy must cover the true difference about
-    95% of the time, and be narrower than an unpaired interval."""
-    rng = np.random.default_rng(6)
-    D, C, n = 2, 3, 40
-    p_a = rng.uniform(0.4, 0.9, (D, C))
-    p_b = np.clip(p_a - rng.uniform(-0.05, 0.15, (D, C)), 0.05, 0.95)
-    truth = (p_a - p_b).mean()
-    lab = np.tile(np.repeat(np.arange(C), n), D)
-    dom = np.repeat(np.arange(D), C * n)
-    names, train = list("abc"), np.full((D, C), 50)
-    covered, paired_width, unpaired_width = 0, [], []
-    for _ in range(200):
-        u = rng.random(lab.size)
-        v = np.where(rng.random(lab.size) < 0.7, u, rng.random(lab.size))  # strongly correlated
-        wrong = (lab + rng.integers(1, C, lab.size)) % C
-        pred_a = np.where(u < p_a[dom, lab], lab, wrong)
-        pred_b = np.where(v < p_b[dom, lab], lab, wrong)
-        ta = pair_table("test", pred_a, lab, dom, names, ["x", "y"], train)
-        tb = pair_table("test", pred_b, lab, dom, names, ["x", "y"], train)
-        ea = prediction_frame("test", pred_a, lab, dom, np.ones(lab.size))
-        eb = prediction_frame("test", pred_b, lab, dom, np.ones(lab.size))
-        row = paired_difference(ta, tb, ea, eb, replicates=300).set_index("metric").loc["pair_acc_mean"]
-        covered += row["low"] <= truth <= row["high"]
-        paired_width.append(row["high"] - row["low"])
-        if len(unpaired_width) < 40:
-            wa = bootstrap(ta, replicates=300).set_index("metric").loc["pair_acc_mean"]
-            wb = bootstrap(tb, replicates=300).set_index("metric").loc["pair_acc_mean"]
-            unpaired_width.append(math.hypot(wa["high"] - wa["low"], wb["high"] - wb["low"]))
-    print(f"coverage {covered / 200:.3f}")
-    assert 0.90 <= covered / 200 <= 0.99, covered
-    assert np.mean(paired_width) < 0.8 * np.mean(unpaired_width)
 
 
 def test_paired_difference_point_and_sign():
@@ -217,7 +148,12 @@ def test_refuses_runs_on_different_test_sets():
         paired_difference(t, t, e, val_only, splits=["test"])
     other = prediction_frame("test", (pred + 1) % 4, lab, dom, np.ones(100))
     with pytest.raises(TallyError, match="disagrees"):  # predictions that do not match the table
-        bootstrap(t, other)
+        table_intervals(t, other)
+    keys = np.array([f"img{i}" for i in range(100)])
+    ka = prediction_frame("test", pred, lab, dom, np.ones(100), keys)
+    kb = prediction_frame("test", pred, lab, dom, np.ones(100), np.r_[keys[:7], ["other"], keys[8:]])
+    with pytest.raises(TallyError, match="image 7: 'img7' vs 'other'"):  # same labels, other images
+        paired_difference(t, t, ka, kb)
 
 
 def test_prediction_files_round_trip(tmp_path):
@@ -228,6 +164,20 @@ def test_prediction_files_round_trip(tmp_path):
     back = read_predictions(tmp_path)
     assert back["prediction"].tolist() == [1, 0] and back["index"].tolist() == [0, 1]
     assert back["confidence"].to_numpy() == pytest.approx([0.9, 0.6])
+    assert back.attrs["keyed"] is False  # an older run's file: paired by index
+    keyed = prediction_frame("test_sub", np.array([1, 0]), np.array([1, 1]), np.array([0, 0]), np.ones(2),
+                             intervals.image_keys(["/data/VLCS/x/a/1.jpg", "/data/VLCS/x/b/2.jpg"], "/data/VLCS"))
+    write_predictions(tmp_path, [keyed])
+    back = read_predictions(tmp_path)
+    assert back.attrs["keyed"] is True and back["key"].tolist() == ["x/a/1.jpg", "x/b/2.jpg"]
+
+
+def test_image_keys_without_files_hash_the_decoded_image():
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 4, 4), dtype=np.uint8)
+    images[2] = images[0]
+    keys = intervals.image_keys(None, None, images)
+    assert keys[0] == keys[2] != keys[1] and keys[0].startswith("hash:")
+    assert intervals.image_keys(["/elsewhere/d/c/f.png"], "/data").tolist() == ["d/c/f.png"]
 
 
 def test_seed_summary():
@@ -238,6 +188,13 @@ def test_seed_summary():
     assert out.at["acc", "values"] == (0.5, 0.7, 0.6) and out.at["acc", "n"] == 3
     assert out.at["f1", "n"] == 2 and out.at["f1", "mean"] == pytest.approx(0.3)
     assert math.isnan(seed_summary({"s0": {"acc": 0.5}}).at[0, "stderr"])
+    # with the runs' test-set half-widths the SE also carries the noise every seed shares
+    half = {"s0": {"acc": 0.0392}, "s1": {"acc": 0.0392}, "s2": {"acc": 0.0392}}
+    both = seed_summary({"s0": {"acc": 0.5}, "s1": {"acc": 0.7}, "s2": {"acc": 0.6}}, half).set_index("metric")
+    test_se = 0.0392 / stats.norm.isf(0.025)
+    assert both.at["acc", "stderr"] == pytest.approx(math.hypot(0.1 / math.sqrt(3), test_se))
+    one = seed_summary({"s0": {"acc": 0.5}}, {"s0": {"acc": 0.0392}})
+    assert one.at[0, "stderr"] == pytest.approx(test_se)
 
 
 def fake_run(path, pred, lab, dom, method="tally", split_seed=0):
@@ -259,8 +216,11 @@ def test_tally_compare_prints_one_line_per_metric_and_refuses_other_test_sets(tm
     fake_run(tmp_path / "b", np.where(rng.random(200) < 0.5, pred, lab), lab, dom, "erm")
     assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--metric", "class_acc_worst",
                      "--metric", "acc", "--replicates", "200"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert "without image keys" in captured.err  # fake_run's predictions are an older run's: no keys
     assert out[1] == "test_sub:"
+    assert out[0] == intervals.LEGEND_DIFF
     assert out[2].startswith("  tally - erm on worst-class accuracy: ") and out[3].startswith("  tally - erm on accuracy: -")
 
     fake_run(tmp_path / "c", pred, lab, dom, "erm", split_seed=1)
@@ -269,6 +229,11 @@ def test_tally_compare_prints_one_line_per_metric_and_refuses_other_test_sets(tm
     assert len(err) == 1 and "data.split_seed" in err[0]
     assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--metric", "bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+    cfg = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    cfg["data"]["shot_few_at_most"] = 25  # other shot buckets: not comparable metric by metric
+    (tmp_path / "b" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "shot thresholds differ" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -286,7 +251,30 @@ def test_training_keeps_the_test_predictions_of_the_kept_checkpoint(tmp_path, on
         n = evaluation.count_arrays(table, split)["n"]
         assert len(rows) == n.sum() and rows["index"].tolist() == list(range(len(rows)))
     assert ((preds["confidence"] > 0) & (preds["confidence"] <= 1)).all()
-    # the predictions reproduce the stored table exactly (else the bootstrap refuses them)
+    # the predictions reproduce the stored table exactly (else the intervals refuse them), with image keys
     out = intervals.run_intervals(tmp_path / "run", replicates=20)
     assert set(out["split"]) == set(table["split"])
-    assert set(out[out["split"] != "val"]["f1"]) == {"exact"} and set(out[out["split"] == "val"]["f1"]) == {"pooled"}
+    assert preds.attrs["keyed"] and preds["key"].is_unique
+
+
+def test_macro_f1_of_the_draws_is_the_evaluators_definition():
+    """_f1_draws writes macro F1 out for speed: with the profile draw pinned to its centre it must equal
+    metrics.metric_arrays' macro F1 on the same counts (absent classes, false positives included)."""
+
+    class Pinned:  # a gamma "draw" that returns a huge multiple of its shape: the Dirichlet's mean
+        def gamma(self, shape):
+            return np.asarray(shape) * 1e9
+
+    rng = np.random.default_rng(0)
+    D, C = 3, 5
+    n = rng.integers(0, 6, (D, C))
+    n[:, 4] = 0  # a class absent from the split: not averaged in
+    k = rng.binomial(n, 0.7)
+    predicted = k + rng.integers(0, 3, (D, C))
+    p = np.broadcast_to(np.divide(k, n, out=np.zeros((D, C)), where=n > 0), (4, D, C))
+    got = intervals._f1_draws(n, p, predicted, k, n * 0, (100, 20), Pinned())
+    fp = predicted - k + 1.0 / C
+    correct = n * p
+    spread = (n - correct).sum(-1, keepdims=True) * fp / fp.sum(-1, keepdims=True)
+    want = evaluation.metric_arrays(n, correct, correct + spread, n * 0)["macro_f1"]
+    np.testing.assert_allclose(got, want)

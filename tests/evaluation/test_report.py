@@ -89,15 +89,21 @@ def test_seeds_fold_into_mean_stderr_and_seed_values(experiment):
     md = format_table(folded.reset_index())
     assert "±" in md and f"({100 * values[0]:.1f}, {100 * values[1]:.1f}, {100 * values[2]:.1f})" in md
     assert r"$\pm$" in format_table(folded.reset_index(), "latex")
+    # with the runs' intervals the SE also carries the test-set noise all seeds share: larger
+    with_test = seed_table(experiment_table(exp, replicates=50)).set_index("method")
+    assert with_test.at["tally", "worst pair:se"] > folded.at["tally", "worst pair:se"]
+    assert with_test.at["erm", "avg pair:se"] > 0  # one seed: the test-set noise alone
 
 
 def test_report_command_with_interval_and_seed_flags(experiment, capsys):
     exp, _ = experiment
     assert cli.main(["report", str(exp), "--replicates", "100", "--bootstrap-seed", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 + 4 and "[" in lines[2]
+    assert len(lines) == 2 + 4 + 1 and "[" in lines[2]
+    assert lines[-1].startswith("[ ] = 95% interval over the test images")  # the legend line
     assert cli.main(["report", str(exp), "--seeds", "--format", "latex", "--few-at-most", "5"]) == 0
-    assert r"\pm" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert r"\pm" in out and "the spread is itself uncertain" in out.splitlines()[-1]
     assert cli.main(["report", str(exp), "--many-above", "5", "--few-at-most", "5"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 

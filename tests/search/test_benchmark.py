@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy import stats
 
 from tally import evaluation, results
 from tally.config import validate
@@ -194,7 +195,10 @@ def test_table_numbers_are_the_runs_own_metrics(store):
                 assert math.isnan(row["mean"])
                 continue
             assert row["mean"] == pytest.approx(values.mean())
-            assert row["stderr"] == pytest.approx(values.std(ddof=1) / math.sqrt(3))
+            # the SE carries the seed spread and the test-set noise the seeds share (their mean half-width)
+            half = out["values"].set_index(["method", "metric"]).loc[(method, metric), "half"].mean()
+            test_se = half / stats.norm.isf(0.025) if half == half else 0.0
+            assert row["stderr"] == pytest.approx(math.hypot(values.std(ddof=1) / math.sqrt(3), test_se))
             assert row["values"] == pytest.approx(tuple(values))
         acc = evaluation.domain_accuracies(*(evaluation.count_arrays(pd.read_parquet(runs[0] / "eval.parquet"),
                                                                       "test_sub")[k] for k in ("n", "correct")))
@@ -244,14 +248,37 @@ def test_verdict_needs_every_seed():
     assert summary["stderr"].iat[0] == pytest.approx(np.std([0.1, 0.3], ddof=1) / math.sqrt(2))
 
 
+def test_verdicts_count_the_comparisons_and_holm_adjusts_them(store):
+    spec, exp = store
+    plain = benchmark.tables(exp, spec.plan, "erm", replicates=100)["difference_summary"].set_index("metric")
+    holm = benchmark.tables(exp, spec.plan, "erm", replicates=100, adjust="holm")["difference_summary"]
+    m = int((holm["verdict"] != "n/a").sum())
+    assert (holm["comparisons"] == m).all() and m > 5 and set(holm["adjust"]) == {"holm"}
+    holm = holm.set_index("metric")
+    assert holm.at["acc", "verdict"] == "better"  # 0.9 vs 0.5: survives the adjustment
+    for metric, verdict in holm["verdict"].items():  # Holm never adds a verdict, and its intervals are wider
+        if verdict in ("better", "worse"):
+            assert plain.at[metric, "verdict"] == verdict
+        lo_h = min(x[2] for x in holm.at[metric, "per_seed"])
+        lo_p = min(x[2] for x in plain.at[metric, "per_seed"])
+        assert lo_h <= lo_p or math.isnan(lo_p), metric
+    acc_low = [min(x[2] for x in frame.at["acc", "per_seed"]) for frame in (holm, plain)]
+    assert acc_low[0] < acc_low[1]  # judged at 1 - 0.05 / m first: a wider interval
+    line = benchmark.verdict_line(holm.reset_index())
+    assert f"{m} comparisons, Holm-adjusted" in line
+    assert "not adjusted for multiplicity" in benchmark.verdict_line(plain.reset_index())
+    with pytest.raises(TallyError, match="report.adjust: expected one of none, holm"):
+        benchmark_spec_from_raw(raw(settings=["sub"], report={"adjust": "bonferroni"}))
+
+
 def test_written_files_and_load_from_the_store(store):
     spec, exp = store
-    out = benchmark.tables(exp, spec.plan, "erm", replicates=100)
+    out = benchmark.tables(exp, spec.plan, "erm", **spec.resolved["report"])  # as load_benchmark reads it
     benchmark.write_tables(exp, out)
     for name in ("table.md", "table.tex", "table.csv", "runs.csv", "differences.csv", "difference_summary.csv"):
         assert (exp / name).stat().st_size > 100, name
     csv = pd.read_csv(exp / "table.csv")
-    assert set(csv.columns) == {"method", "setting", "metric", "mean", "stderr", "n", "values"}
+    assert set(csv.columns) == {"method", "setting", "metric", "mean", "stderr", "n", "values", "small"}
     results.write_yaml(exp / "spec.yaml", spec.resolved)
     results.write_parquet(exp / "plan.parquet", spec.plan)
     again = benchmark.load_benchmark(exp)
