@@ -149,6 +149,8 @@ def test_a_local_search_listens_on_loopback_only_with_token_auth(tmp_path):
     assert len(ray_pids) > 5 and len(seen) > 5, seen
     torch_store = {s for s in seen if "RayTrainWorker" in s[3] and s[2] in torch_store_ports}
     outside = sorted(s for s in seen - torch_store if not is_loopback(s[1]))
+    print(f"\nlistening sockets of the search's Ray processes: {len(seen)}, outside loopback: {len(outside)}"
+          f" (+ torch.distributed's store: {sorted(torch_store)})")
     assert outside == [], "\n".join(map(str, outside))
     assert any(":8265" in f"{s[1]}:{s[2]}" for s in seen), "the dashboard (Train's State API) was not running"
     assert gcs_env.get("RAY_AUTH_MODE") == "token"
