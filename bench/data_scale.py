@@ -75,7 +75,6 @@ def main() -> None:
     parser.add_argument("--decode-workers", type=int, default=2, help="DataLoader workers without the bank")
     parser.add_argument("--no-search", action="store_true", help="skip the 2-trial search")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["TALLY_CACHE"] = tempfile.mkdtemp(prefix="tally-bench-cache-")  # no stale default cache
 
     from tally import results

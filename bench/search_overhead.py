@@ -111,7 +111,6 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--steps", type=int, default=135, help="TALLY steps per epoch (135: about 60 s a trial here)")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(1)  # a Ray Train worker with 1 CPU runs 1 thread; same here, fair comparison
     cfgs = configs(args.trials, args.steps)
 

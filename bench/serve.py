@@ -94,10 +94,10 @@ def main() -> int:
         import ray
         from ray import serve
 
+        from tally.cluster import start_or_join
         from tally.deploy.serve import start
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
-                 logging_level="ERROR")
+        start_or_join(num_cpus=2)  # loopback, token auth on, as `tally serve`
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -256,7 +256,8 @@ def cmd_dashboard(args) -> int:
     from tally.dashboard.launch import launch
     from tally.results.storage import is_remote
 
-    return launch(args.root if is_remote(args.root) else Path(args.root), port=args.port, address=args.address)
+    return launch(args.root if is_remote(args.root) else Path(args.root), port=args.port, address=args.address,
+                  allow_remote=args.allow_remote)
 
 
 # ---------------------------------------------------------------- arguments
@@ -381,7 +382,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _dashboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", nargs="?", default="results")
     p.add_argument("--port", type=_ranged_int(1, 65535), default=8501)
-    p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only)")
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default localhost only; "
+                   "share through an SSH tunnel or an authenticating reverse proxy: docs/DASHBOARD.md)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow an --address other than loopback (no login: anyone who reaches it reads the store)")
 
 
 @dataclass(frozen=True)

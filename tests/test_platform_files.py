@@ -97,3 +97,41 @@ def test_readme_covers_the_cluster_lifecycle():
     for needle in ("ray up platform/aws-gpu.yaml", "ray job submit", "--working-dir .", "--storage /shared/results",
                    "tally dashboard /shared/results", "ssh -L", "tally export", "ray down"):
         assert needle in text, needle
+
+
+def _containers(cluster: dict) -> list[dict]:
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_kuberay_pods_run_ray_with_a_token_from_a_secret():
+    """Every Ray pod has token auth on, the token from a Kubernetes Secret (required, not optional), and
+    no usage stats; a dashboard on 0.0.0.0 is only allowed with that."""
+    cluster = yaml.safe_load((PLATFORM / "kuberay" / "raycluster.yaml").read_text())
+    containers = _containers(cluster)
+    assert len(containers) >= 2
+    for container in containers:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"].get("value") == "token", container["name"]
+        secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert secret["name"] and secret["key"] and not secret.get("optional"), container["name"]
+        assert env["RAY_USAGE_STATS_ENABLED"].get("value") == "0"
+        assert "value" not in env["RAY_AUTH_TOKEN"]  # never the token itself in a manifest
+
+
+def test_aws_cluster_keeps_the_dashboard_on_loopback_with_a_token():
+    config = yaml.safe_load((PLATFORM / "aws-gpu.yaml").read_text())
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=0.0.0.0" not in head and "--dashboard-host=127.0.0.1" in head
+    options = " ".join(config["docker"]["run_options"])
+    assert "RAY_AUTH_MODE=token" in options and "RAY_USAGE_STATS_ENABLED=0" in options
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+
+
+def test_platform_readme_says_how_a_cluster_gets_its_token_and_the_threat_model():
+    text = (PLATFORM / "README.md").read_text()
+    token = text[text.index("## Ray's token"):]
+    assert "RAY_AUTH_TOKEN" in token and "kubectl create secret" in token and "ray get-auth-token" in token
+    model = text[text.index("## Threat model"):]
+    for word in ("**Trusted**", "**Not trusted**", "tally serve", "tally dashboard", "Network posture"):
+        assert word in model

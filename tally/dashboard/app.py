@@ -42,10 +42,10 @@ def _experiment_label(root: Path, exp: Path) -> str:
 def body(trials: dd.TrialSet) -> None:
     """Everything about one experiment."""
     exp_dir = trials.exp_dir
-    st.subheader(f"Experiment {trials.name}")
+    st.subheader(f"Experiment {dd.plain(trials.name)}")
     views.header(trials)
     if trials.frame.empty:
-        st.info(f"{trials.name} has no trials yet (no folders under {exp_dir / 'trials'}).")
+        st.info(f"{dd.plain(trials.name)} has no trials yet (no folders under {dd.plain(exp_dir / 'trials')}).")
         return
     best = results.select_trial(trials.frame, trials.selection)
     best_id = None if best is None else str(best["trial_id"])
@@ -68,7 +68,7 @@ def body(trials: dd.TrialSet) -> None:
             try:
                 sections[name]()
             except Exception as exc:  # noqa: BLE001 - one broken view must not take the page down
-                st.error(f"The {name} view failed on this store ({type(exc).__name__}: {exc}); "
+                st.error(f"The {name} view failed on this store ({type(exc).__name__}: {dd.plain(exc)}); "
                          "the other views still work. Details:")
                 st.exception(exc)
 
@@ -110,7 +110,8 @@ def page(root: Path, exp_dir: Path) -> None:
         try:
             benchmark_views.benchmark_view(exp_dir)
         except Exception as exc:  # noqa: BLE001 - a broken folder says why instead of a blank page
-            st.error(f"The benchmark view failed on {exp_dir.name} ({type(exc).__name__}: {exc}). Details:")
+            st.error(f"The benchmark view failed on {dd.plain(exp_dir.name)} ({type(exc).__name__}: {dd.plain(exc)}). "
+                     "Details:")
             st.exception(exc)
         return
     body(loaded.get(exp_dir) or cache.trials(exp_dir))

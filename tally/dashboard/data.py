@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,9 +304,39 @@ def page(frame: pd.DataFrame, number: int, size: int) -> pd.DataFrame:
     return frame.iloc[(number - 1) * size: number * size]
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...), =cmd|...):
+# such a cell from a store file is written with a leading apostrophe (OWASP's CSV-injection advice).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# What lets markdown from a store file link, load or inject: [text](url), ![image](url), <html>, &entities;,
+# autolinks (https://..., www...., a@b.c), Streamlit directives (:red[...], :material/x:), LaTeX ($), code,
+# tables and headings. Backslash-escaped, each shows as written (names keep their _ and - and .).
+MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]()<>!:$~|{}#&@])|(?<=www)(\.)", re.IGNORECASE)
+
+
+def _cell(value):
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def csv_bytes(frame: pd.DataFrame, index: bool = False) -> bytes:
-    """A table as UTF-8 CSV, what every download button of the dashboard serves."""
+    """A table as UTF-8 CSV, what every download button of the dashboard serves. Text cells (and
+    labels) that a spreadsheet would run as a formula are escaped; numbers are left as they are."""
+    frame = frame.copy()
+    frame.columns = [_cell(c) for c in frame.columns]
+    if index:
+        frame.index = frame.index.map(_cell)
+    for col in frame.columns:
+        if frame[col].dtype == object or pd.api.types.is_string_dtype(frame[col]):
+            frame[col] = frame[col].map(_cell)
     return frame.to_csv(index=index).encode()
+
+
+def plain(value) -> str:
+    """Text from the store (names, errors, notes) for a Streamlit call that renders markdown
+    (st.markdown, caption, info, error, expander labels, ...): shown as written, never a link, a
+    remote image, HTML, a Streamlit directive, LaTeX or an autolink (MARKDOWN_SPECIAL)."""
+    return MARKDOWN_SPECIAL.sub(lambda m: "\\" + m.group(0), str(value))
 
 
 # ---------------------------------------------------------------- one trial

@@ -26,7 +26,7 @@ def grid_view(trials: dd.TrialSet, trial_id: str) -> None:
         views.missing(run, trial_id, "evaluation table (eval.parquet)")
         return
     for note in [m for m in run.missing if m.startswith("eval.parquet")]:
-        st.caption(f"Note: {note}")
+        st.caption(f"Note: {dd.plain(note)}")
     splits = dd.table_splits(table)
     tests = dd.test_splits(splits) or splits
     counts = grids.training_counts(table)
@@ -76,7 +76,7 @@ def grid_view(trials: dd.TrialSet, trial_id: str) -> None:
     with right:
         k = st.number_input("Worst pairs (k)", min_value=1, max_value=1000, step=5, key=f"worst_k:{name}",
                             value=20 if n_classes > grids.LARGE_GRID_CLASSES else 10)
-        st.markdown(f"**The {int(k)} worst pairs on {split}** (lowest accuracy; ties: more test examples first)")
+        st.markdown(f"**The {int(k)} worst pairs on {dd.plain(split)}** (lowest accuracy; ties: more test examples first)")
         views.data_table(grids.worst_pairs(table, split, int(k)), "worst_pairs",
                          f"{name}-{trial_id}-{split}-worst-pairs.csv",
                          column_config={"acc": st.column_config.NumberColumn(format="%.3f")},
@@ -84,7 +84,7 @@ def grid_view(trials: dd.TrialSet, trial_id: str) -> None:
 
     calibration_views.calibration_section(run.path, trial_id, split)  # issue 24: beside the grids
     views.run_metrics_section(run, trial_id, splits, "trial_metrics", f"{name}-{trial_id}-metrics.csv")
-    with st.expander(f"{split} grid as a table (accuracy, then training counts)"):
+    with st.expander(f"{dd.plain(split)} grid as a table (accuracy, then training counts)"):
         full = grids.grid(table, split).ordered(order)
         views.data_table(full.acc.round(3), "grid_acc", f"{name}-{trial_id}-{split}-accuracy.csv", hide_index=False)
         views.data_table(full.n_train, "grid_ntrain", f"{name}-{trial_id}-{split}-n_train.csv", hide_index=False)

@@ -27,7 +27,7 @@ def curves_view(trials: dd.TrialSet, trial_id: str) -> None:
     frame = dsearch.curves(epochs)
     empty = [t for t, df in epochs.items() if df.empty]
     if empty:
-        st.caption(f"No epochs.jsonl lines yet for: {', '.join(empty)}")
+        st.caption(f"No epochs.jsonl lines yet for: {dd.plain(', '.join(empty))}")
     if frame.empty:
         st.info("No per-epoch records for the chosen trials.")
     else:
@@ -60,7 +60,7 @@ def search_view(trials: dd.TrialSet) -> None:
     metric = trials.selection.metric
     prog = dsearch.search_progress(trials)
     if prog.empty:
-        st.info(f"No trial has {metric} yet.")
+        st.info(f"No trial has {dd.plain(metric)} yet.")
         return
     st.plotly_chart(charts.progress_figure(prog, metric), key="progress")
     if trials.selection.objectives:
@@ -69,10 +69,10 @@ def search_view(trials: dd.TrialSet) -> None:
     with left:
         imp = cache.importance(trials)
         if imp.values.empty:
-            st.info(f"Parameter importance {imp.method}.")
+            st.info(f"Parameter importance {dd.plain(imp.method)}.")
         else:
             st.plotly_chart(charts.importance_bars(imp.values, "Parameter importance"), key="importance")
-            st.caption(imp.method)
+            st.caption(dd.plain(imp.method))
     with right:
         dims, color = dsearch.parallel_dimensions(trials)
         if len(dims) < 2:
@@ -107,10 +107,10 @@ def pareto_section(trials: dd.TrialSet) -> None:
     x, y = trials.selection.objectives
     points = dun.pareto_points(trials)
     if points.empty:
-        st.info(f"The Pareto front appears when a trial finishes with both {x} and {y}.")
+        st.info(f"The Pareto front appears when a trial finishes with both {dd.plain(x)} and {dd.plain(y)}.")
         return
     st.plotly_chart(charts.pareto_figure(points, x, y, trials.selection.tolerance), key="pareto")
-    st.caption(f"Pick: {trials.selection.source}. Shaded: within the tolerance of the best {x}. "
+    st.caption(f"Pick: {dd.plain(trials.selection.source)}. Shaded: within the tolerance of the best {dd.plain(x)}. "
                f"{int(points['front'].sum())} of {len(points)} finished trials are on the front.")
     views.data_table(points, "pareto", f"{trials.name}-pareto.csv")
 

@@ -67,11 +67,11 @@ def run_metrics_section(run, trial_id: str, splits: list[str], key: str, file_na
     try:
         long = cache.run_intervals(run.path)
     except Exception as exc:  # noqa: BLE001 - e.g. an old table the intervals refuse: show the values
-        st.markdown(f"**Metrics of {trial_id}** (from its eval table)")
-        st.caption(f"No intervals: {exc}")
+        st.markdown(f"**Metrics of {dd.plain(trial_id)}** (from its eval table)")
+        st.caption(f"No intervals: {dd.plain(exc)}")
         metric_table(dd.run_metrics_frame(run.eval_table, splits), key, file_name)
         return
-    st.markdown(f"**Metrics of {trial_id}** with 95% intervals over the test images")
+    st.markdown(f"**Metrics of {dd.plain(trial_id)}** with 95% intervals over the test images")
     st.caption(dun.LEGEND_RUN + "; the column 'cells < 5 images' gives k.")
     metric_table(dun.interval_frame(long, splits), key, file_name)
 
@@ -97,10 +97,10 @@ def header(trials: dd.TrialSet) -> None:
     sel = trials.selection
     best = results.select_trial(trials.frame, trials.selection)
     if best is None:
-        st.info(f"No finished trial has {sel.metric} yet: the best trial appears when one finishes.")
+        st.info(f"No finished trial has {dd.plain(sel.metric)} yet: the best trial appears when one finishes.")
     else:
-        st.success(f"Best trial: **{best['trial_id']}**, {sel.metric} = {_fmt(best[sel.metric])} "
-                   f"({sel.mode}, {sel.source})")
+        st.success(f"Best trial: **{dd.plain(best['trial_id'])}**, {dd.plain(sel.metric)} = {_fmt(best[sel.metric])} "
+                   f"({sel.mode}, {dd.plain(sel.source)})")
     spec = st.expander("Search spec (spec.yaml)", key=f"spec_open:{trials.name}", on_change="rerun")
     if spec.open:  # drawn only when opened: highlighted code costs the first page load ~0.15 s
         with spec:
@@ -109,7 +109,7 @@ def header(trials: dd.TrialSet) -> None:
             else:
                 st.code(yaml.safe_dump(trials.spec, sort_keys=False), language="yaml")
     for note in trials.notes:
-        st.caption(f"Note: {note}")
+        st.caption(f"Note: {dd.plain(note)}")
 
 
 def trial_picker(trials: dd.TrialSet, label: str, key: str, default: str | None,
@@ -147,7 +147,7 @@ def running_view(trials: dd.TrialSet) -> None:
     table["done"] = (table["epochs_done"] / table["epochs_total"]).clip(0, 1)
     table["eta"] = table["eta_s"].map(_duration)
     metric = trials.selection.metric
-    st.markdown(f"**Running trials ({len(table)})**: last {metric}, and the time left at the median "
+    st.markdown(f"**Running trials ({len(table)})**: last {dd.plain(metric)}, and the time left at the median "
                 "duration of each trial's own epochs")
     cols = ["trial_id", "node", "epochs_done", "epochs_total", "done", "last_value", "seconds_per_epoch", "eta"]
     data_table(table[cols], "running", f"{trials.name}-running.csv", column_config={
@@ -193,7 +193,7 @@ def trials_view(trials: dd.TrialSet) -> None:
             config[col] = st.column_config.NumberColumn(col, format="%.4f")
     first = (number - 1) * size + 1 if len(rows) else 0
     st.caption(f"Trials {first}–{first + len(rows) - 1 if len(rows) else 0} of {len(shown)} shown "
-               f"({len(frame)} in the experiment), sorted by {sort_by}; the CSV holds all {len(shown)}.")
+               f"({len(frame)} in the experiment), sorted by {dd.plain(sort_by)}; the CSV holds all {len(shown)}.")
     data_table(rows[cols], "trials", f"{name}-trials.csv", full=ordered[cols], column_config=config)
     failed = dd.failed_errors(shown)
     if failed:
@@ -202,8 +202,8 @@ def trials_view(trials: dd.TrialSet) -> None:
                        else ""))
         for trial_id, error in failed[:MAX_ERRORS_SHOWN]:
             last = error.strip().splitlines()[-1] if error.strip() else error
-            st.error(f"{trial_id}: {last}")
-            full = st.expander(f"{trial_id}: full error", key=f"error_open:{trial_id}", on_change="rerun")
+            st.error(f"{dd.plain(trial_id)}: {dd.plain(last)}")
+            full = st.expander(f"{dd.plain(trial_id)}: full error", key=f"error_open:{trial_id}", on_change="rerun")
             if full.open:
                 with full:
                     st.code(error, language="text")
@@ -214,7 +214,8 @@ def missing(run, trial_id: str, what: str) -> None:
     state = run.state
     hint = " (it is still running: results come when it finishes)" if state in ("running", "pending") else ""
     lacks = ", ".join(run.missing) or "nothing"
-    st.info(f"Trial {trial_id} ({state}) has no {what} yet{hint}. Missing in its folder: {lacks}.")
+    st.info(f"Trial {dd.plain(trial_id)} ({dd.plain(state)}) has no {what} yet{hint}. Missing in its folder: "
+            f"{dd.plain(lacks)}.")
 
 
 def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
@@ -257,12 +258,12 @@ def compare_view(trials: dd.TrialSet, default_a: str | None) -> None:
         table = table.join(diff.rename(columns={"diff": "A - B", "low": f"A - B {dun.LOW}", "high": f"A - B {dun.HIGH}",
                                                 "small_cells": f"A - B {dun.SMALL}"})[
             [f"A - B {dun.LOW}", f"A - B {dun.HIGH}", f"A - B {dun.SMALL}"]])
-        st.markdown(f"**{a} - {b} on {split}**: per-run 95% intervals, and the paired interval of the "
+        st.markdown(f"**{dd.plain(a)} - {dd.plain(b)} on {dd.plain(split)}**: per-run 95% intervals, and the paired interval of the "
                     "difference (on the same test images, as `tally compare`)")
-        st.caption(dun.LEGEND_DIFF + (f". Note: {why}" if why else ""))
+        st.caption(dun.LEGEND_DIFF + (f". Note: {dd.plain(why)}" if why else ""))
     else:
-        st.markdown(f"**{a} and {b} on {split}** with per-run 95% intervals")
-        st.caption(why)
+        st.markdown(f"**{dd.plain(a)} and {dd.plain(b)} on {dd.plain(split)}** with per-run 95% intervals")
+        st.caption(dd.plain(why))
     metric_table(table, "compare_metrics", f"{trials.name}-{a}-vs-{b}-{split}.csv")
 
 
@@ -298,8 +299,8 @@ def robustness_view(trials: dd.TrialSet, best_id: str | None) -> None:
         trials.frame["trial_id"]) else None
     chosen = "" if params is None else ", ".join(f"{c.removeprefix('param.')}={v}"
                                                  for c, v in params.iloc[0].dropna().items())
-    st.markdown(f"**The chosen config{f' (trial {best_id})' if best_id else ''}** on each setting"
-                f"{f': {chosen}' if chosen else ''}. Each held-out run selects its epoch on "
+    st.markdown(f"**The chosen config{f' (trial {dd.plain(best_id)})' if best_id else ''}** on each setting"
+                f"{f': {dd.plain(chosen)}' if chosen else ''}. Each held-out run selects its epoch on "
                 "training-domain validation; the numbers are test numbers of that selection.")
     config = {m: st.column_config.NumberColumn(m, format="%.4f") for m in (*drob.SHOWN_METRICS,
                                                                           "pair_acc_worst_stderr")}
@@ -307,7 +308,7 @@ def robustness_view(trials: dd.TrialSet, best_id: str | None) -> None:
     unfinished = table[table["runs_done"] < table["runs"]]
     if not unfinished.empty:
         st.caption("Settings with runs not finished (their metrics are blank until one finishes): "
-                   + ", ".join(unfinished["setting"]))
+                   + dd.plain(", ".join(unfinished["setting"])))
     with st.expander("Every run on every test split"):
         data_table(runs, "robustness_runs", f"{trials.name}-robustness-runs.csv")
 
@@ -325,11 +326,12 @@ def export_view(trials: dd.TrialSet, default: str | None) -> None:
         st.download_button("Download config.yaml", config.read_bytes(), file_name=f"{trial_id}-config.yaml",
                            mime="application/x-yaml", key="dl_config")
     else:
-        st.warning(f"{trial_id} has no config.yaml.")
+        st.warning(f"{dd.plain(trial_id)} has no config.yaml.")
     if not _export_available():
         st.warning("Bundle export is unavailable: the tally.deploy.export module is not installed.")
         return
-    st.caption(f"The bundle is what `tally export {trials.exp_dir} --trial {trial_id} --out BUNDLE` writes: "
+    st.caption(f"The bundle is what tally export {dd.plain(trials.exp_dir)} \\-\\-trial {dd.plain(trial_id)} "
+               "\\-\\-out BUNDLE writes: "
                "config, weights, class and domain names, preprocessing, metrics, eval tables, a model card.")
     key = f"bundle:{run_dir}"
     if st.button("Build bundle", key="build_bundle"):
@@ -337,13 +339,13 @@ def export_view(trials: dd.TrialSet, default: str | None) -> None:
         try:
             from tally.deploy.export import bundle_zip_bytes  # imports torch: only when asked for
         except ImportError as exc:
-            st.warning(f"Bundle export is unavailable: tally.deploy.export could not be imported ({exc}).")
+            st.warning(f"Bundle export is unavailable: tally.deploy.export could not be imported ({dd.plain(exc)}).")
             return
         try:
             with st.spinner(f"Building the bundle of {trial_id} ..."):
                 st.session_state[key] = bundle_zip_bytes(run_dir)
         except Exception as exc:  # noqa: BLE001 - shown to the user, e.g. a trial without checkpoints
-            st.error(f"Could not build the bundle of {trial_id}: {exc}")
+            st.error(f"Could not build the bundle of {dd.plain(trial_id)}: {dd.plain(exc)}")
     if key in st.session_state:
         st.download_button("Download bundle (zip)", st.session_state[key], file_name=f"{trial_id}-bundle.zip",
                            mime="application/zip", key="dl_bundle")

@@ -7,6 +7,8 @@ test_domain:ood = the held-out test locations together (one key: they are many).
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +19,38 @@ from tally.errors import TallyError
 SPLITS = {"train": "train", "val": "id_val", "test_sub": "id_test", "test_domain:ood": "test"}
 
 
+def import_wilds():
+    """The ``wilds`` package, imported without its version check (ImportError when not installed).
+
+    wilds/version.py starts a thread at import that asks PyPI for wilds' latest version
+    (``outdated.check_outdated``: no timeout, three retries). OUTDATED_IGNORE does not stop it: wilds
+    sets that variable itself, and it only silences ``outdated``'s warnings. So ``outdated`` is hidden
+    while wilds is first imported: wilds then skips the check. OUTDATED_IGNORE=0, set by the user,
+    lets the check run.
+    """
+    if "wilds" in sys.modules or os.environ.get("OUTDATED_IGNORE") == "0":
+        import wilds
+
+        return wilds
+    os.environ.setdefault("OUTDATED_IGNORE", "1")
+    missing = object()
+    saved = sys.modules.get("outdated", missing)
+    sys.modules["outdated"] = None  # `from outdated import ...` raises ImportError: wilds skips its check
+    try:
+        import wilds
+    finally:
+        if saved is missing:
+            del sys.modules["outdated"]
+        else:
+            sys.modules["outdated"] = saved
+    return wilds
+
+
 def read_iwildcam(root: str | Path) -> dict[str, MultiDomainDataset]:
     root = Path(root).expanduser()
     hint = f"install tally-platform[wilds] and put the data under {root / 'iwildcam_v2.0'}"
     try:
-        from wilds import get_dataset
+        get_dataset = import_wilds().get_dataset
     except ImportError:
         raise TallyError(f"the wilds package is not installed: {hint}") from None
     try:

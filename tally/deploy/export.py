@@ -132,7 +132,12 @@ def _model_card(config: dict, metrics: dict, trial: str, labels: dict, provenanc
         lines.append(f"| {split} | {m['acc']:.3f} | {m['pair_acc_mean']:.3f} | {m['pair_acc_worst']:.3f} | "
                      f"{m['class_acc_worst']:.3f} | {m['domain_acc_worst']:.3f} | {m['macro_f1']:.3f} |")
     lines += ["", "Limitations: accuracies come from balanced per-(domain, class) test sets; pairs absent "
-              "from a test set are not scored. Check the eval table for the pairs you care about.", ""]
+              "from a test set are not scored. Check the eval table for the pairs you care about.", "",
+              "Loading: `torch.export.load` can run code from model.pt2 (pickled weights, constants and "
+              "objects inside the archive are unpickled without restriction): load it only from a bundle "
+              "you made, or whose sha256 you recorded yourself (this bundle's manifest.json came with it "
+              "and proves nothing about its author). For a bundle from someone else use `tally predict` / "
+              "`tally serve` (model.pt, weights_only=True) or model.onnx with onnxruntime.", ""]
     return "\n".join(lines)
 
 

@@ -196,20 +196,12 @@ def build_app(bundle: str | Path, replicas: int = 1, gpus: float = 0.0, cpus: fl
 def start(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           replicas: int = 1, gpus: float = 0.0, cpus: float = 1.0, **options) -> str:
     """Verify the bundle, start (or join) Ray and Serve, deploy; returns the base URL. Does not block."""
-    import os
-
-    import ray
-
+    from tally.cluster import start_or_join
     from tally.deploy.export import verify_bundle
 
     verify_bundle(bundle)  # a bad bundle fails here, in one line, before Ray starts
     app = build_app(bundle, replicas=replicas, gpus=gpus, cpus=cpus, **options)
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    start_or_join(address)  # loopback and Ray's token auth for a local Ray; a cluster's token required
     serve.start(http_options={"host": host, "port": int(port)})
     serve.run(app, name="tally", route_prefix="/", blocking=False)
     return f"http://{host}:{port}"

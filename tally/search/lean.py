@@ -15,15 +15,11 @@ And one thing a trial needs to end cleanly: Train's PlacementGroupCleaner frees 
 trial whose controller died (an ASHA stop). It asks the State API of "the" local Ray, found through
 RAY_ADDRESS or by looking for running Ray processes; with two local Rays on one machine (two
 searches at once, or a shared machine) it finds both, raises, stops watching, and the next trials
-wait for CPUs that never come back. own_cluster_address gives the processes of a local Ray its
-address.
+wait for CPUs that never come back. tally.cluster.own_cluster_address gives the processes of a
+local Ray its address.
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
-import socket
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
@@ -42,24 +38,3 @@ class LeanTorchTrainer(TorchTrainer):
 def reuse_trial_actors(early_stopping: bool) -> bool:
     """Whether Tune may run the next trial in the previous trial's actor (see the module docstring)."""
     return not early_stopping
-
-
-@contextlib.contextmanager
-def own_cluster_address():
-    """Around ray.init(address="local"): the new Ray listens on a port chosen here and every process it
-    starts inherits RAY_ADDRESS naming it (the driver's own environment is restored afterwards)."""
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_GCS_SERVER_PORT"):
-        yield  # the caller chose already
-        return
-    from ray.util import get_node_ip_address
-
-    with socket.socket() as probe:  # a free port; Ray binds it a moment later
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
-    try:
-        yield
-    finally:  # the GCS, raylet and dashboard have inherited them; later ray.init calls here must not
-        os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        os.environ.pop("RAY_ADDRESS", None)

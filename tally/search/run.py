@@ -23,10 +23,11 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from tally import results
+from tally.cluster import start_or_join
 from tally.errors import TallyError
 from tally.results import storage as bucket
 from tally.search.banks import prepare_for_configs, prepare_for_spec
-from tally.search.lean import own_cluster_address, reuse_trial_actors
+from tally.search.lean import reuse_trial_actors
 from tally.search.searcher import PruneAwareOptunaSearch
 from tally.search.space import DefineByRun
 from tally.search.trial import OBJECTIVE, launch_trainer, trial_function
@@ -36,24 +37,19 @@ TRAIN_DRIVER = "TRAIN_DRIVER"  # custom resource a trial's driver function takes
 
 # ---------------------------------------------------------------- Ray connection
 def connect(address: str | None, concurrency: int, quiet: bool = True) -> None:
-    """Join a cluster (--address) or start a local Ray sized for this machine."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """Join a cluster (--address, its token required) or start a local, loopback-only Ray sized for
+    this machine (tally.cluster)."""
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=not quiet)
-        return
-    # One machine: nothing preempts it, and the Train controller's default 2 s poll only delays
-    # the end of every trial (bench/search_overhead.py: teardown 4.7 s -> 1.7 s per trial).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if not address:
+        # One machine: nothing preempts it, and the Train controller's default 2 s poll only delays
+        # the end of every trial (bench/search_overhead.py: teardown 4.7 s -> 1.7 s per trial).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # The dashboard process serves the State API that Train's PlacementGroupCleaner needs to free
     # the workers of a trial stopped early; without it the next trial waits forever on 2 CPUs.
-    with own_cluster_address():  # Train's placement-group cleaner must find this Ray, not another one here
-        ray.init(address="local", include_dashboard=True, resources={TRAIN_DRIVER: concurrency},
-                 log_to_driver=not quiet, object_store_memory=256 * 2**20, configure_logging=True,
-                 logging_level="ERROR")
+    # own_address: the cleaner must find this Ray, not another one on the machine.
+    start_or_join(address, dashboard=True, quiet=quiet, own_address=True,
+                  resources={TRAIN_DRIVER: concurrency}, object_store_memory=256 * 2**20)
 
 
 @contextlib.contextmanager

@@ -485,5 +485,5 @@ def test_bad_files_hide_only_what_they_hold(tmp_path, monkeypatch):
                                                if o.startswith("broken"))).run()
     assert_ok(at)
     captions = " ".join(c.value for c in at.caption)
-    assert f"trial {trials[0]}: status.json: unreadable" in captions
+    assert dd.plain(f"trial {trials[0]}: status.json: unreadable") in captions  # store text, escaped
     assert all("unreadable" not in n for n in dd.load_trials(healthy.path).notes)

@@ -126,6 +126,9 @@ def test_dashboard_in_chromium(tmp_path):
             page.goto(url)
             page.wait_for_selector('.st-key-table_trials [data-testid="stDataFrame"] canvas')
             assert page.get_by_text("Experiment domainnet").is_visible()  # the first experiment by name
+            # a self-hosted tool: Streamlit's "Deploy" button (shown to localhost by default) is hidden
+            assert page.locator('[data-testid="stAppDeployButton"]').count() == 0
+            assert page.get_by_role("button", name="Deploy").count() == 0
             refresh = page.get_by_role("switch", name="Auto-refresh")
             assert not refresh.is_checked()  # off by default: nothing runs in domainnet
 

@@ -166,8 +166,10 @@ def test_load_splits_errors_name_the_field(embedded_root, cfg, field):
 
 
 def test_wilds_missing_is_a_clear_error(tmp_path):
+    from tally.data.iwildcam import import_wilds
+
     try:
-        import wilds  # noqa: F401
+        import_wilds()
     except ImportError:
         with pytest.raises(TallyError, match=r"tally-platform\[wilds\]"):
             load_splits({"source": "wilds", "root": str(tmp_path)})

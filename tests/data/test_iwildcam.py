@@ -10,9 +10,12 @@ import pytest
 from PIL import Image
 
 from tally.data import load_splits
+from tally.data.iwildcam import import_wilds
 
-pytest.importorskip("wilds", reason="the wilds extra is not installed (CI installs it)")
-os.environ.setdefault("OUTDATED_IGNORE", "1")  # wilds' import asks PyPI whether it is outdated
+try:
+    import_wilds()  # never plain `import wilds`: its import asks PyPI for its latest version
+except ImportError:
+    pytest.skip("the wilds extra is not installed (CI installs it)", allow_module_level=True)
 
 SPLIT_OF = {"train": 0, "id_val": 1, "id_test": 2, "test": 3}  # rows per split below
 
@@ -52,3 +55,40 @@ def test_wilds_splits_locations_and_labels(tmp_path):
     assert splits["train"].class_names == ["0", "1", "2"]
     image = splits["train"].load_image(0)
     assert tuple(image.shape) == (3, 12, 16)
+
+
+# A fresh interpreter: the name lookup is refused (and recorded) before anything leaves the machine;
+# any thread the reading started gets time to make its request. `outdated` needs pkg_resources, which
+# setuptools 81 dropped: without it the check fails before asking; give it one, as older setuptools do.
+ASKS_NO_ONE = """
+import socket, sys, threading, types
+from packaging.version import parse
+sys.modules.setdefault("pkg_resources", types.ModuleType("pkg_resources"))
+sys.modules["pkg_resources"].parse_version = parse
+asked = []
+def refuse(host, *args, **kwargs):
+    asked.append(host)
+    raise OSError("refused by the test")
+socket.getaddrinfo = refuse
+from tally.data import load_splits
+load_splits({"source": "wilds", "root": sys.argv[1]})
+for thread in threading.enumerate():
+    if thread is not threading.main_thread():
+        thread.join(60)
+print("asked:", asked)
+"""
+
+
+def test_reading_wilds_asks_no_package_index(tmp_path):
+    """wilds' import asks PyPI for its latest version in a thread; reading iWildCam must not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_wilds_layout(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "OUTDATED_IGNORE"}
+    env.update(TMPDIR=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # no cached answer
+    proc = subprocess.run([sys.executable, "-c", ASKS_NO_ONE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "asked: []" in proc.stdout, proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ def test_search_runs_on_both_nodes_of_a_cluster(tmp_path):
         shared = tmp_path / "shared-results"
         proc = subprocess.run([sys.executable, "-m", "tally.cli", "search", str(path), "--address", cluster.address,
                                "--storage", str(shared)], capture_output=True, text=True, timeout=800,
-                              env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                              env=joining_env())
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         summary = results.summarise(shared / "cluster")
         assert len(summary) == 4 and (summary["status"] == "done").all()
@@ -49,6 +50,17 @@ def test_search_runs_on_both_nodes_of_a_cluster(tmp_path):
     finally:
         cluster.shutdown()
     assert pids and not [pid for pid in pids if alive(pid)]
+
+
+def joining_env() -> dict:
+    """The driver joins with a token (tally.cluster requires one): the user's, or a fresh one when this
+    machine has none (the test cluster, started by ray.cluster_utils, checks it only in token mode)."""
+    from tally.cluster import token_available
+
+    env = dict(os.environ)
+    if not token_available():
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    return env
 
 
 def alive(pid: int) -> bool:

@@ -35,7 +35,7 @@ def bucket():
 
 
 def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.run([sys.executable, "-m", "tally.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -57,7 +57,7 @@ def killed_and_resumed(bucket, tmp_path_factory):
     store = storage.join(bucket, "store")
     exp_uri = storage.join(store, "in-bucket")
     command = ["search", str(spec_path), "--storage", store]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     driver = subprocess.Popen([sys.executable, "-m", "tally.cli", *command], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 600

@@ -106,7 +106,7 @@ def test_trials_start_no_ray_data_machinery_and_reuse_actors_only_without_early_
 
 
 def test_a_local_ray_names_itself_to_its_processes(monkeypatch):
-    from tally.search.lean import own_cluster_address
+    from tally.cluster import own_cluster_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
