@@ -37,13 +37,13 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tally import files
 from tally.errors import TallyError
 from tally.results import store as results
 
@@ -280,19 +280,14 @@ def push(local: Path, skip: Iterable[str] = ()) -> list[str]:
 
 
 def _fetch(fs, src: str, dst: Path) -> None:
-    """Download to a temporary file beside ``dst``, then rename: local readers never see half a file."""
-    import pyarrow.fs as pafs
+    """Download to a temporary file beside ``dst``, then rename: local readers never see half a file
+    (tally.files.write_atomic: umask honoured, a link at ``dst`` replaced, never followed)."""
+    def download(out) -> None:
+        with fs.open_input_stream(src) as f:
+            while block := f.read(1 << 22):
+                out.write(block)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
-                        use_threads=False)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(dst, download)
 
 
 def _send(fs, src: Path, dst: str) -> None:
