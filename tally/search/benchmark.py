@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from tally import evaluation, results
 from tally.config import check_int, check_section
 from tally.errors import TallyError
 from tally.evaluation import intervals
-from tally.search.spec import ENV_RE, check_resources
+from tally.search.spec import check_resources, expand_root
 
 RUNS_DIR = "runs"
 TOP_KEYS = ("name", "data", "base", "methods", "baseline", "settings", "seeds", "selection_metric",
@@ -97,7 +96,7 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
         raise TallyError(f"base.{bad[0]}: expected only model and train sections (each method names its own "
                          "method section; data is top-level)")
     if isinstance(data.get("root"), str):  # ${VAR} in data.root, as in search specs (e.g. ${TALLY_DATA})
-        data = {**data, "root": ENV_RE.sub(lambda m: _environment(m.group(1), data["root"]), data["root"])}
+        data = {**data, "root": expand_root(data["root"], "data.root")}
     out["data"] = _validated(lambda: config_mod.validate({"data": data}), "")["data"]
     out["base"] = copy.deepcopy(base)
     out["selection_metric"] = raw.get("selection_metric") or (base.get("train") or {}).get(
@@ -164,13 +163,6 @@ def _check_name(value, path: str) -> str:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
         raise TallyError(f"{path}: expected a name of letters, digits, '_', '.', '-' (it names a folder), "
                          f"got {value!r}")
-    return value
-
-
-def _environment(name: str, root: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise TallyError(f"data.root: environment variable {name} is not set (the spec's data root is {root!r})")
     return value
 
 
