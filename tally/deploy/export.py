@@ -384,14 +384,14 @@ def resolve_trial(exp_dir: Path, trial: str | None) -> Path:
     if not (exp_dir / results.TRIALS_DIR).is_dir():
         raise TallyError(f"{exp_dir}: not an experiment (no trials/) nor a run folder (no config.yaml)")
     if trial is not None:
-        run_dir = exp_dir / results.TRIALS_DIR / trial
+        run_dir = exp_dir / results.TRIALS_DIR / files.safe_component(trial, "--trial")
         if not run_dir.is_dir():
             raise TallyError(f"--trial: no trial {trial!r} in {exp_dir}")
         return run_dir
     best, _ = results.best_of_experiment(exp_dir)
     if best is None:
         raise TallyError(f"{exp_dir}: no finished trial to export")
-    return exp_dir / results.TRIALS_DIR / best["trial_id"]
+    return exp_dir / results.TRIALS_DIR / files.safe_component(str(best["trial_id"]), f"{exp_dir}: trial id")
 
 
 # ---------------------------------------------------------------- loading a bundle

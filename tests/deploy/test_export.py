@@ -470,3 +470,13 @@ def test_the_bytes_hashed_are_the_bytes_loaded(bundle, tmp_path, monkeypatch):
     assert swapped
     loaded = {k.removeprefix("net."): v for k, v in predictor.net.state_dict().items()}
     assert all(torch.equal(loaded[k], v) for k, v in original.items())
+
+
+def test_a_trial_name_given_on_the_command_line_stays_inside_the_experiment(tmp_path):
+    from tally.deploy.export import resolve_trial
+
+    (tmp_path / "exp" / "trials" / "t1").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    with pytest.raises(TallyError, match=r"--trial: '\.\./\.\./secret' is not a safe name"):
+        resolve_trial(tmp_path / "exp", "../../secret")
+    assert resolve_trial(tmp_path / "exp", "t1") == tmp_path / "exp" / "trials" / "t1"
