@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from tally import files
 from tally.errors import TallyError
 
 METRICS = ("acc", "macro_recall", "macro_f1", "pair_acc_mean", "pair_acc_worst", "class_acc_mean",
@@ -230,7 +231,22 @@ def _validate_method(given: dict, train_seed: int) -> dict:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 reads 1e-5 (no dot) as a string; configs and specs are full of learning rates."""
+    """The one YAML loader: safe (no tags, no objects); 1e-5 is a float (YAML 1.1 reads it as a string,
+    and configs are full of learning rates); no aliases (a 459-byte file of nested aliases expands to
+    gigabytes, and no file we write or document uses them); nesting bounded (files.MAX_DEPTH)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
+                                              self.peek_event().start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > files.MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {files.MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _YamlLoader.add_implicit_resolver(
@@ -239,24 +255,31 @@ _YamlLoader.add_implicit_resolver(
 
 
 def parse_yaml(text: str):
-    """The one YAML reader of run configs, specs and --set values: safe, and 1e-5 is a float."""
+    """The one YAML reader of run configs, specs, store files and --set values (see _YamlLoader)."""
     return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no tags, no objects
 
 
 def read_yaml_file(path: str | Path, what: str = "config") -> dict:
-    """A YAML mapping from a file, or a one-line error naming the file."""
+    """A YAML mapping from a file (at most files.MAX_STORE_FILE bytes), or a one-line error naming the file."""
     path = Path(path)
     try:
-        raw = parse_yaml(path.read_bytes().decode("utf-8"))
+        raw = parse_yaml(files.read_bounded(path).decode("utf-8"))
     except (FileNotFoundError, IsADirectoryError):
         raise TallyError(f"{path}: {what} file not found") from None
     except UnicodeDecodeError as e:
         raise TallyError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise TallyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise TallyError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(raw, dict):
         raise TallyError(f"{path}: expected a YAML mapping, got {type(raw).__name__}")
     return raw
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what, and where (line:column)."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
 
 
 def load(path: str | Path) -> dict:

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from tally import evaluation as ev
-from tally import results
+from tally import files, results
+from tally.errors import TallyError
 
 SHOWN_STATUSES = ("running", "done", "failed", "stopped")
 FINISHED = ("done", "stopped")  # trials with final metrics (ASHA-stopped ones have early metrics)
@@ -94,6 +95,7 @@ class TrialSet:
     selection: results.Selection
     notes: list[str] = field(default_factory=list)
     signature: str = ""  # the experiment_signature it was read under (set by the cache): key of derived reads
+    error: str | None = None  # why the experiment could not be read at all (load_trials)
 
     @property
     def name(self) -> str:
@@ -101,6 +103,17 @@ class TrialSet:
 
 
 def load_trials(exp_dir: Path, stamps: dict[str, int] | None = None) -> TrialSet:
+    """The trials table of an experiment (``_load_trials``); an experiment that cannot be read at all is
+    an empty TrialSet whose ``error`` says why: one bad experiment is an error row, never the page."""
+    try:
+        return _load_trials(exp_dir, stamps)
+    except Exception as e:  # noqa: BLE001 - a foreign or damaged store must not take down the others
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}".rstrip(": ")
+        return TrialSet(Path(exp_dir), _normalise(pd.DataFrame()), None, results.selection_of(None),
+                        [f"could not be read ({why})"], error=why)
+
+
+def _load_trials(exp_dir: Path, stamps: dict[str, int] | None = None) -> TrialSet:
     """The trials table of an experiment, fresh even while a search is writing it.
 
     The stored summary.parquet is used for speed, but rows of trials whose folders changed after it
@@ -114,7 +127,7 @@ def load_trials(exp_dir: Path, stamps: dict[str, int] | None = None) -> TrialSet
     notes: list[str] = []
     spec = results.read_yaml(exp_dir / "spec.yaml")
     if spec is None:
-        why = results.problem(exp_dir / "spec.yaml") or "no spec.yaml"
+        why = f"spec.yaml {results.problem(exp_dir / 'spec.yaml')}" if (exp_dir / "spec.yaml").exists() else "no spec.yaml"
         notes.append(f"{why}: the spec is not shown and the best trial uses the default metric")
     frame = _fresh_summary(exp_dir, stamps, notes)
     frame = _backfill_metrics(exp_dir, frame, notes)
@@ -133,6 +146,12 @@ def _fresh_summary(exp_dir: Path, stamps: dict[str, int], notes: list[str]) -> p
         if stamps:
             notes.append("no summary.parquet: the trials table was built from the trial folders")
         return results.summarise(exp_dir)
+    ids = stored["trial_id"].astype(str)
+    unsafe = ~ids.map(_safe_id)
+    if unsafe.any():  # a trial id names a folder: one read from a file must not point outside trials/
+        notes.append(f"summary.parquet: {int(unsafe.sum())} row(s) with a trial id that is not a folder name "
+                     f"(first: {ids[unsafe].iloc[0][:80]!r}) ignored")
+        stored = stored[~unsafe].reset_index(drop=True)
     known = set(stored["trial_id"].astype(str))
     stale = sorted(name for name, mtime in stamps.items() if name not in known or mtime >= written[0])
     if not stale:
@@ -141,6 +160,14 @@ def _fresh_summary(exp_dir: Path, stamps: dict[str, int], notes: list[str]) -> p
     kept = stored[~stored["trial_id"].astype(str).isin(set(fresh["trial_id"]))]
     parts = [df for df in (kept, fresh) if not df.empty]
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+
+
+def _safe_id(trial_id: str) -> bool:
+    try:
+        files.safe_component(trial_id, "trial id")
+    except TallyError:
+        return False
+    return True
 
 
 def _metric_columns(frame: pd.DataFrame) -> list[str]:
@@ -206,7 +233,8 @@ def experiment_overview(trials: TrialSet) -> dict:
     row = {"experiment": trials.name, "trials": len(trials.frame), **status_counts(trials.frame),
            "selection": f"{trials.selection.metric} ({trials.selection.mode})",
            "best_trial": None if best is None else best["trial_id"],
-           "best_value": None if best is None else float(best[trials.selection.metric])}
+           "best_value": None if best is None else float(best[trials.selection.metric]),
+           "error": trials.error}
     return row
 
 
@@ -341,7 +369,7 @@ def plain(value) -> str:
 
 # ---------------------------------------------------------------- one trial
 def trial_dir(trials: TrialSet, trial_id: str) -> Path:
-    return trials.exp_dir / results.TRIALS_DIR / str(trial_id)
+    return trials.exp_dir / results.TRIALS_DIR / files.safe_component(str(trial_id), "trial id")
 
 
 def load_run(run_dir: Path) -> results.RunRecord:
@@ -356,7 +384,7 @@ def load_run(run_dir: Path) -> results.RunRecord:
 def read_epochs(exp_dir: Path, trial_ids: list[str]) -> dict[str, pd.DataFrame]:
     """epochs.jsonl of several trials (learning curves of a whole search); empty frames where absent."""
     base = Path(exp_dir) / results.TRIALS_DIR
-    return {t: pd.DataFrame(results.read_jsonl(base / t / "epochs.jsonl")) for t in trial_ids}
+    return {t: pd.DataFrame(results.read_jsonl(base / t / "epochs.jsonl")) for t in trial_ids if _safe_id(t)}
 
 
 def compat_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:

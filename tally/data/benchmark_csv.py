@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tally.data.dataset import MultiDomainDataset, make_samples
+from tally.data.reference import MAX_LABEL, leaves_root
 from tally.errors import TallyError
 
 # benchmark name -> its folder under ROOT (DomainBed's names); the CSV is ROOT/<folder>/<name>.csv
@@ -33,6 +34,9 @@ def csv_location(root: str | Path, dataset: str | None) -> tuple[Path, Path]:
     """(CSV file, image folder) for a benchmark name, or for a .csv path (relative to root) beside its images."""
     root = Path(root).expanduser().resolve()
     if dataset and str(dataset).endswith(".csv"):
+        if leaves_root(str(dataset)):
+            raise TallyError(f"data.dataset: {dataset!r} leaves data.root (expected a .csv path relative to it, "
+                             "without '..')")
         csv = (root / dataset).resolve()
         return csv, csv.parent
     if dataset not in FOLDERS:
@@ -56,10 +60,18 @@ def read_table(csv: Path) -> pd.DataFrame:
     if not len(df):
         raise TallyError(f"{csv}: no rows")
     labels = pd.to_numeric(df["label"], errors="coerce")
-    bad = labels.isna() | (labels < 0) | (labels != labels.round())
+    bad = labels.isna() | (labels < 0) | (labels != labels.round()) | (labels > MAX_LABEL)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise TallyError(f"{csv}: row {row + 2}: label {df['label'].iat[row]!r} is not an integer >= 0")
+        raise TallyError(f"{csv}: row {row + 2}: label {str(df['label'].iat[row])!r} is not a class index "
+                         f"(an integer in [0, {MAX_LABEL}])")
+    paths = df["path"].str.replace("\\", "/", regex=False)
+    outside = (paths.eq("") | paths.str.startswith("/") | paths.str.match(r"^[A-Za-z]:")
+               | ("/" + paths + "/").str.contains("/../", regex=False))
+    if outside.any():  # the same rule as the reference lists' (reference.leaves_root), vectorised
+        row = int(np.flatnonzero(outside.to_numpy())[0])
+        raise TallyError(f"{csv}: row {row + 2}: path {df['path'].iat[row]!r} leaves the image folder "
+                         "(expected a relative path without '..')")
     bad_split = ~df["split"].isin(list(SPLITS))
     if bad_split.any():
         row = int(np.flatnonzero(bad_split.to_numpy())[0])

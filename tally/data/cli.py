@@ -103,17 +103,13 @@ def _splits_make(args) -> int:
 
 def _data_show(args) -> int:
     from tally.data import describe, load_splits
-    from tally.errors import TallyError
 
     cfg: dict = {}
     if args.config:
-        import yaml
+        from tally.config import read_yaml_file  # the one YAML reader
 
-        try:
-            raw = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise TallyError(f"cannot read {args.config}: {e}") from None
-        cfg = dict(raw.get("data") or {}) if isinstance(raw, dict) else {}
+        raw = read_yaml_file(args.config)
+        cfg = dict(raw.get("data") or {})
     flags = {"source": args.source, "root": args.root, "dataset": args.dataset,
              "split_seed": args.seed, **_gen_values(args)}
     cfg.update({k: v for k, v in flags.items() if v is not None})

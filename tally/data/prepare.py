@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tally import files as atomic_files
 from tally.errors import TallyError
 
 LIST_NAME = re.compile(r"^(?P<domain>.+?)_(?P<split>train|val|test)_(?P<suffix>.+)\.txt$")
@@ -82,14 +82,8 @@ def copy_lists(src: Path, dst: Path) -> int:
     files = list_files(src)
     dst.mkdir(parents=True, exist_ok=True)
     for f in files:
-        fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", dir=dst)
-        os.close(fd)
-        try:
-            shutil.copyfile(f, tmp)
-            os.replace(tmp, dst / f.name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with open(f, "rb") as src:  # never through a link at the target; the umask's mode
+            atomic_files.write_atomic(dst / f.name, lambda out, src=src: shutil.copyfileobj(src, out))
     return len(files)
 
 

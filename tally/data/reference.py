@@ -34,6 +34,17 @@ OOD_SUFFIX = "ood"
 PUBLISHED = ("VLCS", "PACS", "officehome", "domainnet", "terra_incognita")
 
 
+MAX_LABEL = 999_999  # a class index; a larger one would size every per-class array of a run
+
+
+def leaves_root(rel: str) -> bool:
+    """True when a path read from a list or CSV leaves the folder it is relative to: absolute, a drive,
+    or a '..' part. The lists name images relative to the image root; one that leaves it could read any
+    file the process can (a list is data, often downloaded, never trusted)."""
+    where = rel.replace("\\", "/")
+    return not where or where.startswith("/") or ".." in where.split("/") or (len(where) > 1 and where[1] == ":")
+
+
 def parse_list(path: str | Path) -> tuple[list[str], list[int]]:
     """(relative paths, labels) of one list file; blank lines are skipped, anything else malformed fails."""
     rel, labels = [], []
@@ -47,14 +58,11 @@ def parse_list(path: str | Path) -> tuple[list[str], list[int]]:
             if not label.isdigit():
                 raise TallyError(f"{path}:{lineno}: malformed line {text!r} "
                                  "(expected '<relative/path> <non-negative integer label>')")
-            where = parts[0].replace("\\", "/")
-            if where.startswith("/") or ".." in where.split("/") or (len(where) > 1 and where[1] == ":"):
-                # the lists name images relative to the image root; a path that leaves it could read
-                # any file the process can (a list is data, often downloaded, never trusted)
+            if leaves_root(parts[0]):
                 raise TallyError(f"{path}:{lineno}: path {parts[0]!r} leaves the image root "
                                  "(expected a relative path without '..')")
-            if len(label) > 6:
-                raise TallyError(f"{path}:{lineno}: label {label} is not a class index (at most 999999)")
+            if len(label) > len(str(MAX_LABEL)):
+                raise TallyError(f"{path}:{lineno}: label {label} is not a class index (at most {MAX_LABEL})")
             rel.append(parts[0])
             labels.append(int(label))
     return rel, labels

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tally.data.atomic import write_folder_atomically
+from tally.data.atomic import SPLITS_FORMAT, write_folder_atomically
 from tally.data.dataset import MultiDomainDataset
 from tally.errors import TallyError
 
@@ -267,7 +267,7 @@ def write_splits(splits: dict[str, MultiDomainDataset], out_dir: str | Path, ima
     shas = {name: hashlib.sha256(t.encode()).hexdigest() for name, t in texts.items()}
     any_ds = next(iter(splits.values()))
     manifest = {
-        "format": "tally-splits-v1",
+        "format": SPLITS_FORMAT,
         "image_root": str(Path(image_root).expanduser().resolve()),
         "setting": setting,
         "held_out": held_out,

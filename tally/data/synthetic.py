@@ -59,7 +59,8 @@ def _write_range(root: str, start: int, stop: int, domains: int, classes: int, s
         buffer = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
         d, c = i % domains, (i // domains) % classes
-        fd = os.open(f"{root}/d{d}/c{c:03d}/{i:07d}.png", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(f"{root}/d{d}/c{c:03d}/{i:07d}.png",  # never through a link: O_NOFOLLOW
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
             os.write(fd, buffer.getbuffer())
         finally:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from tally import evaluation, results
+from tally import evaluation, files, results
 from tally.data.augment import IMAGENET_MEAN, IMAGENET_STD, to_float_normalized
 from tally.errors import TallyError
 from tally.evaluation import calibration
@@ -271,6 +271,28 @@ def _replace_folder(staged: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse, in one line saying what the folder is, to replace anything but a tally bundle: a folder
+    whose manifest has the bundle format tag and lists exactly the files it holds (a split-lists folder
+    also holds a manifest.json; --force must never delete it)."""
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise TallyError(f"--out: {out_dir} exists and is not a folder; refusing to replace it")
+    if not (out_dir / MANIFEST).is_file():
+        raise TallyError(f"--out: {out_dir} is a non-empty folder without {MANIFEST}, not a tally bundle; "
+                         "refusing to replace it (choose another --out)")
+    try:
+        manifest = read_manifest(out_dir)
+    except TallyError as e:
+        raise TallyError(f"--out: {out_dir} is not a tally bundle ({str(e).removeprefix(f'{out_dir}: ')}); "
+                         "refusing to replace it (choose another --out)") from None
+    held = {p.name for p in out_dir.iterdir()}
+    listed = {*manifest["sha256"], MANIFEST}
+    if held != listed:
+        extra = sorted(held - listed) or sorted(listed - held)
+        raise TallyError(f"--out: {out_dir} holds files its {MANIFEST} does not list as a tally bundle "
+                         f"(first: {extra[0]}); refusing to replace it (choose another --out)")
+
+
 def export_bundle(run_dir: str | Path, out_dir: str | Path, force: bool = False, onnx: bool = False) -> Path:
     """Write the bundle of one run folder into ``out_dir``; atomic.
 
@@ -280,9 +302,8 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, force: bool = False,
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config, table, metrics = _read_run(run_dir)
     provenance = _provenance(run_dir, config, onnx)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not (out_dir / MANIFEST).is_file():
-            raise TallyError(f"--out: {out_dir} exists and is not a tally bundle; refusing to replace it")
+    if out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))):
+        _check_replaceable(out_dir)
         existing = results.read_json(out_dir / PROVENANCE)
         if existing == json.loads(json.dumps(provenance)):
             verify_bundle(out_dir)
@@ -341,11 +362,15 @@ def retrain_source(location: str, trial: str | None = None) -> RetrainSource:
             raise TallyError(f"--trial: {location} is a config file, not an experiment")
         return RetrainSource(config_mod.read_yaml_file(path), None, path.stem, str(path))
     if not is_remote(location) and (path / MANIFEST).is_file():
-        verify_bundle(path)
-        provenance = results.read_json(path / PROVENANCE) or {}
+        _, contents = read_bundle(path, keep=("config.yaml", PROVENANCE))  # parsed from the verified bytes
+        provenance = _parsed(path, PROVENANCE, contents, json.loads)
         kept = provenance.get("best_epoch")
-        return RetrainSource(config_mod.read_yaml_file(path / "config.yaml"), kept if isinstance(kept, int) else None,
-                             str(provenance.get("trial") or path.name), f"bundle {path}")
+        # the trial's name names the run folder (results/runs/<trial>-final-...): a bundle from someone
+        # else must not choose where we write
+        name = files.safe_component(provenance.get("trial", path.name), f"{path}/{PROVENANCE}: trial")
+        return RetrainSource(_parsed(path, "config.yaml", contents, config_mod.parse_yaml),
+                             kept if isinstance(kept, int) and not isinstance(kept, bool) else None, name,
+                             f"bundle {path}")
     if not is_remote(location) and not path.exists():
         raise TallyError(f"{location}: no such config file, run folder, experiment or bundle")
     run_dir = resolve_trial(read_mirror(location), trial)
@@ -375,34 +400,83 @@ def resolve_trial(exp_dir: Path, trial: str | None) -> Path:
     if not (exp_dir / results.TRIALS_DIR).is_dir():
         raise TallyError(f"{exp_dir}: not an experiment (no trials/) nor a run folder (no config.yaml)")
     if trial is not None:
-        run_dir = exp_dir / results.TRIALS_DIR / trial
+        run_dir = exp_dir / results.TRIALS_DIR / files.safe_component(trial, "--trial")
         if not run_dir.is_dir():
             raise TallyError(f"--trial: no trial {trial!r} in {exp_dir}")
         return run_dir
     best, _ = results.best_of_experiment(exp_dir)
     if best is None:
         raise TallyError(f"{exp_dir}: no finished trial to export")
-    return exp_dir / results.TRIALS_DIR / best["trial_id"]
+    return exp_dir / results.TRIALS_DIR / files.safe_component(str(best["trial_id"]), f"{exp_dir}: trial id")
 
 
 # ---------------------------------------------------------------- loading a bundle
+# A bundle may come from someone else. Loading it: the manifest is checked field by field (one-line
+# errors); every file this package reads must be listed; each listed file is read ONCE, within a size
+# cap and never through a symlink, and the bytes that were hashed are the bytes that are parsed (no
+# window between the check and the use).
+LOADED = ("config.yaml", "labels.json", "preprocessing.json", "model.pt", "eval.parquet", PROVENANCE)
+MAX_BUNDLE_FILE = 2 << 30  # model.pt2 of a ResNet-50 is about 100 MB
+_HEX = frozenset("0123456789abcdef")
+
+
+def read_manifest(bundle: Path) -> dict:
+    """A bundle's manifest.json, checked: format tag, a {file name: sha256} mapping of plain file names."""
+    path = bundle / MANIFEST
+    try:
+        manifest = json.loads(files.read_bounded(path, 1 << 20, no_symlink=True).decode("utf-8"))
+    except FileNotFoundError:
+        raise TallyError(f"{bundle}: not a tally bundle of format {BUNDLE_FORMAT} (no {MANIFEST})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise TallyError(f"{path}: not valid JSON ({_first_line(e)})") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != BUNDLE_FORMAT:
+        raise TallyError(f"{bundle}: not a tally bundle of format {BUNDLE_FORMAT} "
+                         + (f"(found {found!r}; re-export it)" if found else f"({MANIFEST} has no format tag)"))
+    digests = manifest.get("sha256")
+    if not isinstance(digests, dict) or not digests:
+        raise TallyError(f"{path}: sha256: expected a mapping of file name to sha256, got {type(digests).__name__}")
+    for name, digest in digests.items():
+        files.safe_component(name, f"{path}: file name")  # points outside the bundle, or hidden
+        if name == MANIFEST or not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
+            raise TallyError(f"{path}: sha256 of {name!r}: expected 64 hex digits, got {digest!r}")
+    if not isinstance(manifest.get("trial"), str):
+        raise TallyError(f"{path}: trial: expected a string, got {manifest.get('trial')!r}")
+    missing = [name for name in LOADED if name not in digests]
+    if missing:
+        raise TallyError(f"{path}: {missing[0]} is not listed; refusing to load a file the manifest does not cover")
+    return manifest
+
+
+def read_bundle(bundle: str | Path, keep: tuple[str, ...] = LOADED) -> tuple[dict, dict[str, bytes]]:
+    """(manifest, {name: bytes} of the files in ``keep``) after checking every listed file's sha256 on
+    the very bytes returned; a missing, linked, oversized or changed file is refused in one line."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    contents = {}
+    for name, digest in sorted(manifest["sha256"].items()):
+        path = bundle / name
+        try:
+            data = files.read_bounded(path, MAX_BUNDLE_FILE, no_symlink=True)
+        except FileNotFoundError:
+            raise TallyError(f"{path}: missing from the bundle; refusing to load it") from None
+        except IsADirectoryError:
+            raise TallyError(f"{path}: not a regular file; refusing to load it") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise TallyError(f"{path}: sha256 differs from the manifest (changed after export); refusing to load")
+        if name in keep:
+            contents[name] = data
+    return manifest, contents
+
+
 def verify_bundle(bundle: str | Path) -> dict:
     """The manifest, after checking every listed file's sha256; a missing or changed file is refused."""
-    bundle = Path(bundle)
-    manifest = results.read_json(bundle / MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise TallyError(f"{bundle}: not a tally bundle of format {BUNDLE_FORMAT} "
-                         + (f"(found {found}; re-export it)" if found else "(no manifest.json)"))
-    for name, digest in sorted(manifest.get("sha256", {}).items()):
-        path = bundle / name
-        if Path(name).name != name:
-            raise TallyError(f"{bundle}/{MANIFEST}: file name {name!r} points outside the bundle")
-        if not path.is_file():
-            raise TallyError(f"{path}: missing from the bundle; refusing to load it")
-        if _sha256(path) != digest:
-            raise TallyError(f"{path}: sha256 differs from the manifest (changed after export); refusing to load")
-    return manifest
+    return read_bundle(bundle, keep=())[0]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def resolve_device(name: str) -> torch.device:
@@ -416,18 +490,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _checked_contents(bundle: Path) -> tuple[dict, dict, dict]:
-    """(config, labels, preprocessing) of a bundle, each checked; one-line errors name file and field."""
+def _checked_contents(bundle: Path, contents: dict[str, bytes]) -> tuple[dict, dict, dict]:
+    """(config, labels, preprocessing) of a bundle's verified bytes, each checked; one-line errors name
+    file and field."""
     from tally import config as config_mod
 
-    config = config_mod.validate(config_mod.read_yaml_file(bundle / "config.yaml"), source=f"{bundle}/config.yaml")
-    labels = results.read_json(bundle / "labels.json")
-    classes = (labels or {}).get("classes")
+    config = config_mod.validate(_parsed(bundle, "config.yaml", contents, config_mod.parse_yaml),
+                                 source=f"{bundle}/config.yaml")
+    labels = _parsed(bundle, "labels.json", contents, json.loads)
+    classes = labels.get("classes")
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise TallyError(f"{bundle}/labels.json: classes: expected a non-empty list of names")
-    pre = results.read_json(bundle / "preprocessing.json")
-    if pre is None:
-        raise TallyError(f"{bundle}/preprocessing.json: {results.problem(bundle / 'preprocessing.json') or 'missing'}")
+    domains = labels.get("domains", [])
+    if not (isinstance(domains, list) and all(isinstance(d, str) for d in domains)):
+        raise TallyError(f"{bundle}/labels.json: domains: expected a list of names")
+    pre = _parsed(bundle, "preprocessing.json", contents, json.loads)
     size = pre.get("image_size")
     if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 1024 or size != config["data"]["image_size"]:
         raise TallyError(f"{bundle}/preprocessing.json: image_size: expected the config's "
@@ -443,6 +520,17 @@ def _checked_contents(bundle: Path) -> tuple[dict, dict, dict]:
     return config, labels, pre
 
 
+def _parsed(bundle: Path, name: str, contents: dict[str, bytes], parse) -> dict:
+    """A verified bundle file's bytes parsed to a mapping, or a one-line error naming the file."""
+    try:
+        value = files.check_depth(parse(contents[name].decode("utf-8")), f"{bundle}/{name}")
+    except (UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as e:
+        raise TallyError(f"{bundle}/{name}: cannot be read ({_first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise TallyError(f"{bundle}/{name}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
 class Predictor:
     """A verified bundle's network on a device: classifies decoded images in bounded batches."""
 
@@ -450,16 +538,17 @@ class Predictor:
         from tally.method.backbone import SplitResNet
 
         self.bundle = Path(bundle)
-        manifest = verify_bundle(self.bundle)
+        manifest, contents = read_bundle(self.bundle)
         # A manifest proves the files were not changed after export, not who exported them: every
         # value that sizes an allocation or builds the network is checked before it is used.
-        config, self.labels, self.pre = _checked_contents(self.bundle)
+        config, self.labels, self.pre = _checked_contents(self.bundle, contents)
+        self._eval_bytes = contents["eval.parquet"]
         self.classes = np.asarray(self.labels["classes"], dtype=object)
         # the trial and the weights' hash: two bundles with the same id hold the same model
         self.bundle_id = f"{manifest.get('trial')}@{manifest['sha256']['model.pt'][:12]}"
         self.net = SplitResNet(config["model"]["arch"], config["model"]["cut"], len(self.classes))
         try:
-            state = torch.load(self.bundle / "model.pt", map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(contents["model.pt"]), map_location="cpu", weights_only=True)
             self.net.load_state_dict(state)
         except Exception as e:  # unpickling refused, or weights of another shape
             raise TallyError(f"{self.bundle / 'model.pt'}: cannot load the weights "
@@ -527,7 +616,11 @@ class Predictor:
 
     def train_counts(self, domain_names: list[str]) -> np.ndarray:
         """(D, C) training counts of these domains, from the bundle's eval table (0 for new domains)."""
-        table = pd.read_parquet(self.bundle / "eval.parquet", columns=["domain", "class_idx", "n_train"])
+        try:  # the verified bytes read at load time, not the file as it is now
+            table = pd.read_parquet(io.BytesIO(self._eval_bytes), columns=["domain", "class_idx", "n_train"])
+        except Exception as e:  # noqa: BLE001 - pyarrow's own error types for a foreign file
+            raise TallyError(f"{self.bundle}/eval.parquet: cannot be read ({_first_line(e)})") from None
+        table = table[table["class_idx"].between(0, len(self.classes) - 1)]
         table = table.drop_duplicates(["domain", "class_idx"])
         counts = np.zeros((len(domain_names), len(self.classes)), dtype=np.int64)
         row = {d: i for i, d in enumerate(domain_names)}

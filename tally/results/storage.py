@@ -37,13 +37,13 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tally import files
 from tally.errors import TallyError
 from tally.results import store as results
 
@@ -63,11 +63,35 @@ RENEW_S = 20.0    # how often a holder renews it
 
 # ---------------------------------------------------------------- locations
 def is_remote(location: str | os.PathLike | None) -> bool:
-    """True for a URI of object storage (s3://bucket/prefix, gs://...); False for a path or file://."""
+    """True for a URI of object storage (s3://bucket/prefix, gs://...); False for a path or file://.
+
+    Every store location passes here first, so a URI carrying credentials is refused here
+    (``check_no_credentials``), before it can reach a folder name, a file, the console or the dashboard.
+    """
     if location is None or isinstance(location, os.PathLike):
         return False
     scheme = urlsplit(str(location)).scheme
-    return "://" in str(location) and len(scheme) > 1 and scheme != "file"
+    remote = "://" in str(location) and len(scheme) > 1 and scheme != "file"
+    if remote:
+        check_no_credentials(str(location))
+    return remote
+
+
+def has_credentials(uri: str) -> bool:
+    """True when a URI holds a user or password (scheme://KEY:SECRET@bucket/...)."""
+    return "@" in urlsplit(uri).netloc
+
+
+def check_no_credentials(uri: str) -> str:
+    """``uri``, or a one-line error (the secret not repeated) when it carries credentials."""
+    if has_credentials(uri):
+        parts = urlsplit(uri)
+        shown = f"{parts.scheme}://***@{parts.netloc.rsplit('@', 1)[1]}{parts.path}"
+        raise TallyError(f"{shown}: credentials in a store URI are refused (they would be copied into folder "
+                         "names, .remote files, logs and the dashboard); use the environment "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or a "
+                         "credentials file")
+    return uri
 
 
 def join(uri: str, *names: str) -> str:
@@ -88,7 +112,7 @@ def _filesystem_of(root: str):
 
 def filesystem(uri: str):
     """(pyarrow filesystem, path inside it) of a URI; one filesystem per bucket, reused."""
-    parts = urlsplit(uri)
+    parts = urlsplit(check_no_credentials(uri))
     if not parts.netloc:
         raise TallyError(f"{uri}: expected scheme://bucket/prefix")
     try:
@@ -111,7 +135,7 @@ def stage(uri: str, role: str) -> Path:
     Roles keep apart the processes of one host that copy the same prefix: a trial's worker and the
     driver must never download over each other's unsent writes.
     """
-    parts = urlsplit(uri)
+    parts = urlsplit(check_no_credentials(uri))
     if not parts.netloc:
         raise TallyError(f"{uri}: expected scheme://bucket/prefix")
     names = [parts.scheme, parts.netloc, *(p for p in parts.path.split("/") if p)]
@@ -125,12 +149,28 @@ def stage(uri: str, role: str) -> Path:
 
 
 def remote_of(local: str | Path) -> str | None:
-    """The bucket prefix a staging folder mirrors; None for an ordinary folder."""
+    """The bucket prefix a staging folder mirrors; None for any other folder.
+
+    Only a folder ``stage`` made counts: it lies at staging_root()/<role>/<scheme>/<bucket>/<prefix...>
+    and its ``.remote`` (a regular file, not a link) names exactly that URI. A stray ``.remote`` anywhere
+    else (copied with a folder, or planted) must never make a local store a mirror: a pull deletes the
+    local files the bucket lacks.
+    """
+    local = Path(local)
+    path = local / REMOTE_FILE
     try:
-        text = (Path(local) / REMOTE_FILE).read_text().strip()
-    except OSError:
+        text = files.read_bounded(path, 4096, no_symlink=True).decode("utf-8").strip()
+    except (OSError, TallyError, UnicodeDecodeError):
         return None
-    return text or None
+    if has_credentials(text) or not is_remote(text):
+        return None
+    parts = urlsplit(text)
+    names = [parts.scheme, parts.netloc, *(p for p in parts.path.split("/") if p)]
+    try:
+        rel = local.resolve().relative_to(staging_root().resolve()).parts
+    except (OSError, ValueError):
+        return None
+    return text if list(rel[1:]) == names else None
 
 
 def experiment_dir(location: str | Path, name: str) -> Path:
@@ -280,19 +320,14 @@ def push(local: Path, skip: Iterable[str] = ()) -> list[str]:
 
 
 def _fetch(fs, src: str, dst: Path) -> None:
-    """Download to a temporary file beside ``dst``, then rename: local readers never see half a file."""
-    import pyarrow.fs as pafs
+    """Download to a temporary file beside ``dst``, then rename: local readers never see half a file
+    (tally.files.write_atomic: umask honoured, a link at ``dst`` replaced, never followed)."""
+    def download(out) -> None:
+        with fs.open_input_stream(src) as f:
+            while block := f.read(1 << 22):
+                out.write(block)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
-                        use_threads=False)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(dst, download)
 
 
 def _send(fs, src: Path, dst: str) -> None:

@@ -15,7 +15,6 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from tally import files
+from tally.config import parse_yaml
+from tally.errors import TallyError
+
 STATUSES = ("pending", "running", "done", "failed", "stopped")
 TRIALS_DIR = "trials"
 DEFAULT_SELECTION = {"metric": "pair_acc_worst", "mode": "max"}  # a spec without `selection:`
@@ -32,17 +35,10 @@ NO_SPEC_METRIC = "pair_acc_mean"  # a folder of `tally train` runs: no spec says
 
 
 # ---------------------------------------------------------------- atomic writes
+# tally.files: temp file + rename in the same folder, created with the umask's mode, and never through
+# a symlink (a link at the target is replaced, not followed).
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, data)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -62,22 +58,12 @@ def write_yaml(path: Path, obj) -> None:
 
 
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, lambda f: df.to_parquet(f, index=False))
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    """Append one line; a crash mid-line leaves a line that readers skip."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+    """Append one line; a crash mid-line leaves a line that readers skip; a symlink is refused."""
+    files.append_line(path, json.dumps(record, sort_keys=True, default=_json_default) + "\n")
 
 
 def _json_default(o):
@@ -108,8 +94,6 @@ def truncate_epochs(run_dir: Path, keep_through: int) -> None:
 
 def experiment_dir(storage: str | Path, name: str) -> Path:
     """Where experiment ``name`` lives under a store root; a name may never leave the root."""
-    from tally.errors import TallyError
-
     root = Path(storage).expanduser().resolve()
     exp = (root / name).resolve()
     if root not in exp.parents:
@@ -124,15 +108,21 @@ def experiment_dir(storage: str | Path, name: str) -> Path:
 # and `problem()` says why ("unreadable: ..."), for the views that list what they could not show.
 def _load(path: Path, parse, expect: type | None) -> tuple[object | None, str | None]:
     try:
-        data = Path(path).read_bytes()
+        data = files.read_bounded(path)  # a size cap: one huge file costs bounded memory
     except FileNotFoundError:
         return None, None
+    except TallyError as e:
+        return None, f"unreadable: {str(e).removeprefix(f'{path}: ')}"
     except OSError as e:
         return None, f"unreadable: {e.strerror or e}"
     try:
-        value = parse(data.decode("utf-8"))
+        value = files.check_depth(parse(data.decode("utf-8")), path)
     except UnicodeDecodeError:
         return None, "unreadable: not UTF-8 text"
+    except RecursionError:  # json.loads of a file nested thousands deep
+        return None, f"unreadable: nested deeper than {files.MAX_DEPTH} levels"
+    except TallyError as e:
+        return None, f"unreadable: {str(e).removeprefix(f'{path}: ')}"
     except (ValueError, yaml.YAMLError) as e:
         return None, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if expect is not None and not isinstance(value, expect):
@@ -146,8 +136,8 @@ def read_json(path: Path, expect: type | None = dict):
 
 
 def read_yaml(path: Path, expect: type | None = dict):
-    """The YAML value of a file (safe_load), or None like read_json."""
-    return _load(path, yaml.safe_load, expect)[0]
+    """The YAML value of a file (config.parse_yaml: safe, no aliases, bounded depth), or None like read_json."""
+    return _load(path, parse_yaml, expect)[0]
 
 
 def problem(path: Path) -> str | None:
@@ -161,21 +151,21 @@ def problem(path: Path) -> str | None:
         except Exception as e:  # pyarrow raises its own types for foreign or torn files
             return f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
         return None
-    parse = yaml.safe_load if path.suffix in (".yaml", ".yml") else json.loads
+    parse = parse_yaml if path.suffix in (".yaml", ".yml") else json.loads
     return _load(path, parse, dict)[1]
 
 
 def read_jsonl(path: Path) -> list[dict]:
     try:
-        lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
-    except (FileNotFoundError, OSError):
+        lines = files.read_bounded(path, MAX_JSONL).decode("utf-8", errors="replace").splitlines()
+    except (OSError, TallyError):
         return []
     out = []
     for line in lines:
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line from a killed writer
+        except (json.JSONDecodeError, RecursionError):
+            continue  # a torn last line from a killed writer (or a foreign one)
         if isinstance(record, dict):
             out.append(record)
     return out
@@ -190,6 +180,7 @@ def read_parquet(path: Path) -> pd.DataFrame | None:
         return None
 
 
+MAX_JSONL = 64 << 20  # epochs.jsonl: one short line per epoch
 RUN_FILES = ("config.yaml", "status.json", "eval.parquet", "metrics.json")
 HEARTBEAT = ".heartbeat"  # touched every HEARTBEAT_S by a running run's owner
 HEARTBEAT_S = 30.0
@@ -292,7 +283,7 @@ def repeating(action, every_s: float, name: str, first: bool = True) -> Iterator
 def heartbeat(run_dir: Path, every_s: float = HEARTBEAT_S):
     """Touch <run>/.heartbeat every few seconds while the body runs (a daemon thread), so readers on
     other hosts can tell a long epoch from a dead owner."""
-    return repeating((Path(run_dir) / HEARTBEAT).touch, every_s, "tally-heartbeat")
+    return repeating(lambda: files.touch(Path(run_dir) / HEARTBEAT), every_s, "tally-heartbeat")
 
 
 # ---------------------------------------------------------------- exclusive writers
@@ -306,12 +297,10 @@ def exclusive(folder: Path, what: str) -> Iterator[None]:
     the recorded pid is checked instead (same host) and a lock older than LOST_AFTER_S without a live
     holder is taken over.
     """
-    from tally.errors import TallyError
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = files.open_lock(path)  # never through a symlink: a linked .lock would truncate its target
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -339,8 +328,6 @@ def _holder(path: Path) -> str:
 
 
 def _check_lock_file(path: Path, what: str) -> None:
-    from tally.errors import TallyError
-
     info = read_json(path) or {}
     if not info:
         return

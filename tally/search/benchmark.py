@@ -24,7 +24,6 @@ seed to show the difference on its own, so neither one lucky seed nor test-set n
 from __future__ import annotations
 
 import copy
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ from tally.evaluation.benchmark_tables import (  # noqa: F401 - the tables part,
     wide_table,
     write_tables,
 )
-from tally.search.spec import ENV_RE, check_resources
+from tally.search.spec import check_resources, expand_root
 
 TOP_KEYS = ("name", "data", "base", "methods", "baseline", "settings", "seeds", "selection_metric",
             "concurrency", "resources", "report")
@@ -103,7 +102,7 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
         raise TallyError(f"base.{bad[0]}: expected only model and train sections (each method names its own "
                          "method section; data is top-level)")
     if isinstance(data.get("root"), str):  # ${VAR} in data.root, as in search specs (e.g. ${TALLY_DATA})
-        data = {**data, "root": ENV_RE.sub(lambda m: _environment(m.group(1), data["root"]), data["root"])}
+        data = {**data, "root": expand_root(data["root"], "data.root")}
     out["data"] = _validated(lambda: config_mod.validate({"data": data}), "")["data"]
     out["base"] = copy.deepcopy(base)
     out["selection_metric"] = raw.get("selection_metric") or (base.get("train") or {}).get(
@@ -168,13 +167,6 @@ def _check_name(value, path: str) -> str:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
         raise TallyError(f"{path}: expected a name of letters, digits, '_', '.', '-' (it names a folder), "
                          f"got {value!r}")
-    return value
-
-
-def _environment(name: str, root: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise TallyError(f"data.root: environment variable {name} is not set (the spec's data root is {root!r})")
     return value
 
 

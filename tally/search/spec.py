@@ -27,6 +27,7 @@ TOP_KEYS = ("name", "base", "space", "start_with", "selection", "budget", "resou
 ROBUSTNESS_SETTINGS = ("sub", "each_domain")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+EXPANDED_VARS = ("HOME",)  # and every TALLY_* (expand_root)
 DEFAULT_EARLY_STOPPING = {"enabled": False, "grace_epochs": 1, "reduction_factor": 2}
 DEFAULT_RESOURCES = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
 MULTI_OBJECTIVE = {"objectives": None, "tolerance": 0.01, "sampler": "tpe"}  # selection keys of a Pareto search
@@ -158,20 +159,31 @@ def _check_name(value, path: str) -> str:
     return value
 
 
+def expand_root(root: str, field: str) -> str:
+    """``root`` with ${VAR} expanded, for data.root of specs and benchmarks (no file-system access).
+
+    Only ${HOME} and ${TALLY_*} expand: the expanded root is written into spec.yaml, every trial's
+    config.yaml and every bundle, so a spec (perhaps someone else's) must never be able to copy a secret
+    of this environment (${AWS_SECRET_ACCESS_KEY}) into files. An unset or empty variable is an error.
+    """
+    def lookup(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in EXPANDED_VARS and not name.startswith("TALLY_"):
+            raise TallyError(f"{field}: ${{{name}}} is not expanded (only ${{HOME}} and ${{TALLY_...}}: the "
+                             "root is written into configs and bundles); write the path or use ${TALLY_DATA}")
+        value = os.environ.get(name)
+        if not value:
+            raise TallyError(f"{field}: environment variable {name} is not set (the spec's data root is {root!r})")
+        return value
+
+    return ENV_RE.sub(lookup, root)
+
+
 def _expand_root(base: dict) -> dict:
-    """Expand ${VAR} in data.root (the spec only: no file-system access; empty counts as not set)."""
     data = base.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("root"), str):
         return base
-
-    def lookup(m: re.Match) -> str:
-        value = os.environ.get(m.group(1))
-        if not value:
-            raise TallyError(f"base.data.root: environment variable {m.group(1)} is not set "
-                             f"(the spec's data root is {data['root']!r})")
-        return value
-
-    return {**base, "data": {**data, "root": ENV_RE.sub(lookup, data["root"])}}
+    return {**base, "data": {**data, "root": expand_root(data["root"], "base.data.root")}}
 
 
 def _validate_base(raw_base: dict) -> dict:

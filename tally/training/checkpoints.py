@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 
+from tally import files
 from tally.errors import TallyError
 
 
@@ -32,15 +31,7 @@ def _as_tuple(x):
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write to a temporary file of a unique name, then rename: a reader sees the old or the new
     checkpoint, two writers never share a temporary file, and no exit path leaves one behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, lambda f: torch.save(payload, f))  # umask honoured, never through a link
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -61,7 +61,13 @@ def test_held_out_domain_is_tested_on_all_its_rows():
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace(",train\n", ",training\n", 1), r"row \d+: split 'training' is not one of"),
     (lambda t: t.replace("env,label,path,split", "env,label,file,split"), "missing column 'path'"),
-    (lambda t: t.replace("location_100,0,", "location_100,x,", 1), r"row 2: label 'x' is not an integer"),
+    (lambda t: t.replace("location_100,0,", "location_100,x,", 1), r"row 2: label 'x' is not a class index"),
+    # a label that would size every per-class array, and paths that leave the image folder (issue 21)
+    (lambda t: t.replace("location_100,0,", "location_100,1000000000000,", 1),
+     r"bad\.csv: row 2: label '1000000000000' is not a class index \(an integer in \[0, 999999\]\)"),
+    (lambda t: t.replace("location_100,0,", "location_100,0,../../", 1), r"bad\.csv: row 2: path '\.\./\.\./.*' leaves"),
+    (lambda t: t.replace("location_100,0,", "location_100,0,/etc/", 1), r"bad\.csv: row 2: path '/etc/.*' leaves"),
+    (lambda t: t.replace("location_100,0,", "location_100,0,a\\..\\..\\", 1), r"row 2: path 'a\\\\\.\..*' leaves"),
 ])
 def test_malformed_csv_is_refused(tmp_path, edit, message):
     bad = tmp_path / "bad.csv"
@@ -75,6 +81,7 @@ def test_malformed_csv_is_refused(tmp_path, edit, message):
     ({"dataset": "TerraIncognita"}, "split CSV not found"),
     ({"dataset": EXCERPT.name, "setting": "domain", "held_out": ["location_1"]}, "unknown domain 'location_1'"),
     ({"dataset": EXCERPT.name, "setting": "ood"}, "data.setting: 'ood'"),
+    ({"dataset": f"../{EXCERPT.parent.name}/{EXCERPT.name}"}, "data.dataset: .* leaves data.root"),
 ])
 def test_bad_config_is_refused(cfg, message):
     with pytest.raises(TallyError, match=message):

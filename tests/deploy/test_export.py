@@ -370,3 +370,132 @@ def test_a_pickle_in_place_of_the_weights_is_refused_with_one_line(bundle, tmp_p
     proc = tally("predict", copy, bundle / "MODEL_CARD.md")
     assert proc.returncode == 2 and "model.pt: cannot load the weights" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- bundles from others (issue 21)
+def _resign(copy: Path, name: str) -> None:
+    """Re-sign one file in the manifest, as an attacker would."""
+    from tally.deploy.export import MANIFEST, _sha256
+
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["sha256"][name] = _sha256(copy / name)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("trial", ["../../../escaped", "/ABS/escaped", "a/b", ".hidden", "x" * 300])
+def test_a_bundles_trial_name_never_chooses_where_train_writes(bundle, tmp_path, tally, monkeypatch, trial):
+    copy = Path(shutil.copytree(bundle, tmp_path / "evil"))
+    provenance = json.loads((copy / "provenance.json").read_text())
+    provenance["trial"] = trial.replace("/ABS", str(tmp_path))
+    (copy / "provenance.json").write_text(json.dumps(provenance))
+    _resign(copy, "provenance.json")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    proc = tally("train", copy, "--final", "--epochs", "2")
+    assert proc.returncode == 2 and "provenance.json: trial" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "not a safe name" in proc.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
+
+
+def test_export_force_replaces_only_a_verified_bundle(run_dir, bundle, tmp_path, tally):
+    from tally.data.atomic import write_folder_atomically
+
+    lists = tmp_path / "lists"  # a split-lists folder also holds a manifest.json
+    lists.mkdir()
+    (lists / "manifest.json").write_text(json.dumps({"format": "tally-splits-v1", "files": {}}))
+    (lists / "photo_train_sub.txt").write_text("photo/dog/1.jpg 0\n")
+    for folder in (lists, Path(shutil.copytree(bundle, tmp_path / "with-notes"))):
+        if folder.name == "with-notes":
+            (folder / "notes.txt").write_text("mine")
+        kept = {p.name: p.read_bytes() for p in folder.iterdir()}
+        proc = tally("export", run_dir, "--out", folder, "--force")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "refusing to replace it" in proc.stderr and "pass --force" not in proc.stderr
+        assert ("not a tally bundle" in proc.stderr) if folder == lists else ("notes.txt" in proc.stderr)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept
+    # and `tally splits make --out BUNDLE` never deletes a bundle
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle-copy"))
+    with pytest.raises(TallyError, match="not a split manifest"):
+        write_folder_atomically(copy, {"a_train_sub.txt": ""})
+    assert verify_bundle(copy)["trial"] == "run"
+
+
+def test_a_bundle_loads_only_listed_regular_files(bundle, tmp_path, tally):
+    from tally.deploy.export import MANIFEST
+
+    copy = Path(shutil.copytree(bundle, tmp_path / "unlisted"))  # labels.json dropped from the manifest
+    manifest = json.loads((copy / MANIFEST).read_text())
+    del manifest["sha256"]["labels.json"]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    (copy / "labels.json").write_text(json.dumps({"classes": ["evil"] * 3, "domains": []}))
+    with pytest.raises(TallyError, match=r"labels\.json is not listed"):
+        Predictor(copy)
+
+    outside = tmp_path / "outside-labels.json"  # a link out of the bundle, to a file of the same bytes
+    shutil.copy2(bundle / "labels.json", outside)
+    copy = Path(shutil.copytree(bundle, tmp_path / "linked"))
+    (copy / "labels.json").unlink()
+    (copy / "labels.json").symlink_to(outside)
+    with pytest.raises(TallyError, match=r"labels\.json: is a symbolic link"):
+        Predictor(copy)
+
+
+@pytest.mark.parametrize("manifest", [
+    {"format": "tally-bundle-v2", "sha256": ["model.pt"], "trial": "t"},
+    {"format": "tally-bundle-v2", "sha256": {"model.pt": 5}, "trial": "t"},
+    {"format": "tally-bundle-v2", "sha256": {"../x": "0" * 64}, "trial": "t"},
+    {"format": "tally-bundle-v2", "sha256": None},
+    ["tally-bundle-v2"],
+    "[" * 20000,
+])
+def test_a_malformed_manifest_is_one_line(bundle, tmp_path, tally, manifest):
+    copy = Path(shutil.copytree(bundle, tmp_path / "bad"))
+    (copy / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    for args in (("predict", copy, bundle / "MODEL_CARD.md"), ("train", copy, "--final", "--out", tmp_path / "o")):
+        proc = tally(*args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "manifest.json" in proc.stderr or "not a tally bundle" in proc.stderr, proc.stderr
+
+
+def test_the_bytes_hashed_are_the_bytes_loaded(bundle, tmp_path, monkeypatch):
+    """A file swapped after its hash was checked is never the one parsed (no check-then-reopen window)."""
+    import hashlib
+
+    from tally.deploy import export
+
+    copy = Path(shutil.copytree(bundle, tmp_path / "swap"))
+    digest = json.loads((copy / "manifest.json").read_text())["sha256"]["model.pt"]
+    original = torch.load(copy / "model.pt", weights_only=True)
+    zeros = {k: torch.zeros_like(v) for k, v in original.items()}
+    swapped = []
+
+    class Hasher:
+        def __init__(self, data=b""):
+            self.h = hashlib.sha256(data)
+
+        def update(self, data):
+            self.h.update(data)
+
+        def hexdigest(self):
+            value = self.h.hexdigest()
+            if value == digest and not swapped:  # the check has passed: now swap the file
+                torch.save(zeros, copy / "model.pt")
+                swapped.append(True)
+            return value
+
+    monkeypatch.setattr(export, "hashlib", SimpleNamespace(sha256=Hasher))
+    predictor = Predictor(copy)
+    assert swapped
+    loaded = {k.removeprefix("net."): v for k, v in predictor.net.state_dict().items()}
+    assert all(torch.equal(loaded[k], v) for k, v in original.items())
+
+
+def test_a_trial_name_given_on_the_command_line_stays_inside_the_experiment(tmp_path):
+    from tally.deploy.export import resolve_trial
+
+    (tmp_path / "exp" / "trials" / "t1").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    with pytest.raises(TallyError, match=r"--trial: '\.\./\.\./secret' is not a safe name"):
+        resolve_trial(tmp_path / "exp", "../../secret")
+    assert resolve_trial(tmp_path / "exp", "t1") == tmp_path / "exp" / "trials" / "t1"

@@ -208,3 +208,39 @@ def test_a_heartbeat_in_the_bucket_keeps_a_long_epoch_running(prefix, monkeypatc
     fs, base = storage.filesystem(prefix)
     assert beat == fs.get_file_info(f"{base}/{results.HEARTBEAT}").mtime.timestamp()  # the bucket's time
     assert results.run_state(reader, results.read_json(reader / "status.json")) == "running"
+
+
+def test_a_stray_remote_file_never_makes_a_local_store_a_mirror(bucket, tmp_path, monkeypatch):
+    """`tally export` of a local store with a .remote in a parent folder: nothing is pulled, nothing deleted."""
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
+    uri = storage.join(bucket, "stray")  # an empty prefix: a pull would delete every local file
+    store = tmp_path / "store"
+    run = store / "exp" / "trials" / "t1"
+    _fill(store / "exp")
+    for planted in (tmp_path, store, store / "exp"):
+        (planted / storage.REMOTE_FILE).write_text(uri + "\n")
+    storage.fetch_run(run)
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "status.json").is_file()
+    assert storage.remote_of(store) is None and storage.pull(store) == [] and storage.push(store) == []
+    # only the folder stage() made counts, and only for the URI its path spells
+    local = storage.stage(uri, "read")
+    assert storage.remote_of(local) == uri
+    (local / storage.REMOTE_FILE).write_text(storage.join(bucket, "other") + "\n")
+    assert storage.remote_of(local) is None
+
+
+def test_credentials_in_a_store_uri_are_refused_and_never_written(tmp_path, monkeypatch, capsys):
+    from tally.cli import main
+
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
+    uri = "s3://AKIAKEY:TOPSECRET@bucket/prefix"
+    for call in (lambda: storage.is_remote(uri), lambda: storage.stage(uri, "read"),
+                 lambda: storage.experiment_dir(uri, "exp"), lambda: storage.read_mirror(uri)):
+        with pytest.raises(TallyError, match="credentials in a store URI are refused") as err:
+            call()
+        assert "TOPSECRET" not in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
+    assert main(["report", uri]) == 2
+    err = capsys.readouterr().err
+    assert "TOPSECRET" not in err and err.count("\n") == 1
+    found = [str(p) for p in tmp_path.rglob("*")]
+    assert not [p for p in found if "TOPSECRET" in p], found

@@ -167,3 +167,70 @@ def test_running_runs_whose_owner_is_gone_read_as_lost(tmp_path):
         (tmp_path / "beat").mkdir()
         time.sleep(0.3)
     assert (tmp_path / "beat" / results.HEARTBEAT).exists()
+
+
+# ---------------------------------------------------------------- files that cannot hurt (issue 21)
+def test_writes_never_follow_a_symlink(tmp_path):
+    """A .lock, epochs.jsonl or status.json that is a link to another file leaves that file as it was."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(TallyError, match=r"\.lock: is a symbolic link; refusing to write through it"), \
+            results.exclusive(run, "the run"):
+        pass
+    (run / "epochs.jsonl").symlink_to(victim)
+    with pytest.raises(TallyError, match=r"epochs\.jsonl: is a symbolic link"):
+        results.append_jsonl(run / "epochs.jsonl", {"epoch": 0})
+    (run / "status.json").symlink_to(victim)
+    results.write_status(run, "running", epoch=0)  # atomic: the link itself is replaced
+    assert not (run / "status.json").is_symlink() and results.read_json(run / "status.json")["epoch"] == 0
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_store_files_honour_the_umask(tmp_path, umask, mode):
+    """A team sharing a store reads each other's results: files get 0o666 minus the umask, as open() gives."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        results.write_status(tmp_path, "running")
+        results.write_parquet(tmp_path / "t.parquet", pd.DataFrame({"x": [1]}))
+        results.append_jsonl(tmp_path / "epochs.jsonl", {"epoch": 0})
+        results.truncate_epochs(tmp_path, 0)
+        with results.exclusive(tmp_path / "exp", "the experiment"):
+            pass
+    finally:
+        os.umask(old)
+    paths = [tmp_path / n for n in ("status.json", "t.parquet", "epochs.jsonl")] + [tmp_path / "exp" / ".lock"]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in paths} == {p.name: oct(mode) for p in paths}
+
+
+BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]", *(f"{chr(98 + i)}: &{chr(98 + i)} "
+                  f"[*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+                  f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(7))]) + "\n"
+
+
+def test_hostile_store_files_are_unreadable_not_fatal(tmp_path):
+    """Deeply nested, huge or alias-bomb files read as unreadable (named), never as an exception or a
+    cell of megabytes; the other files of the run still show."""
+    run = tmp_path / "trials" / "t1"
+    results.write_json(run / "metrics.json", {"val": {"acc": 0.5}})
+    (run / "status.json").write_text("[" * 100_000 + "]" * 100_000)  # 200 KB
+    (run / "config.yaml").write_text(BOMB)
+    assert len(BOMB) < 600
+    row = results.trial_row(run)
+    assert row["val/acc"] == 0.5 and row["status"] == "pending"
+    assert "status.json: unreadable: nested deeper than" in row["unreadable"]
+    assert "config.yaml: unreadable:" in row["unreadable"] and "aliases" in row["unreadable"]
+    assert max(len(str(v)) for v in row.values()) < 1000
+    (run / "config.yaml").write_text("a:\n" + "".join(" " * i + "- \n" for i in range(1, 200)))
+    (run / "status.json").write_text('{"status": "done", "x": "' + "y" * (5 << 20) + '"}')
+    record = results.read_run(run)
+    assert record.unreadable["status.json"].startswith("unreadable: larger than")
+    assert record.config is None and "nested deeper" in record.unreadable["config.yaml"], record.unreadable
+    (tmp_path / "spec.yaml").write_text("[" * 50_000)
+    assert results.best_of_experiment(tmp_path)[1].source.startswith("no spec.yaml")

@@ -364,3 +364,10 @@ def test_shipped_benchmark_spec_dry_run_writes_nothing(tmp_path, capsys):
     assert main(["benchmark", str(bad), "--storage", str(tmp_path / "store")]) == 2
     assert capsys.readouterr().err.strip() == "error: seeds: expected an integer >= 1, got -1"
     assert not (tmp_path / "store").exists()
+
+
+def test_data_root_never_expands_other_variables(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "TOPSECRET")
+    with pytest.raises(TallyError, match=r"data\.root: \$\{AWS_SECRET_ACCESS_KEY\} is not expanded") as err:
+        benchmark_spec_from_raw(raw(data={"source": "embedded", "root": "${AWS_SECRET_ACCESS_KEY}/emb"}))
+    assert "TOPSECRET" not in str(err.value)

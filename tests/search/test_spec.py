@@ -325,3 +325,19 @@ def test_resumed_search_tolerates_a_trial_the_study_already_finished(tmp_path):
     again.on_trial_complete("t1", {"score": 0.5, "final": True})
     (trial,) = optuna.load_study(study_name="s", storage=url).trials
     assert trial.state.name == "COMPLETE" and trial.value == 0.75
+
+
+def test_data_root_expands_only_home_and_tally_variables(monkeypatch, tmp_path):
+    """The expanded root is written into spec.yaml, every trial's config and every bundle: a spec must not be
+    able to copy a secret of the environment into them."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "TOPSECRET")
+    raw = yaml.safe_load((Path(__file__).parents[2] / "searches" / "quickstart.yaml").read_text())
+    raw["base"]["data"]["root"] = "/data/${AWS_SECRET_ACCESS_KEY}"
+    with pytest.raises(TallyError, match=r"base\.data\.root: \$\{AWS_SECRET_ACCESS_KEY\} is not expanded") as err:
+        spec_from_raw(raw, "inline")
+    assert "TOPSECRET" not in str(err.value)
+    from tally.data.embedded import default_dir
+
+    monkeypatch.setenv("TALLY_EMB", str(default_dir().parent))
+    raw["base"]["data"]["root"] = "${TALLY_EMB}/" + default_dir().name
+    assert spec_from_raw(raw, "inline").base["data"]["root"] == str(default_dir())

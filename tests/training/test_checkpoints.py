@@ -87,3 +87,22 @@ def test_a_checkpoint_written_on_two_gpus_resumes_on_the_cpu(tmp_path):
     for key, value in a.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, b[key]), key
+
+
+def test_a_checkpoint_honours_the_umask_and_never_writes_through_a_link(tmp_path):
+    import os
+    import stat
+
+    from tally.training.checkpoints import load_checkpoint, save_checkpoint
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "last.pt").symlink_to(victim)
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    finally:
+        os.umask(old)
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "last.pt").is_symlink()
+    assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o644
+    assert load_checkpoint(tmp_path / "last.pt") == {"epoch": 1}
