@@ -77,6 +77,9 @@ CASES: dict[str, Case] = {
     "config-unknown-field": config_case("train.epoch", 3, "train.epoch: unknown field"),
     "config-epochs-0": config_case("train.epochs", 0, "train.epochs"),
     "config-seed-1e23": config_case("train.seed", 1e23, "train.seed"),
+    "config-seed-2**64": config_case("train.seed", 2**64, "train.seed"),  # torch.manual_seed refuses it
+    "config-split-seed-10**30": config_case("data.split_seed", 10**30, "data.split_seed"),
+    "config-batch-10**30": config_case("train.batch_size", 10**30, "train.batch_size"),
     "config-lr-string": config_case("train.lr", "fast", "train.lr"),
     "config-warmup-over-epochs": config_case("train.warmup_epochs", 5, "train.warmup_epochs"),
     "config-method-list": config_case("method.name", ["tally"], "method.name"),
@@ -112,6 +115,10 @@ CASES: dict[str, Case] = {
     "spec-momentum-passes-1": spec_case("space", {"method.momentum": {"type": "uniform", "low": 0.5, "high": 1.5}},
                                         "space.method.momentum.high"),
     "spec-trials-0": spec_case("budget.trials", 0, "budget.trials"),
+    "spec-trials-2**64": spec_case("budget.trials", 2**64, "budget.trials"),
+    "spec-seed-2**32": spec_case("seed", 2**32, "seed"),  # Optuna's samplers take seeds < 2**32
+    "spec-int-bound-2**70": spec_case("space", {"train.epochs": {"type": "int", "low": 2, "high": 2**70}},
+                                      "space.train.epochs.high"),
     "spec-gpus-negative": spec_case("resources", {"gpus_per_worker": -1}, "resources.gpus_per_worker"),
     "spec-name-escapes": spec_case("name", "../x", "name"),
     "spec-metric-unknown": spec_case("selection", {"metric": "top5"}, "selection.metric"),

@@ -34,9 +34,9 @@ import pandas as pd
 
 from tally import config as config_mod
 from tally import evaluation, results
-from tally.config import check_int, check_section
 from tally.errors import TallyError
 from tally.evaluation import intervals
+from tally.schema import METRICS, SEED_MAX, check_int, check_section
 from tally.search.spec import ENV_RE, check_resources
 
 RUNS_DIR = "runs"
@@ -102,15 +102,16 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     out["base"] = copy.deepcopy(base)
     out["selection_metric"] = raw.get("selection_metric") or (base.get("train") or {}).get(
         "selection_metric") or results.DEFAULT_SELECTION["metric"]
-    if out["selection_metric"] not in config_mod.METRICS:
-        raise TallyError(f"selection_metric: expected one of {', '.join(config_mod.METRICS)}, "
+    if out["selection_metric"] not in METRICS:
+        raise TallyError(f"selection_metric: expected one of {', '.join(METRICS)}, "
                          f"got {out['selection_metric']!r}")
     out["seeds"] = _check_seeds(raw.get("seeds", 3))
     out["concurrency"] = check_int("concurrency", raw.get("concurrency", 1), 1)
     out["resources"] = check_resources(raw.get("resources"))
     rep = check_section("report", raw.get("report"), DEFAULT_REPORT)
     out["report"] = {"replicates": check_int("report.replicates", rep["replicates"], 1),
-                     "bootstrap_seed": check_int("report.bootstrap_seed", rep["bootstrap_seed"], 0)}
+                     "bootstrap_seed": check_int("report.bootstrap_seed", rep["bootstrap_seed"], 0,
+                                                 high=SEED_MAX)}
 
     from tally.data import load_splits
 
@@ -176,10 +177,12 @@ def _environment(name: str, root: str) -> str:
 
 def _check_seeds(raw) -> list[int]:
     if isinstance(raw, int) and not isinstance(raw, bool):
-        return list(range(check_int("seeds", raw, 1)))
+        # seeds 0 .. count - 1; a count is bounded so that a typo (10**9) is not a billion-run plan
+        return list(range(check_int("seeds", raw, 1, high=10_000)))
     if (not isinstance(raw, list) or not raw or len(set(map(str, raw))) != len(raw)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw)):
-        raise TallyError(f"seeds: expected a count >= 1 or a list of distinct integers >= 0, got {raw!r}")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX for s in raw)):
+        raise TallyError(f"seeds: expected a count >= 1 or a list of distinct integers in [0, {SEED_MAX}], "
+                         f"got {raw!r}")
     return list(raw)
 
 
