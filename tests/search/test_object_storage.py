@@ -128,7 +128,12 @@ def test_report_and_export_from_the_bucket(killed_and_resumed, tmp_path):
     store, exp_uri, *_ = killed_and_resumed
     proc = _cli("report", exp_uri)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "test_sub" in proc.stdout or "worst" in proc.stdout
+    # one test_sub row per trial the bucket holds (both finished), and the rule's pick named
+    rows = [line for line in proc.stdout.splitlines() if "test_sub" in line]
+    trials = sorted(d.name for d in results.iter_trial_dirs(_bucket_view(exp_uri)))
+    assert len(trials) == 2 and all(sum(t in row for row in rows) == 1 for t in trials), proc.stdout
+    best, _ = results.best_of_experiment(_bucket_view(exp_uri))
+    assert f"selected: {best['trial_id']}" in proc.stderr
 
     bundle = tmp_path / "bundle"
     proc = _cli("export", exp_uri, "--out", str(bundle))

@@ -98,6 +98,15 @@ def test_optuna_study_separates_complete_pruned_and_failed(searched):
     assert [t.state.name for t in first] == ["COMPLETE", "PRUNED", "FAIL"]
 
 
+def test_the_dashboard_check_of_study_db_holds_for_a_real_search(searched):
+    """tests/dashboard/test_scale.check_study (what optuna-dashboard reads) on the study.db written by
+    the real PruneAwareOptunaSearch, not the store factory's imitation of it."""
+    from tests.dashboard.test_scale import check_study
+
+    _, exp_dir, _ = searched
+    check_study(exp_dir)
+
+
 def test_export_and_predict_round_trip(searched, tmp_path):
     _, exp_dir, summary = searched
     bundle = tmp_path / "bundle"
