@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 from tally.data import load_splits
+from tests.optional import require
 
-pytest.importorskip("wilds", reason="the wilds extra is not installed (CI installs it)")
+require("wilds", "the wilds extra is not installed (CI installs it)")
 os.environ.setdefault("OUTDATED_IGNORE", "1")  # wilds' import asks PyPI whether it is outdated
 
 SPLIT_OF = {"train": 0, "id_val": 1, "id_test": 2, "test": 3}  # rows per split below
