@@ -134,8 +134,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "final": Field(bool, False),
         "device": Field(str, "auto", choices=("auto", "cpu", "cuda")),
         "bf16": Field(bool, True),
-        # data-parallel runs: BatchNorm over the global batch (SyncBatchNorm, CUDA only); off = per worker
-        "sync_bn": Field(bool, False),
+        # data-parallel runs: BatchNorm over the global batch (SyncBatchNorm, CUDA only); false = per worker;
+        # null = on with CUDA, off with a warning on CPU (tally.training.distributed.use_sync_batchnorm)
+        "sync_bn": Field(bool, None, nullable=True),
         # the training step through torch.compile (inductor); compile_mode 'reduce-overhead' adds CUDA graphs
         "compile": Field(bool, False),
         "compile_mode": Field(str, "default", choices=("default", "reduce-overhead")),
