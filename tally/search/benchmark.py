@@ -109,7 +109,8 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     out["concurrency"] = check_int("concurrency", raw.get("concurrency", 1), 1)
     out["resources"] = check_resources(raw.get("resources"))
     rep = check_section("report", raw.get("report"), DEFAULT_REPORT)
-    out["report"] = {"replicates": check_int("report.replicates", rep["replicates"], 1),
+    # a bootstrap holds replicates x runs values: 10**6 replicates is already far past what intervals need
+    out["report"] = {"replicates": check_int("report.replicates", rep["replicates"], 1, high=10**6),
                      "bootstrap_seed": check_int("report.bootstrap_seed", rep["bootstrap_seed"], 0,
                                                  high=SEED_MAX)}
 

@@ -99,6 +99,12 @@ def test_each_domain_and_seed_lists():
     ({"concurrency": 0}, "concurrency"),
     ({"resources": {"gpus": 1}}, "resources.gpus"),
     ({"report": {"replicates": 0}}, "report.replicates"),
+    # integers numpy, torch and Optuna cannot take are refused here, not as a traceback mid-benchmark
+    ({"report": {"replicates": 10**7}}, r"report.replicates: expected an integer in \[1, 1000000\]"),
+    ({"report": {"bootstrap_seed": 2**32}}, "report.bootstrap_seed"),
+    ({"seeds": [0, 2**32]}, r"seeds: expected a count >= 1 or a list of distinct integers in \[0, 4294967295\]"),
+    ({"seeds": 10**9}, r"seeds: expected an integer in \[1, 10000\]"),
+    ({"concurrency": 2**64}, "concurrency"),
     ({"methods": {"tally": {"from_search": "/nonexistent/exp"}}}, "methods.tally.from_search: .* not an experiment"),
 ])
 def test_spec_errors_name_the_field(changes, field):
