@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast browser lint bench clean
+.PHONY: demo test test-fast browser lint bench lock clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/evaluator.py
 	$(BIN)/python bench/train_step.py --quick
+
+# constraints.txt: the versions of everything CI passed with (its venv has the dev, onnx and wilds
+# extras), for `pip install -c constraints.txt -e '.[dev]'`. Left out: torch's CUDA wheels (nvidia-*,
+# cuda-*, triton), which torch's own pin chooses per platform and which do not exist on every one.
+lock: $(STAMP)
+	{ echo "# make lock: pip freeze of the venv CI passed with (refresh after changing pyproject.toml)"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(nvidia-|cuda-|triton==)'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

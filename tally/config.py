@@ -6,128 +6,15 @@ not an hour of training. Errors name the field path and what was expected.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from tally import files
 from tally.errors import TallyError
-
-METRICS = ("acc", "macro_recall", "macro_f1", "pair_acc_mean", "pair_acc_worst", "class_acc_mean",
-           "class_acc_worst", "domain_acc_mean", "domain_acc_worst")
-
-
-@dataclass(frozen=True)
-class Field:
-    """One config value: its type, default and admissible range or choices."""
-
-    kind: type
-    default: object
-    choices: tuple = ()
-    low: float | None = None
-    high: float | None = None
-    nullable: bool = False
-
-    def check(self, path: str, value):
-        if value is None:
-            if self.nullable:
-                return None
-            raise TallyError(f"{path}: expected {self._expected()}, got null")
-        if self.kind is float:
-            value = as_number(value)
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-        ok = isinstance(value, self.kind) and not (self.kind is not bool and isinstance(value, bool))
-        if ok and self.kind is float and not math.isfinite(value):
-            ok = False
-        if ok and self.choices and value not in self.choices:
-            ok = False
-        if ok and self.low is not None and value < self.low:
-            ok = False
-        if ok and self.high is not None and value > self.high:
-            ok = False
-        if not ok:
-            raise TallyError(f"{path}: expected {self._expected()}, got {value!r}")
-        return list(value) if self.kind is list else value
-
-    def _expected(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-                 list: "a list"}
-        text = names.get(self.kind, self.kind.__name__)
-        if self.low is not None and self.high is not None:
-            text += f" in [{self.low}, {self.high}]"
-        elif self.low is not None:
-            text += f" >= {self.low}"
-        return text + (" or null" if self.nullable else "")
-
-
-SCHEMA: dict[str, dict[str, Field]] = {
-    "data": {
-        "source": Field(str, "embedded", choices=("embedded", "folder", "reference", "wilds", "csv")),
-        "root": Field(str, None, nullable=True),
-        "dataset": Field(str, None, nullable=True),
-        # sub: subpopulation shift; domain: hold out data.held_out; ood: the reference lists' fixed
-        # out-of-domain split (TerraIncognita: train, val and test locations all disjoint)
-        "setting": Field(str, "sub", choices=("sub", "domain", "ood")),
-        "held_out": Field(list, []),
-        "split_seed": Field(int, 0, low=0),
-        "imbalance": Field(str, None, choices=("exp", "step", "natural"), nullable=True),
-        "imbalance_factor": Field(float, None, low=1.0, nullable=True),
-        "max_per_class": Field(int, None, low=1, nullable=True),
-        "n_val": Field(int, None, low=1, nullable=True),
-        "n_test": Field(int, None, low=1, nullable=True),
-        "image_size": Field(int, 32, low=8, high=1024),
-        "flip": Field(bool, False),
-        "crop_padding": Field(int, 2, low=0, high=64),
-        "decode_workers": Field(int, 0, low=0),
-        "oracle_selection": Field(bool, False),
-        # shot buckets: many > shot_many_above, few <= shot_few_at_most training images per pair;
-        # null = the dataset's thresholds (evaluation.shot_thresholds: OfficeHome, TerraIncognita differ)
-        "shot_many_above": Field(int, None, low=1, nullable=True),
-        "shot_few_at_most": Field(int, None, low=1, nullable=True),
-    },
-    "model": {
-        "arch": Field(str, "resnet18", choices=("resnet10", "resnet18", "resnet34", "resnet50")),
-        "cut": Field(str, "layer2", choices=("layer1", "layer2", "layer3")),
-        "pretrained": Field(str, None, nullable=True),
-    },
-    "train": {
-        "epochs": Field(int, 15, low=1),
-        "warmup_epochs": Field(int, 7, low=0),
-        "steps_per_epoch": Field(int, 500, low=1),
-        "batch_size": Field(int, 18, low=1),
-        "eval_batch_size": Field(int, 256, low=1),
-        "optimizer": Field(str, "adam", choices=("adam", "adamw", "sgd")),
-        "lr": Field(float, 1e-5, low=0.0),
-        "weight_decay": Field(float, 1e-6, low=0.0),
-        "amsgrad": Field(bool, True),
-        "sgd_momentum": Field(float, 0.9, low=0.0, high=1.0),
-        "seed": Field(int, 0, low=0),
-        "selection_metric": Field(str, "pair_acc_mean", choices=METRICS),
-        # which epochs may be kept as the best: 'main' = only after the warm-up (the reference's protocol)
-        "select_from": Field(str, "main", choices=("main", "all")),
-        # a final retrain (tally train --final): train on train + validation and keep the last epoch;
-        # no selection, so train.epochs should be the epochs a search's trial chose
-        "final": Field(bool, False),
-        "device": Field(str, "auto", choices=("auto", "cpu", "cuda")),
-        "bf16": Field(bool, True),
-        # data-parallel runs: BatchNorm over the global batch (SyncBatchNorm, CUDA only); off = per worker
-        "sync_bn": Field(bool, False),
-        # the training step through torch.compile (inductor); compile_mode 'reduce-overhead' adds CUDA graphs
-        "compile": Field(bool, False),
-        "compile_mode": Field(str, "default", choices=("default", "reduce-overhead")),
-        # CUDA: cuDNN's deterministic algorithms and no autotuning (cudnn.benchmark), slower
-        "deterministic": Field(bool, False),
-    },
-}
-SECTIONS = (*SCHEMA, "method")
+from tally.schema import SCHEMA, SECTIONS, SEED_MAX, Field
 
 
 def validate(raw: dict, source: str = "config") -> dict:
@@ -209,7 +96,8 @@ def _validate_method(given: dict, train_seed: int) -> dict:
             continue
         path, value = f"method.{key}", given[key]
         if key == "seed" or isinstance(default, int) and not isinstance(default, bool):
-            out[key] = Field(int, None, low=0, nullable=key == "seed").check(path, value)
+            high = SEED_MAX if key == "seed" else None
+            out[key] = Field(int, None, low=0, high=high, nullable=key == "seed").check(path, value)
         elif isinstance(default, bool):
             out[key] = Field(bool, default).check(path, value)
         elif isinstance(default, float):
@@ -293,38 +181,3 @@ def set_path(config: dict, dotted: str, value) -> None:
     if config.get(section) is None:  # `method:` left empty in YAML
         config[section] = {}
     config[section][key] = value
-
-
-# ---------------------------------------------------------------- checks shared with search specs
-def as_number(value):
-    """A number given as a string (a 1e-5 that reached us through JSON or a dict) becomes a float."""
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return float(value)
-    return value
-
-
-def check_int(path: str, value, low: int | None, expected: str | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-        text = expected or (f"an integer >= {low}" if low is not None else "an integer")
-        raise TallyError(f"{path}: expected {text}, got {value!r}")
-    return value
-
-
-def check_number(path: str, value, expected: str) -> float | int:
-    value = as_number(value)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise TallyError(f"{path}: expected {expected}, got {value!r}")
-    return value
-
-
-def check_section(path: str, raw, defaults: dict) -> dict:
-    """A mapping with only known keys, defaults filled (null means all defaults)."""
-    if raw is None:
-        return copy.deepcopy(defaults)
-    if not isinstance(raw, dict):
-        raise TallyError(f"{path}: expected a mapping with keys {', '.join(defaults)}, got {raw!r}")
-    for key in raw:
-        if key not in defaults:
-            raise TallyError(f"{path}.{key}: unknown key (expected one of {', '.join(defaults)})")
-    return {**copy.deepcopy(defaults), **raw}

@@ -10,7 +10,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-import pytest
+from tests.optional import require
 
 BUCKET = "tally-test"
 ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
@@ -19,8 +19,8 @@ ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DE
 
 @contextlib.contextmanager
 def s3_server() -> Iterator[str]:
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")
-    boto3 = pytest.importorskip("boto3")
+    server_mod = require("moto.server", "moto[server] (the dev extra) is not installed")
+    boto3 = require("boto3", "boto3 (the dev extra) is not installed")
     from tally.results import storage
 
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

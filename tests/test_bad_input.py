@@ -77,6 +77,9 @@ CASES: dict[str, Case] = {
     "config-unknown-field": config_case("train.epoch", 3, "train.epoch: unknown field"),
     "config-epochs-0": config_case("train.epochs", 0, "train.epochs"),
     "config-seed-1e23": config_case("train.seed", 1e23, "train.seed"),
+    "config-seed-2**64": config_case("train.seed", 2**64, "train.seed"),  # torch.manual_seed refuses it
+    "config-split-seed-10**30": config_case("data.split_seed", 10**30, "data.split_seed"),
+    "config-batch-10**30": config_case("train.batch_size", 10**30, "train.batch_size"),
     "config-lr-string": config_case("train.lr", "fast", "train.lr"),
     "config-warmup-over-epochs": config_case("train.warmup_epochs", 5, "train.warmup_epochs"),
     "config-method-list": config_case("method.name", ["tally"], "method.name"),
@@ -112,6 +115,10 @@ CASES: dict[str, Case] = {
     "spec-momentum-passes-1": spec_case("space", {"method.momentum": {"type": "uniform", "low": 0.5, "high": 1.5}},
                                         "space.method.momentum.high"),
     "spec-trials-0": spec_case("budget.trials", 0, "budget.trials"),
+    "spec-trials-2**64": spec_case("budget.trials", 2**64, "budget.trials"),
+    "spec-seed-2**32": spec_case("seed", 2**32, "seed"),  # Optuna's samplers take seeds < 2**32
+    "spec-int-bound-2**70": spec_case("space", {"train.epochs": {"type": "int", "low": 2, "high": 2**70}},
+                                      "space.train.epochs.high"),
     "spec-gpus-negative": spec_case("resources", {"gpus_per_worker": -1}, "resources.gpus_per_worker"),
     "spec-name-escapes": spec_case("name", "../x", "name"),
     "spec-metric-unknown": spec_case("selection", {"metric": "top5"}, "selection.metric"),
@@ -139,7 +146,15 @@ CASES: dict[str, Case] = {
     "export-unknown-trial": Case({"exp/trials/t1/status.json": '{"status": "done"}'},
                                  ["export", "{tmp}/exp", "--trial", "t9", "--out", "{tmp}/out"], "t9"),
     "evaluate-not-a-run": Case({"x/a.txt": "x"}, ["evaluate", "{tmp}/x"], "not a run folder", writes=""),
+    "compare-not-a-run": Case({"x/a.txt": "x"}, ["compare", "{tmp}/x", "{tmp}/x"], "not a finished run folder",
+                              writes=""),
+    "benchmark-seed-2**32": Case({"b.yaml": yaml.safe_dump({"name": "b", "data": {"source": "embedded"}, "methods": ["erm"],
+                                                            "settings": ["sub"], "seeds": [2**32]})},
+                                 ["benchmark", "{tmp}/b.yaml", "--storage", "{tmp}/out"], "seeds"),
 }
+# Commands whose bad input is tested elsewhere (they need a dataset on disk) or that take none.
+ELSEWHERE = {"data": "tests/test_cli.py, tests/data/test_cli.py", "splits": "tests/test_cli.py",
+             "demo": "no input of its own"}
 
 
 def lay_out(tmp: Path, files: dict[str, object]) -> None:
@@ -191,8 +206,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, capsys)
     assert case.names in err, err
 
 
-def test_the_suite_is_large_enough():
-    assert len(CASES) + len(BUNDLE_CASES) + len(IMAGE_CASES) >= 40
+def test_every_command_has_a_bad_input_case():
+    """A new subcommand without a case here (or a named home elsewhere) fails this, not a user."""
+    parser = cli.build_parser()
+    (commands,) = [a.choices for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    covered = {case.argv[0] for case in CASES.values()} | set(ELSEWHERE)
+    assert sorted(set(commands) - covered) == []
 
 
 # ---------------------------------------------------------------- bundles and images (one tiny run)

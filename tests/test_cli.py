@@ -71,9 +71,19 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and culprit in err, (argv, err)
     assert not (tmp_path / "o").exists()
-    # banks of splits that decoded are complete and kept; nothing half-written is left
-    cache = list((tmp_path / "c").iterdir())
-    assert all(p.name.startswith("bank-") and (p / "key.txt").is_file() for p in cache), cache
+    # the splits before the broken image's decoded: their banks are complete and kept; the broken
+    # split's bank is not there, and nothing half-written is left
+    from tally.config import validate
+    from tally.data import load_splits
+    from tally.data.bank import bank_path
+
+    cfg = validate(yaml.safe_load(config.read_text()))
+    splits = list(load_splits(cfg["data"]).values())
+    broken = next(i for i, ds in enumerate(splits) if ds.samples["path"].str.endswith("broken.png").any())
+    expected = {bank_path(ds, cfg["data"]["image_size"], tmp_path / "c")[0] for ds in splits[:broken]}
+    assert broken > 0, "the broken image must not be in the first split decoded, or nothing is kept to check"
+    assert set((tmp_path / "c").iterdir()) == expected
+    assert all((p / "key.txt").is_file() for p in expected)
 
 
 def test_train_scale_options_are_checked_before_anything_runs(tmp_path):

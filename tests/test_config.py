@@ -74,7 +74,12 @@ def test_set_path_fills_an_empty_section():
 
 # Any value in any field: validation returns a complete config that validates to itself, or raises
 # TallyError naming that field; never another exception (a traceback instead of one line).
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True),
+# Integers reach far past 64 bits (and cluster at the bounds numpy, torch and Optuna take): a value
+# validation lets through must be one the run can use.
+EDGES = [2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64, 10**30]
+INTEGERS = st.one_of(st.integers(-10**30, 10**30), st.integers(-(2**300), 2**300),
+                     st.sampled_from(EDGES).flatmap(lambda e: st.sampled_from([e - 1, e, e + 1, -e])))
+VALUES = st.one_of(st.none(), st.booleans(), INTEGERS, st.floats(allow_nan=True),
                    st.text(max_size=8), st.lists(st.integers(0, 3), max_size=3),
                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 FIELDS = [(section, name) for section, fields in config.SCHEMA.items() for name in fields] + [
@@ -91,6 +96,26 @@ def test_any_value_in_any_field_validates_or_names_the_field(field, value):
         assert str(e).startswith(f"{section}.") and "\n" not in str(e)
     else:
         assert config.validate(cfg) == cfg
+        _usable(cfg)
+
+
+def _usable(cfg: dict) -> None:
+    """Every integer a validated config holds fits numpy's int64, and every seed seeds what it feeds."""
+    import numpy as np
+    import optuna
+    import torch
+
+    from tally.training.distributed import stream_seed
+
+    for section in ("data", "train", "method"):
+        for value in cfg[section].values():
+            if isinstance(value, int) and not isinstance(value, bool):
+                np.array([value], dtype=np.int64)  # OverflowError beyond 64 bits
+    for seed in (cfg["train"]["seed"], cfg["method"]["seed"], cfg["data"]["split_seed"]):
+        torch.manual_seed(seed)
+        torch.Generator().manual_seed(stream_seed(seed, 0, "augment"))
+        np.random.default_rng(seed)
+        optuna.samplers.TPESampler(seed=seed)  # a run's seed may seed a search
 
 
 @pytest.mark.parametrize("data", [
@@ -108,3 +133,20 @@ def test_a_data_section_meets_the_same_rules_alone_and_in_a_run_config(data):
     with pytest.raises(TallyError) as in_config:
         config.validate({"data": data})
     assert str(alone.value) == str(in_config.value) and str(alone.value).startswith("data.")
+
+
+INT_FIELDS = [(section, name) for section, fields in config.SCHEMA.items() for name, f in fields.items()
+              if f.kind is int] + [("method", "seed")]
+
+
+@pytest.mark.parametrize("field", INT_FIELDS, ids=".".join)
+@pytest.mark.parametrize("value", [2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64, 10**30])
+def test_every_integer_field_refuses_what_numpy_torch_or_optuna_cannot_take(field, value):
+    """The bounds, hit deterministically (the property test above finds them only by chance)."""
+    section, name = field
+    try:
+        cfg = config.validate({section: {name: value}})
+    except TallyError as e:
+        assert str(e).startswith(f"{section}.{name}: ") and "\n" not in str(e)
+    else:
+        _usable(cfg)

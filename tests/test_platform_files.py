@@ -10,9 +10,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORM = ROOT / "platform"
-# The CLI's commands (ARCHITECTURE.md); kept while some are still being written.
-PLANNED_SUBCOMMANDS = {"search", "train", "evaluate", "export", "predict", "report", "dashboard", "splits",
-                       "data", "demo"}
 # `tally <word>` in commands; not `tally-platform`, `tally.cli`, `$TALLY_DATA`, or `from tally import x`.
 COMMAND_RE = re.compile(r"(?<![\w.$-])(?<!from )(?<!import )tally[ \t]+([a-z][\w-]*)")
 FENCE_RE = re.compile(r"```.*?```", re.S)
@@ -20,16 +17,12 @@ SPAN_RE = re.compile(r"`([^`\n]+)`")
 
 
 def known_subcommands() -> set[str]:
-    """Subcommands of the real parser when it builds, plus the planned ones not written yet."""
-    try:
-        from tally.cli import build_parser
+    """The subcommands of the real parser: a parser that fails to build fails the test."""
+    from tally.cli import build_parser
 
-        parser = build_parser()
-        actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
-        found = set(actions[0].choices) if actions else set()
-    except Exception:  # the CLI is still being written: fall back to the documented list
-        found = set()
-    return found | PLANNED_SUBCOMMANDS
+    actions = [a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"]
+    assert actions, "tally.cli.build_parser has no subcommands"
+    return set(actions[0].choices)
 
 
 def _code_text(path: Path) -> str:

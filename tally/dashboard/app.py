@@ -105,7 +105,8 @@ def page(root: Path, exp_dir: Path) -> None:
     loaded = {e: cache.trials(e) for e in experiments}  # one signature (stats) per experiment and rerun
     if len(experiments) > 1:  # one experiment: its header below says it all
         with st.expander(f"All experiments under the root ({len(experiments)})", expanded=True):
-            views.experiment_list([dd.experiment_overview(t) for t in loaded.values()])
+            views.experiment_list([dd.benchmark_overview(e) if dun.is_benchmark(e) else dd.experiment_overview(t)
+                                   for e, t in loaded.items()])
     if dun.is_benchmark(exp_dir):  # a `tally benchmark` folder: its tables, not a search's views
         try:
             benchmark_views.benchmark_view(exp_dir)

@@ -230,12 +230,29 @@ def status_counts(frame: pd.DataFrame) -> dict[str, int]:
 def experiment_overview(trials: TrialSet) -> dict:
     """One row of the experiment list: name, counts, best trial and its value."""
     best = results.select_trial(trials.frame, trials.selection)
-    row = {"experiment": trials.name, "trials": len(trials.frame), **status_counts(trials.frame),
+    row = {"experiment": trials.name, "kind": "search", "trials": len(trials.frame), **status_counts(trials.frame),
            "selection": f"{trials.selection.metric} ({trials.selection.mode})",
            "best_trial": None if best is None else best["trial_id"],
            "best_value": None if best is None else float(best[trials.selection.metric]),
            "error": trials.error}
     return row
+
+
+def benchmark_overview(exp_dir: Path) -> dict:
+    """One row of the experiment list for a `tally benchmark` folder: its own summary (methods,
+    settings, seeds, runs done of those planned), from its plan.parquet and each run's status.json.
+    A benchmark has no trials, selection rule or best trial: a search's columns would read "0 trials"."""
+    exp_dir = Path(exp_dir)
+    plan = results.read_parquet(exp_dir / "plan.parquet")
+    if plan is None or not {"run", "method", "setting", "seed"} <= set(plan.columns):
+        return {"experiment": exp_dir.name, "kind": "benchmark", "runs": "plan.parquet unreadable"}
+    runs = plan["run"].drop_duplicates()
+    done = sum((results.read_json(exp_dir / "runs" / str(r) / "status.json") or {}).get("status") == "done"
+               for r in runs)
+    return {"experiment": exp_dir.name, "kind": "benchmark",
+            "methods": ", ".join(map(str, dict.fromkeys(plan["method"]))),
+            "settings": ", ".join(map(str, dict.fromkeys(plan["setting"]))),
+            "seeds": int(plan["seed"].nunique()), "runs": f"{done} of {len(runs)} done"}
 
 
 # ---------------------------------------------------------------- trials table

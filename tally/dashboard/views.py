@@ -78,12 +78,18 @@ def run_metrics_section(run, trial_id: str, splits: list[str], key: str, file_na
 
 # ---------------------------------------------------------------- experiment level
 def experiment_list(overviews: list[dict]) -> None:
-    """All experiments under the root with their status counts and best values."""
-    frame = pd.DataFrame(overviews)
-    statuses = [c for c in frame.columns if c in results.STATUSES]
-    frame[statuses] = frame[statuses].fillna(0).astype(int)  # a status one experiment lacks counts 0
-    data_table(frame, "experiments", "experiments.csv",
-               column_config={"best_value": st.column_config.NumberColumn("best value", format="%.4f")})
+    """All experiments under the root: searches with their status counts and best values; benchmarks
+    (kind 'benchmark', dd.benchmark_overview) in a table of their own, with their own summary."""
+    searches = [o for o in overviews if o.get("kind") != "benchmark"]
+    benchmarks = [o for o in overviews if o.get("kind") == "benchmark"]
+    if searches:
+        frame = pd.DataFrame(searches)
+        statuses = [c for c in frame.columns if c in results.STATUSES]
+        frame[statuses] = frame[statuses].fillna(0).astype(int)  # a status one experiment lacks counts 0
+        data_table(frame, "experiments", "experiments.csv",
+                   column_config={"best_value": st.column_config.NumberColumn("best value", format="%.4f")})
+    if benchmarks:
+        data_table(pd.DataFrame(benchmarks), "benchmarks", "benchmarks.csv")
 
 
 def header(trials: dd.TrialSet) -> None:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from tally.data.dataset import MultiDomainDataset
 from tally.errors import TallyError
+from tally.schema import SCHEMA
 
 __all__ = ["MultiDomainDataset", "load_splits", "run_splits", "final_splits", "describe", "resolve_data_cfg",
            "DATA_KEYS"]
@@ -33,12 +34,10 @@ def resolve_data_cfg(data_cfg: dict) -> dict:
     """The fields a split reader needs, checked, with the source's defaults filled in.
 
     Each field's type, choices and range are checked against the run config's schema
-    (tally.config.SCHEMA, where they are written once); the rules between fields that only the data
+    (tally.schema.SCHEMA, where they are written once); the rules between fields that only the data
     layer knows are checked here, so a data section read alone (a benchmark, `tally splits`) and a
     run config (tally.config.validate calls this) meet the same rules. Errors name data.<key>.
     """
-    from tally.config import SCHEMA
-
     if not isinstance(data_cfg, dict):
         raise TallyError(f"data: expected a mapping, got {data_cfg!r}")
     fields = SCHEMA["data"]

@@ -32,7 +32,6 @@ import pandas as pd
 
 from tally import config as config_mod
 from tally import results
-from tally.config import check_int, check_section
 from tally.errors import TallyError
 from tally.evaluation.benchmark_tables import (  # noqa: F401 - the tables part, re-exported for callers
     DIFFERENCE_METRICS,
@@ -52,6 +51,7 @@ from tally.evaluation.benchmark_tables import (  # noqa: F401 - the tables part,
     wide_table,
     write_tables,
 )
+from tally.schema import METRICS, SEED_MAX, check_int, check_section
 from tally.search.spec import check_resources, expand_root
 
 TOP_KEYS = ("name", "data", "base", "methods", "baseline", "settings", "seeds", "selection_metric",
@@ -107,8 +107,8 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     out["base"] = copy.deepcopy(base)
     out["selection_metric"] = raw.get("selection_metric") or (base.get("train") or {}).get(
         "selection_metric") or results.DEFAULT_SELECTION["metric"]
-    if out["selection_metric"] not in config_mod.METRICS:
-        raise TallyError(f"selection_metric: expected one of {', '.join(config_mod.METRICS)}, "
+    if out["selection_metric"] not in METRICS:
+        raise TallyError(f"selection_metric: expected one of {', '.join(METRICS)}, "
                          f"got {out['selection_metric']!r}")
     out["seeds"] = _check_seeds(raw.get("seeds", 3))
     out["concurrency"] = check_int("concurrency", raw.get("concurrency", 1), 1)
@@ -116,8 +116,10 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     rep = check_section("report", raw.get("report"), DEFAULT_REPORT)
     if rep["adjust"] not in ADJUST:
         raise TallyError(f"report.adjust: expected one of {', '.join(ADJUST)}, got {rep['adjust']!r}")
-    out["report"] = {"replicates": check_int("report.replicates", rep["replicates"], 1),
-                     "bootstrap_seed": check_int("report.bootstrap_seed", rep["bootstrap_seed"], 0),
+    # a bootstrap holds replicates x runs values: 10**6 replicates is already far past what intervals need
+    out["report"] = {"replicates": check_int("report.replicates", rep["replicates"], 1, high=10**6),
+                     "bootstrap_seed": check_int("report.bootstrap_seed", rep["bootstrap_seed"], 0,
+                                                 high=SEED_MAX),
                      "adjust": rep["adjust"]}
 
     from tally.data import load_splits
@@ -172,10 +174,12 @@ def _check_name(value, path: str) -> str:
 
 def _check_seeds(raw) -> list[int]:
     if isinstance(raw, int) and not isinstance(raw, bool):
-        return list(range(check_int("seeds", raw, 1)))
+        # seeds 0 .. count - 1; a count is bounded so that a typo (10**9) is not a billion-run plan
+        return list(range(check_int("seeds", raw, 1, high=10_000)))
     if (not isinstance(raw, list) or not raw or len(set(map(str, raw))) != len(raw)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw)):
-        raise TallyError(f"seeds: expected a count >= 1 or a list of distinct integers >= 0, got {raw!r}")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX for s in raw)):
+        raise TallyError(f"seeds: expected a count >= 1 or a list of distinct integers in [0, {SEED_MAX}], "
+                         f"got {raw!r}")
     return list(raw)
 
 

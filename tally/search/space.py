@@ -17,7 +17,8 @@ from tally.errors import TallyError
 
 if TYPE_CHECKING:  # Optuna is imported by the searcher, not by loading a spec
     import optuna
-from tally.config import check_int, check_number, set_path
+from tally.config import set_path
+from tally.schema import SCHEMA, SECTIONS, check_int, check_number
 
 DISTRIBUTIONS = {  # type -> (required keys, optional keys)
     "uniform": (("low", "high"), ()),
@@ -48,10 +49,10 @@ def _check_path(path, base: dict) -> None:
     if not isinstance(path, str) or path.count(".") != 1:
         raise TallyError(f"{where}: expected a SECTION.FIELD run-config path (e.g. train.lr)")
     section, field = path.split(".")
-    if section in config_mod.SCHEMA:
-        if field not in config_mod.SCHEMA[section]:
+    if section in SCHEMA:
+        if field not in SCHEMA[section]:
             raise TallyError(f"{where}: {field!r} is not a field of {section} (expected one of "
-                             f"{', '.join(config_mod.SCHEMA[section])})")
+                             f"{', '.join(SCHEMA[section])})")
         if path == "train.final":
             raise TallyError(f"{where}: {NOT_SEARCHED_FINAL}")
     elif section == "method":
@@ -62,7 +63,7 @@ def _check_path(path, base: dict) -> None:
             params = ", ".join(k for k in method if k != "name")
             raise TallyError(f"{where}: not a parameter of method {method['name']!r} (expected one of {params})")
     else:
-        raise TallyError(f"{where}: unknown section {section!r} (expected one of {', '.join(config_mod.SECTIONS)})")
+        raise TallyError(f"{where}: unknown section {section!r} (expected one of {', '.join(SECTIONS)})")
 
 
 def _check_param(path: str, entry, earlier: dict) -> dict:

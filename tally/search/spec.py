@@ -18,9 +18,10 @@ from pathlib import Path
 import yaml
 
 from tally import config as config_mod
-from tally.config import check_int, check_number, check_section, set_path
+from tally.config import set_path
 from tally.errors import TallyError
 from tally.results import DEFAULT_SELECTION
+from tally.schema import METRICS, SECTIONS, SEED_MAX, check_int, check_number, check_section
 from tally.search.space import NOT_SEARCHED_FINAL, check_space, upper_bound
 
 TOP_KEYS = ("name", "base", "space", "start_with", "selection", "budget", "resources", "seed", "robustness")
@@ -72,7 +73,7 @@ class Spec:
         """A trial's complete run config: base with the dotted params set, validated."""
         raw = copy.deepcopy(self.base)
         for dotted, value in params.items():
-            if "." not in dotted or dotted.split(".", 1)[0] not in config_mod.SECTIONS:
+            if "." not in dotted or dotted.split(".", 1)[0] not in SECTIONS:
                 raise TallyError(f"trial params: {dotted!r} is not a SECTION.FIELD run-config path")
             set_path(raw, dotted, value)
         try:
@@ -144,7 +145,7 @@ def validate_spec(raw, source: str = "spec", *, name: str | None = None) -> dict
     out["budget"] = _check_budget(raw.get("budget"), out)
     out["resources"] = check_resources(raw.get("resources"))
     seed = raw.get("seed", 0)
-    out["seed"] = None if seed is None else check_int("seed", seed, 0)
+    out["seed"] = None if seed is None else check_int("seed", seed, 0, high=SEED_MAX)  # Optuna: < 2**32
     out["robustness"] = _check_robustness(raw.get("robustness"), out["base"])
     out["start_with"] = _check_start_with(raw.get("start_with"), out["space"], out["budget"]["trials"])
     return out
@@ -198,8 +199,8 @@ def _check_selection(raw) -> dict:
     sel = check_section("selection", raw, {**DEFAULT_SELECTION, **(MULTI_OBJECTIVE if multi else {})})
     if multi:
         sel = _check_objectives(sel, given_metric="metric" in raw)
-    if sel["metric"] not in config_mod.METRICS:
-        raise TallyError(f"selection.metric: expected one of {', '.join(config_mod.METRICS)}, "
+    if sel["metric"] not in METRICS:
+        raise TallyError(f"selection.metric: expected one of {', '.join(METRICS)}, "
                          f"got {sel['metric']!r}")
     if sel["mode"] != "max":  # every metric is an accuracy, F1 or recall; epochs are kept by max too
         raise TallyError(f"selection.mode: expected 'max' (every metric is higher-is-better), got {sel['mode']!r}")
@@ -211,9 +212,9 @@ def _check_objectives(sel: dict, given_metric: bool) -> dict:
     front is results.pick_from_front (best objectives[1] within `tolerance` of the best objectives[0])."""
     objectives = sel["objectives"]
     if (not isinstance(objectives, list) or len(objectives) != 2 or objectives[0] == objectives[1]
-            or any(m not in config_mod.METRICS for m in objectives)):
+            or any(m not in METRICS for m in objectives)):
         raise TallyError(f"selection.objectives: expected two different metrics [mean-like, worst-like] of "
-                         f"{', '.join(config_mod.METRICS)}, got {objectives!r}")
+                         f"{', '.join(METRICS)}, got {objectives!r}")
     tolerance = check_number("selection.tolerance", sel["tolerance"], "a number in [0, 1]")
     if not 0 <= tolerance <= 1:
         raise TallyError(f"selection.tolerance: expected a number in [0, 1], got {tolerance!r}")

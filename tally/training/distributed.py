@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tally.errors import TallyError
+
 # the consumers of randomness that each rank owns a stream for
 RANK_STREAMS = ("class_balanced", "domain_balanced", "augment", "mixing")
 _SHARED, _PER_RANK = 0, 1
@@ -112,3 +114,25 @@ def gather_object(obj, distributed: bool) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def use_sync_batchnorm(sync_bn: bool | None, world_size: int, device_type: str) -> tuple[bool, str | None]:
+    """Whether a run's BatchNorm layers normalise over the global batch (SyncBatchNorm), and a warning
+    line where the run cannot be what one process computes on the concatenated batch.
+
+    sync_bn null (the default) is on wherever it can be: with several workers on CUDA. On the CPU
+    (gloo) torch has no SyncBatchNorm: each worker's BatchNorm normalises its own batch, so N workers
+    are not one big batch; the run goes ahead and says so, unless sync_bn is false, which says the
+    user accepts it. sync_bn true on the CPU is refused.
+    """
+    if world_size <= 1:
+        return False, None  # one process: its batch is the global batch already
+    if device_type == "cuda":
+        return sync_bn is not False, None
+    if sync_bn:
+        raise TallyError("train.sync_bn: SyncBatchNorm runs on CUDA devices only (torch); set it false on CPU")
+    if sync_bn is None:
+        return False, (f"warning: train.sync_bn: {world_size} CPU workers normalise BatchNorm over each "
+                       "worker's own batch (no SyncBatchNorm on CPU), so the run is not one big batch; set "
+                       "train.sync_bn false to accept this, or train on CUDA")
+    return False, None

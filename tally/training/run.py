@@ -21,6 +21,7 @@ import math
 import random
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,13 @@ from tally.method.perf import keep_cpu_memory
 from tally.method.samplers import build_sampler
 from tally.method.stats import to_device
 from tally.training.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from tally.training.distributed import broadcast_object, gather_object, memory_sync, stream_seed
+from tally.training.distributed import (
+    broadcast_object,
+    gather_object,
+    memory_sync,
+    stream_seed,
+    use_sync_batchnorm,
+)
 
 # 2: one random-stream state per rank ("ranks"); version 1 checkpoints shared streams across ranks
 CHECKPOINT_VERSION = 2
@@ -319,8 +326,9 @@ def train_run(config: dict, run_dir: str | Path, resume: bool = False, ctx: RunC
     ctx = ctx or RunContext()
     run_dir = Path(run_dir)
     device = ctx.device or resolve_device(cfg["train"]["device"])
-    if ctx.world_size > 1 and cfg["train"]["sync_bn"] and device.type != "cuda":
-        raise TallyError("train.sync_bn: SyncBatchNorm runs on CUDA devices only (torch); set it false on CPU")
+    _, warning = use_sync_batchnorm(cfg["train"]["sync_bn"], ctx.world_size, device.type)  # refused here, early
+    if warning and ctx.rank == 0:
+        print(warning, file=sys.stderr, flush=True)
     if ctx.emulate_world_size and ctx.world_size > 1:
         raise ValueError("RunContext.emulate_world_size is for one process, not a data-parallel worker")
     if device.type == "cpu":
@@ -418,7 +426,7 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     distributed = ctx.world_size > 1
     sync = memory_sync(len(train_ds.class_names), ctx.world_size, tcfg["batch_size"])
     method = build_method_for(cfg, train_ds, ctx.data_ranks, sync).to(device)
-    if distributed and tcfg["sync_bn"]:
+    if use_sync_batchnorm(tcfg["sync_bn"], ctx.world_size, device.type)[0]:
         # BatchNorm over the global batch: what one process sees on the concatenated batch
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if device.type == "cuda":

@@ -6,11 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.dashboard.server import free_port, wait_healthy
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,8 @@ def test_kill_9_of_tally_dashboard_leaves_no_server(tmp_path):
         wait_healthy(proc, f"http://127.0.0.1:{port}")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while port_open(port) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not port_open(port), "a Streamlit server outlived `tally dashboard`"
+        wait_for(lambda: not port_open(port), timeout=60, what="the port to close (a Streamlit server outlived "
+                 "`tally dashboard`?)")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -230,6 +230,21 @@ def test_benchmark_folder_is_selectable(store, monkeypatch):
     assert "Experiment pacs-sub" in [s.value for s in at.subheader]
 
 
+def test_the_experiment_list_shows_a_benchmark_as_a_benchmark(tmp_path, monkeypatch):
+    """Not a search with "0 trials" and "best trial None": its kind and its own summary, in its own table."""
+    sf.make_experiment(tmp_path, "a-search", 3)
+    exp_dir = make_benchmark(tmp_path, seeds=(0, 1))
+    results.write_json(exp_dir / benchmark.RUNS_DIR / "erm-sub-seed1" / "status.json", {"status": "running"})
+    row = dd.benchmark_overview(exp_dir)
+    assert row == {"experiment": "bench", "kind": "benchmark", "methods": "tally, erm", "settings": "sub",
+                   "seeds": 2, "runs": "3 of 4 done"}
+    at = run_app(tmp_path, monkeypatch, experiment="a-search")
+    assert_ok(at)
+    searches = frame(at, "experiment", "trials", "best_trial")
+    assert list(searches["experiment"]) == ["a-search"] and set(searches["kind"]) == {"search"}
+    assert frame(at, "experiment", "kind", "runs").to_dict("records") == [row]
+
+
 def test_search_view_pareto_front(tmp_path, monkeypatch):
     exp = _multi_objective(tmp_path)
     at = run_app(tmp_path, monkeypatch)

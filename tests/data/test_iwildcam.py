@@ -6,16 +6,16 @@ import os
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 from tally.data import load_splits
 from tally.data.iwildcam import import_wilds
+from tests.optional import require
 
 try:
     import_wilds()  # never plain `import wilds`: its import asks PyPI for its latest version
 except ImportError:
-    pytest.skip("the wilds extra is not installed (CI installs it)", allow_module_level=True)
+    require("wilds", "the wilds extra is not installed (CI installs it)")  # skips, or fails in CI
 
 SPLIT_OF = {"train": 0, "id_val": 1, "id_test": 2, "test": 3}  # rows per split below
 

@@ -29,6 +29,7 @@ from tally.data.dataset import read_image
 from tally.deploy.export import Predictor, export_bundle, export_config, retrain_source, verify_bundle
 from tally.errors import TallyError
 from tests.bundle_factory import TINY_CONFIG, tiny_run
+from tests.optional import require
 
 pytestmark = pytest.mark.slow  # trains a tiny model once (about 5 s) and exports it
 
@@ -241,8 +242,8 @@ def test_model_pt2_loads_with_torch_alone(bundle, sized_images, tmp_path):
 
 
 def test_onnx_program_gives_the_same_top1_on_the_test_split(run_dir, bundle, test_split, tmp_path):
-    ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")
-    pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip install '.[onnx]')")
+    ort = require("onnxruntime", "the onnx extra is not installed (pip install '.[onnx]')")
+    require("onnxscript", "the onnx extra is not installed (pip install '.[onnx]')")
     out = export_bundle(run_dir, tmp_path / "with-onnx", onnx=True)
     assert "model.onnx" in verify_bundle(out)["sha256"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -60,22 +60,25 @@ def test_mix_formula_hand_values():
 
 
 def test_mix_gradients_flow_to_inputs_not_memories():
+    """The loss trains the network through z; the memories it mixes in (filled from features that
+    carry gradients) stay constants: they hold no graph, take no gradient and backward leaves them as
+    they were."""
+    from tally.method.memory import FeatureMemory
+
     z = _maps().requires_grad_()
     zhat, mu, sigma = feature_stats(z)
-    proto = torch.randn_like(z)
-    out = mix(
-        zhat,
-        proto,
-        mu,
-        sigma,
-        torch.zeros(4, 3),
-        torch.ones(4, 3),
-        torch.full((4,), 0.7),
-        torch.full((4,), 0.7),
-    )
+    memory = FeatureMemory(num_classes=2, num_domains=2, stem_shape=z.shape[1:])
+    y, d = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 0, 0, 1])
+    memory.update((zhat, y), (mu, sigma, d))  # inputs still attached to z's graph
+    before = {k: v.clone() for k, v in memory.state_dict().items()}
+    proto, mem_mu, mem_sig = memory.prototypes[y], memory.domain_mean[d], memory.domain_std[d]
+    assert not any(t.requires_grad for t in (memory.prototypes, memory.domain_mean, memory.domain_std))
+    out = mix(zhat, proto, mu, sigma, mem_mu, mem_sig, torch.full((4,), 0.7), torch.full((4,), 0.7))
     out.sum().backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all()
-    assert not proto.requires_grad
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert all(t.grad is None for t in (memory.prototypes, memory.domain_mean, memory.domain_std))
+    for key, value in memory.state_dict().items():
+        torch.testing.assert_close(value, before[key], msg=key)
 
 
 @pytest.mark.parametrize("fold", [True, False])

@@ -17,6 +17,7 @@ from tally import results
 from tally.errors import TallyError
 from tally.results import storage
 from tests.s3_server import s3_server
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -201,11 +202,12 @@ def test_a_heartbeat_in_the_bucket_keeps_a_long_epoch_running(prefix, monkeypatc
     storage.pull(reader)
     assert results.run_state(reader, results.read_json(reader / "status.json")) == "lost"  # no sign of life
     monkeypatch.setattr(results, "HEARTBEAT_S", 0.2)
+    fs, base = storage.filesystem(prefix)
     with storage.heartbeat(writer):
-        time.sleep(0.5)
+        wait_for(lambda: fs.get_file_info(f"{base}/{results.HEARTBEAT}").is_file, timeout=60,
+                 what="the heartbeat in the bucket")
     storage.pull(reader)
     beat = (reader / results.HEARTBEAT).stat().st_mtime
-    fs, base = storage.filesystem(prefix)
     assert beat == fs.get_file_info(f"{base}/{results.HEARTBEAT}").mtime.timestamp()  # the bucket's time
     assert results.run_state(reader, results.read_json(reader / "status.json")) == "running"
 

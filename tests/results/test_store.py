@@ -8,6 +8,7 @@ import pytest
 from tally import results
 from tally.errors import TallyError
 from tally.results import write_json
+from tests.waiting import wait_for
 
 
 def test_best_trial_uses_validation_only_and_breaks_ties_by_mean():
@@ -165,8 +166,7 @@ def test_running_runs_whose_owner_is_gone_read_as_lost(tmp_path):
     assert results.run_state(tmp_path, {"status": "done"}) == "done"
     with results.heartbeat(tmp_path / "beat", every_s=0.05):
         (tmp_path / "beat").mkdir()
-        time.sleep(0.3)
-    assert (tmp_path / "beat" / results.HEARTBEAT).exists()
+        wait_for((tmp_path / "beat" / results.HEARTBEAT).exists, timeout=60, what="the first heartbeat")
 
 
 # ---------------------------------------------------------------- files that cannot hurt (issue 21)

@@ -100,6 +100,12 @@ def test_each_domain_and_seed_lists():
     ({"concurrency": 0}, "concurrency"),
     ({"resources": {"gpus": 1}}, "resources.gpus"),
     ({"report": {"replicates": 0}}, "report.replicates"),
+    # integers numpy, torch and Optuna cannot take are refused here, not as a traceback mid-benchmark
+    ({"report": {"replicates": 10**7}}, r"report.replicates: expected an integer in \[1, 1000000\]"),
+    ({"report": {"bootstrap_seed": 2**32}}, "report.bootstrap_seed"),
+    ({"seeds": [0, 2**32]}, r"seeds: expected a count >= 1 or a list of distinct integers in \[0, 4294967295\]"),
+    ({"seeds": 10**9}, r"seeds: expected an integer in \[1, 10000\]"),
+    ({"concurrency": 2**64}, "concurrency"),
     ({"methods": {"tally": {"from_search": "/nonexistent/exp"}}}, "methods.tally.from_search: .* not an experiment"),
 ])
 def test_spec_errors_name_the_field(changes, field):
@@ -362,7 +368,7 @@ def test_shipped_benchmark_spec_dry_run_writes_nothing(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(path.read_text().replace("seeds: 3", "seeds: -1"))
     assert main(["benchmark", str(bad), "--storage", str(tmp_path / "store")]) == 2
-    assert capsys.readouterr().err.strip() == "error: seeds: expected an integer >= 1, got -1"
+    assert capsys.readouterr().err.strip() == "error: seeds: expected an integer in [1, 10000], got -1"
     assert not (tmp_path / "store").exists()
 
 

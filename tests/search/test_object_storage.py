@@ -22,6 +22,7 @@ from tally import results
 from tally.results import storage
 from tests.s3_server import s3_server
 from tests.search.test_run import write_spec
+from tests.waiting import alive, ray_workers_below, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -73,13 +74,16 @@ def killed_and_resumed(bucket, tmp_path_factory):
                 interrupted = run_dir.name
         assert driver.poll() is None, "the search ended before it could be killed"
     assert interrupted is not None, "no trial was caught mid-training"
+    its_workers = ray_workers_below(driver.pid)  # the trial workers of the Ray the driver started
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
     view = _bucket_view(exp_uri)
     before = {"first_status": results.read_json(view / "trials" / first_done / "status.json"),
               "first_eval": (view / "trials" / first_done / "eval.parquet").read_bytes(),
               "epochs": results.read_jsonl(view / "trials" / interrupted / "epochs.jsonl")}
-    time.sleep(5)  # Ray's reaper takes the dead driver's processes down
+    # Ray's reaper takes the dead driver's workers down: none may still write when the resumed search starts
+    wait_for(lambda: not any(alive(p) for p in its_workers), timeout=300,
+             what="the killed driver's Ray workers to exit")
 
     proc = _cli(*command, "--resume")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -128,7 +132,12 @@ def test_report_and_export_from_the_bucket(killed_and_resumed, tmp_path):
     store, exp_uri, *_ = killed_and_resumed
     proc = _cli("report", exp_uri)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "test_sub" in proc.stdout or "worst" in proc.stdout
+    # one test_sub row per trial the bucket holds (both finished), and the rule's pick named
+    rows = [line for line in proc.stdout.splitlines() if "test_sub" in line]
+    trials = sorted(d.name for d in results.iter_trial_dirs(_bucket_view(exp_uri)))
+    assert len(trials) == 2 and all(sum(t in row for row in rows) == 1 for t in trials), proc.stdout
+    best, _ = results.best_of_experiment(_bucket_view(exp_uri))
+    assert f"selected: {best['trial_id']}" in proc.stderr
 
     bundle = tmp_path / "bundle"
     proc = _cli("export", exp_uri, "--out", str(bundle))

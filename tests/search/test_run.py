@@ -19,6 +19,7 @@ import yaml
 
 from tally import results
 from tally.search import load_spec
+from tests.waiting import alive, ray_workers_below, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -96,6 +97,15 @@ def test_optuna_study_separates_complete_pruned_and_failed(searched):
     first = sorted(study.trials, key=lambda t: t.number)[:3]
     assert [t.params["train.lr"] for t in first] == [3.0e-3, 1.0e-9, 1.0e30]
     assert [t.state.name for t in first] == ["COMPLETE", "PRUNED", "FAIL"]
+
+
+def test_the_dashboard_check_of_study_db_holds_for_a_real_search(searched):
+    """tests/dashboard/test_scale.check_study (what optuna-dashboard reads) on the study.db written by
+    the real PruneAwareOptunaSearch, not the store factory's imitation of it."""
+    from tests.dashboard.test_scale import check_study
+
+    _, exp_dir, _ = searched
+    check_study(exp_dir)
 
 
 def test_export_and_predict_round_trip(searched, tmp_path):
@@ -215,12 +225,15 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
                 interrupted = run_dir
         assert driver.poll() is None, "the search ended before it could be killed"
     assert interrupted is not None, "no trial was caught mid-training"
+    its_workers = ray_workers_below(driver.pid)  # the trial workers of the Ray the driver started
     driver.send_signal(signal.SIGKILL)
     first_status = results.read_json(first_done / "status.json")
     before = (first_done / "eval.parquet").read_bytes()
     epochs_before = results.read_jsonl(interrupted / "epochs.jsonl")
     driver.wait(timeout=60)
-    time.sleep(5)  # Ray's reaper takes the dead driver's processes down
+    # Ray's reaper takes the dead driver's workers down: none may still write when the resumed search starts
+    wait_for(lambda: not any(alive(p) for p in its_workers), timeout=300,
+             what="the killed driver's Ray workers to exit")
 
     proc = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=800, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

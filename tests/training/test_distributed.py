@@ -20,10 +20,11 @@ from tally.config import validate
 from tally.data import load_splits
 from tally.data.augment import to_float_normalized
 from tally.data.bank import bank_for_training
+from tally.errors import TallyError
 from tally.method.backbone import SplitResNet
 from tally.training import BatchSource, RunContext, build_method_for, train_run
 from tally.training.checkpoints import load_checkpoint
-from tally.training.distributed import RANK_STREAMS, stream_seed
+from tally.training.distributed import RANK_STREAMS, stream_seed, use_sync_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +39,8 @@ def _config(method: str) -> dict:
         "method": {"name": method},
         # SGD: Adam's first steps divide by sqrt(v) ~ |g| and would magnify float rounding differences
         "train": {"epochs": 2, "warmup_epochs": 1, "steps_per_epoch": 3, "batch_size": BATCH,
-                  "optimizer": "sgd", "lr": 0.05, "device": "cpu", "select_from": "all"},
+                  "optimizer": "sgd", "lr": 0.05, "device": "cpu", "select_from": "all",
+                  "sync_bn": False},  # GroupNorm below: per-worker normalisation is no departure here
     }
 
 
@@ -131,6 +133,27 @@ def test_two_workers_compute_what_one_process_computes_on_the_concatenated_batch
 def _bank(data_cfg: dict):
     splits = load_splits(validate({"data": data_cfg})["data"])
     return splits["train"], bank_for_training(splits["train"], 32)
+
+
+@pytest.mark.parametrize(("sync_bn", "world_size", "device", "used", "warns"), [
+    (None, 1, "cuda", False, False), (None, 1, "cpu", False, False),  # one process: nothing to sync
+    (None, 4, "cuda", True, False),    # the default: one big batch wherever torch can give it
+    (False, 4, "cuda", False, False),  # asked for per-worker BatchNorm
+    (True, 4, "cuda", True, False),
+    (None, 2, "cpu", False, True),     # gloo has no SyncBatchNorm: the run goes on and says so
+    (False, 2, "cpu", False, False),   # the user accepted per-worker BatchNorm
+])
+def test_sync_batchnorm_is_the_default_with_workers_on_cuda_and_said_on_cpu(sync_bn, world_size, device, used, warns):
+    use, warning = use_sync_batchnorm(sync_bn, world_size, device)
+    assert use is used and (warning is not None) is warns
+    if warns:
+        assert warning.startswith("warning: train.sync_bn:") and "not one big batch" in warning
+    assert validate({})["train"]["sync_bn"] is None  # the default is the choice above, not a fixed false
+
+
+def test_sync_batchnorm_asked_for_on_cpu_workers_is_refused():
+    with pytest.raises(TallyError, match="train.sync_bn: SyncBatchNorm runs on CUDA devices only"):
+        use_sync_batchnorm(True, 2, "cpu")
 
 
 def test_every_rank_draws_from_its_own_streams():
