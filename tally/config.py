@@ -87,6 +87,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "crop_padding": Field(int, 2, low=0, high=64),
         "decode_workers": Field(int, 0, low=0),
         "oracle_selection": Field(bool, False),
+        # domain setting: validation carved from the training domains (true), or (false, the reference's
+        # protocol) every training-domain image trains and validation is the held-out domain (oracle)
+        "carve_validation": Field(bool, True),
+        # iWildCam: select on WILDS' in-distribution validation (id) or its out-of-distribution one (ood)
+        "wilds_validation": Field(str, "id", choices=("id", "ood")),
         # shot buckets: many > shot_many_above, few <= shot_few_at_most training images per pair;
         # null = the dataset's thresholds (evaluation.shot_thresholds: OfficeHome, TerraIncognita differ)
         "shot_many_above": Field(int, None, low=1, nullable=True),
@@ -96,8 +101,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "arch": Field(str, "resnet18", choices=("resnet10", "resnet18", "resnet34", "resnet50")),
         "cut": Field(str, "layer2", choices=("layer1", "layer2", "layer3")),
         "pretrained": Field(str, None, nullable=True),
+        # which torchvision ImageNet weights 'imagenet' loads: DEFAULT (V2 for ResNet-50) or IMAGENET1K_V1
+        "imagenet_weights": Field(str, "default", choices=("default", "v1")),
     },
     "train": {
+        # paper: our protocol; reference: what the published code ran (PROTOCOL below, docs/PROTOCOL.md)
+        "protocol": Field(str, "paper", choices=("paper", "reference")),
         "epochs": Field(int, 15, low=1),
         "warmup_epochs": Field(int, 7, low=0),
         "steps_per_epoch": Field(int, 500, low=1),
@@ -112,6 +121,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "selection_metric": Field(str, "pair_acc_mean", choices=METRICS),
         # which epochs may be kept as the best: 'main' = only after the warm-up (the reference's protocol)
         "select_from": Field(str, "main", choices=("main", "all")),
+        # equal selection values: keep the earliest such epoch (ties then go to the better mean pair
+        # accuracy), or the latest (the reference's `>=`, utils.py:41)
+        "tie_rule": Field(str, "earliest", choices=("earliest", "latest")),
         # a final retrain (tally train --final): train on train + validation and keep the last epoch;
         # no selection, so train.epochs should be the epochs a search's trial chose
         "final": Field(bool, False),
@@ -128,6 +140,47 @@ SCHEMA: dict[str, dict[str, Field]] = {
 }
 SECTIONS = (*SCHEMA, "method")
 
+# What `train.protocol: reference` sets, each field only where the config does not give it (an explicit
+# value overrides). `paper` is the schema's defaults. Letters: issue 23 / docs/PROTOCOL.md.
+REFERENCE_PROTOCOL = {
+    ("model", "imagenet_weights"): "v1",  # a: resnet50(pretrained=True), tally.py:62
+    ("data", "crop_padding"): 0,  # b: Resize, ToTensor, Normalize only (initialize.py:41-46)
+    ("train", "bf16"): False,  # c: float32
+    ("data", "carve_validation"): False,  # d: full training lists (with oracle_selection below)
+    ("data", "wilds_validation"): "ood",  # f: WILDS' OOD validation (main.py:168, initialize.py:24-26)
+    ("train", "tie_rule"): "latest",  # h: utils.py:41
+}
+# g (and the unbiased std of tally.py:9), for method tally
+REFERENCE_TALLY = {"memory_init": "noise", "warmup_swap": True, "mixing_swap": True, "memory_snapshot": True,
+                   "unbiased_std": True}
+
+
+def apply_protocol(raw: dict) -> dict:
+    """raw with `train.protocol: reference` resolved into concrete switches (a copy; raw is untouched).
+
+    d/e: the reference selects on the held-out domain (its val list is the test list) in the domain
+    setting, and on the test locations for TerraIncognita's ood lists (main.py:165-166): oracle selection,
+    labelled as such everywhere (`data.oracle_selection`). In the sub setting it selects on validation.
+    """
+    train = raw.get("train") or {}
+    if not isinstance(train, dict) or train.get("protocol", "paper") != "reference":
+        return raw
+    out = copy.deepcopy(raw)
+    for (section, key), value in REFERENCE_PROTOCOL.items():
+        if not isinstance(out.get(section) or {}, dict):
+            return raw  # a malformed section: validate names it
+        out.setdefault(section, {})
+        if out[section] is None:
+            out[section] = {}
+        out[section].setdefault(key, value)
+    data = out["data"]
+    if data.get("setting") in ("domain", "ood") and data.get("source") != "wilds" and not out["train"].get("final"):
+        data.setdefault("oracle_selection", True)
+    method = out.get("method") or {}
+    if isinstance(method, dict) and method.get("name", "tally") == "tally":
+        out["method"] = {**REFERENCE_TALLY, **method}
+    return out
+
 
 def validate(raw: dict, source: str = "config") -> dict:
     """Return a complete config (defaults filled) or raise TallyError naming the field."""
@@ -136,6 +189,7 @@ def validate(raw: dict, source: str = "config") -> dict:
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise TallyError(f"{sorted(unknown)[0]}: unknown section (expected one of {', '.join(SECTIONS)})")
+    raw = apply_protocol(raw)
     out = {}
     for section, fields in SCHEMA.items():
         given = raw.get(section) or {}
