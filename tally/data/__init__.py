@@ -82,8 +82,9 @@ def resolve_data_cfg(data_cfg: dict) -> dict:
     else:
         defaults = FOLDER_DEFAULTS
     mdlt = mdlt_eval_sizes(cfg["dataset"]) if cfg["imbalance"] == "natural" else None
-    if mdlt is not None and cfg["n_test"] is None and cfg["n_val"] is None:
-        cfg["n_test"], cfg["n_val"] = mdlt  # the benchmark's own caps; explicit values override both
+    if mdlt is not None:  # the benchmark's own sizes, each where the config does not give it
+        cfg["n_test"] = mdlt[0] if cfg["n_test"] is None else cfg["n_test"]
+        cfg["n_val"] = mdlt[1] if cfg["n_val"] is None else cfg["n_val"]
     for key in GENERATOR_KEYS:
         if cfg[key] is None:
             cfg[key] = defaults[key]
