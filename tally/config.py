@@ -150,6 +150,10 @@ REFERENCE_PROTOCOL = {
     ("data", "wilds_validation"): "ood",  # f: WILDS' OOD validation (main.py:168, initialize.py:24-26)
     ("train", "tie_rule"): "latest",  # h: utils.py:41
 }
+# set only where they apply, so that a paper and a reference run of the same data read the same test images
+# (tally compare refuses runs whose data fields differ)
+_APPLIES = {("data", "carve_validation"): lambda data: data.get("setting") == "domain",
+            ("data", "wilds_validation"): lambda data: data.get("source") == "wilds"}
 # g (and the unbiased std of tally.py:9), for method tally
 REFERENCE_TALLY = {"memory_init": "noise", "warmup_swap": True, "mixing_swap": True, "memory_snapshot": True,
                    "unbiased_std": True}
@@ -166,14 +170,14 @@ def apply_protocol(raw: dict) -> dict:
     if not isinstance(train, dict) or train.get("protocol", "paper") != "reference":
         return raw
     out = copy.deepcopy(raw)
-    for (section, key), value in REFERENCE_PROTOCOL.items():
+    for section in ("data", "model", "train"):
         if not isinstance(out.get(section) or {}, dict):
             return raw  # a malformed section: validate names it
-        out.setdefault(section, {})
-        if out[section] is None:
-            out[section] = {}
-        out[section].setdefault(key, value)
+        out[section] = out.get(section) or {}
     data = out["data"]
+    for (section, key), value in REFERENCE_PROTOCOL.items():
+        if _APPLIES.get((section, key), lambda _: True)(data):
+            out[section].setdefault(key, value)
     if data.get("setting") in ("domain", "ood") and data.get("source") != "wilds" and not out["train"].get("final"):
         data.setdefault("oracle_selection", True)
     method = out.get("method") or {}

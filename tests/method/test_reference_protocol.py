@@ -142,7 +142,10 @@ def test_reference_protocol_resolves_every_switch_and_explicit_values_win():
     assert (cfg["model"]["imagenet_weights"], cfg["data"]["crop_padding"], cfg["train"]["bf16"]) == ("v1", 0, False)
     assert (cfg["data"]["carve_validation"], cfg["data"]["oracle_selection"], cfg["train"]["tie_rule"]) == (
         False, True, "latest")
-    assert cfg["data"]["wilds_validation"] == "ood"
+    assert validate({"train": {"protocol": "reference"}, "data": {"source": "wilds", "root": "/x"}})["data"][
+        "wilds_validation"] == "ood"
+    sub = validate({"train": {"protocol": "reference"}})["data"]  # where they do not apply: the defaults
+    assert (sub["carve_validation"], sub["wilds_validation"], sub["oracle_selection"]) == (True, "id", False)
     paper = validate({})
     assert (paper["model"]["imagenet_weights"], paper["data"]["crop_padding"], paper["train"]["bf16"],
             paper["data"]["carve_validation"], paper["data"]["oracle_selection"], paper["train"]["tie_rule"],
