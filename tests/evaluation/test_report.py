@@ -116,3 +116,14 @@ def test_failed_lost_and_unreadable_runs_are_listed_not_dropped(experiment, caps
     assert "broken: failed: TallyError: training diverged" in err
     assert "torn: done; eval.parquet unreadable: " in err
     assert "broken" not in out and "torn" not in out and "tally-s0" in out
+
+
+def test_a_run_that_selected_on_test_images_says_oracle(tmp_path):
+    exp = tmp_path / "exp"
+    write_run(exp / "trials" / "clean", 0)
+    write_run(exp / "trials" / "oracle", 1)
+    cfg = yaml.safe_load((exp / "trials" / "oracle" / "config.yaml").read_text())
+    cfg["data"]["oracle_selection"] = True
+    (exp / "trials" / "oracle" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    frame = experiment_table(exp, replicates=0).set_index("run")
+    assert frame.at["oracle", "method"] == "tally (ORACLE selection)" and frame.at["clean", "method"] == "tally"
