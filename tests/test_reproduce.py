@@ -44,7 +44,18 @@ def test_unknown_dataset_and_setting_are_refused():
         plan("embedded", "ood")
 
 
-def test_embedded_end_to_end_writes_the_table(tmp_path):
+@pytest.fixture
+def one_thread():
+    """A tiny network: one thread is faster than several competing for a shared machine's cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_embedded_end_to_end_writes_the_table(tmp_path, one_thread):
     text = reproduce("embedded", "sub", "paper", seeds=1, out=tmp_path, replicates=50)
     table = (tmp_path / "table.md").read_text()
     assert table in text + "\n"
