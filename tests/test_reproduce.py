@@ -55,12 +55,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_embedded_end_to_end_writes_the_table(tmp_path, one_thread):
+def test_embedded_end_to_end_writes_the_table(tmp_path, one_thread, capsys):
     text = reproduce("embedded", "sub", "paper", seeds=1, out=tmp_path, replicates=50)
+    assert "training embedded-sub-paper-seed0" in capsys.readouterr().out
     table = (tmp_path / "table.md").read_text()
     assert table in text + "\n"
     row = next(line for line in table.splitlines() if line.startswith("| sub |"))
     assert row.count("[") == 2  # average and worst accuracy, each with its interval
     assert (tmp_path / "runs" / "embedded-sub-paper-seed0" / "metrics.json").is_file()
     again = reproduce("embedded", "sub", "paper", seeds=1, out=tmp_path, replicates=50)  # done runs are reused
-    assert "training" not in again and (tmp_path / "table.md").read_text() == table
+    assert "training embedded" not in capsys.readouterr().out and again == text
+    assert (tmp_path / "table.md").read_text() == table
