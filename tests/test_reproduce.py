@@ -66,3 +66,12 @@ def test_embedded_end_to_end_writes_the_table(tmp_path, one_thread, capsys):
     again = reproduce("embedded", "sub", "paper", seeds=1, out=tmp_path, replicates=50)  # done runs are reused
     assert "training embedded" not in capsys.readouterr().out and again == text
     assert (tmp_path / "table.md").read_text() == table
+
+
+def test_embedded_reference_protocol_trains_through_the_loop(tmp_path, one_thread):
+    """The loop snapshots the memories each epoch (a TALLY step under memory_snapshot refuses to run
+    without it) and the reference's switches reach the stored config."""
+    text = reproduce("embedded", "sub", "reference", seeds=1, out=tmp_path, replicates=20)
+    assert "| sub |" in text
+    stored = (tmp_path / "runs" / "embedded-sub-reference-seed0" / "config.yaml").read_text()
+    assert "memory_snapshot: true" in stored and "tie_rule: latest" in stored and "crop_padding: 0" in stored
