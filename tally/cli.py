@@ -215,6 +215,14 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from tally.reproduce import reproduce
+
+    print(reproduce(args.dataset, args.setting, args.protocol, args.seeds, args.root, args.out, args.dry_run,
+                    args.replicates), flush=True)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from tally.demo import run_demo
 
@@ -338,6 +346,21 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     _interval_args(p)
 
 
+def _reproduce_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", metavar="DATASET",
+                   help="VLCS, PACS, OfficeHome, DomainNet, TerraIncognita, iWildCam, or embedded (small, CPU)")
+    p.add_argument("--setting", choices=("sub", "domain"), default="sub",
+                   help="sub, or domain: one run per held-out domain (TerraIncognita, iWildCam: their fixed split)")
+    p.add_argument("--protocol", choices=("paper", "reference"), default="paper",
+                   help="paper (ours) or reference (what the published code ran; docs/PROTOCOL.md)")
+    p.add_argument("--seeds", type=_ranged_int(1), default=3)
+    p.add_argument("--root", help="the data folder (default $TALLY_DATA)")
+    p.add_argument("--out", help="output folder (default results/reproduce/<dataset>-<setting>-<protocol>)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and where selection looks; train nothing")
+    p.add_argument("--replicates", type=_ranged_int(1), default=1000, metavar="R",
+                   help="bootstrap replicates for the 95%% intervals (default 1000)")
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default="results")
 
@@ -404,6 +427,8 @@ COMMANDS: dict[str, Command] = {
     "report": Command(cmd_report, "DomainBed-style tables of an experiment, with intervals", _report_args),
     "compare": Command(cmd_compare, "paired difference of two runs on the same test set, with intervals",
                        _compare_args),
+    "reproduce": Command(cmd_reproduce, "the paper's fixed configuration for a dataset (no search): its table",
+                         _reproduce_args),
     "export": Command(cmd_export, "write a deployable bundle of a trial (default: the best)", _export_args),
     "predict": Command(cmd_predict, "classify images (files, folders, list files) with a bundle", _predict_args),
     "serve": Command(cmd_serve, "serve a bundle over HTTP on Ray Serve (POST /predict, GET /health)", _serve_args),

@@ -16,6 +16,51 @@ from tally import files
 from tally.errors import TallyError
 from tally.schema import SCHEMA, SECTIONS, SEED_MAX, Field
 
+# What `train.protocol: reference` sets, each field only where the config does not give it (an explicit
+# value overrides). `paper` is the schema's defaults. Letters: issue 23 / docs/PROTOCOL.md.
+REFERENCE_PROTOCOL = {
+    ("model", "imagenet_weights"): "v1",  # a: resnet50(pretrained=True), tally.py:62
+    ("data", "crop_padding"): 0,  # b: Resize, ToTensor, Normalize only (initialize.py:41-46)
+    ("train", "bf16"): False,  # c: float32
+    ("data", "carve_validation"): False,  # d: full training lists (with oracle_selection below)
+    ("data", "wilds_validation"): "ood",  # f: WILDS' OOD validation (main.py:168, initialize.py:24-26)
+    ("train", "tie_rule"): "latest",  # h: utils.py:41
+}
+# set only where they apply, so that a paper and a reference run of the same data read the same test images
+# (tally compare refuses runs whose data fields differ)
+_APPLIES = {("data", "carve_validation"): lambda data: data.get("setting") == "domain",
+            ("data", "wilds_validation"): lambda data: data.get("source") == "wilds"}
+# g (and the unbiased std of tally.py:9), for method tally
+REFERENCE_TALLY = {"memory_init": "noise", "warmup_swap": True, "mixing_swap": True, "memory_snapshot": True,
+                   "unbiased_std": True}
+
+
+def apply_protocol(raw: dict) -> dict:
+    """raw with `train.protocol: reference` resolved into concrete switches (a copy; raw is untouched).
+
+    d/e: the reference selects on the held-out domain (its val list is the test list) in the domain
+    setting, and on the test locations for TerraIncognita's ood lists (main.py:165-166): oracle selection,
+    labelled as such everywhere (`data.oracle_selection`). In the sub setting it selects on validation.
+    """
+    train = raw.get("train") or {}
+    if not isinstance(train, dict) or train.get("protocol", "paper") != "reference":
+        return raw
+    out = copy.deepcopy(raw)
+    for section in ("data", "model", "train"):
+        if not isinstance(out.get(section) or {}, dict):
+            return raw  # a malformed section: validate names it
+        out[section] = out.get(section) or {}
+    data = out["data"]
+    for (section, key), value in REFERENCE_PROTOCOL.items():
+        if _APPLIES.get((section, key), lambda _: True)(data):
+            out[section].setdefault(key, value)
+    if data.get("setting") in ("domain", "ood") and data.get("source") != "wilds" and not out["train"].get("final"):
+        data.setdefault("oracle_selection", True)
+    method = out.get("method") or {}
+    if isinstance(method, dict) and method.get("name", "tally") == "tally":
+        out["method"] = {**REFERENCE_TALLY, **method}
+    return out
+
 
 def validate(raw: dict, source: str = "config") -> dict:
     """Return a complete config (defaults filled) or raise TallyError naming the field."""
@@ -24,6 +69,7 @@ def validate(raw: dict, source: str = "config") -> dict:
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise TallyError(f"{sorted(unknown)[0]}: unknown section (expected one of {', '.join(SECTIONS)})")
+    raw = apply_protocol(raw)
     out = {}
     for section, fields in SCHEMA.items():
         given = raw.get(section) or {}

@@ -104,6 +104,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "crop_padding": Field(int, 2, low=0, high=64),
         "decode_workers": Field(int, 0, low=0, high=1024),
         "oracle_selection": Field(bool, False),
+        # domain setting: validation carved from the training domains (true), or (false, the reference's
+        # protocol) every training-domain image trains and validation is the held-out domain (oracle)
+        "carve_validation": Field(bool, True),
+        # iWildCam: select on WILDS' in-distribution validation (id) or its out-of-distribution one (ood)
+        "wilds_validation": Field(str, "id", choices=("id", "ood")),
         # shot buckets: many > shot_many_above, few <= shot_few_at_most training images per pair;
         # null = the dataset's thresholds (evaluation.shot_thresholds: OfficeHome, TerraIncognita differ)
         "shot_many_above": Field(int, None, low=1, nullable=True),
@@ -113,8 +118,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "arch": Field(str, "resnet18", choices=("resnet10", "resnet18", "resnet34", "resnet50")),
         "cut": Field(str, "layer2", choices=("layer1", "layer2", "layer3")),
         "pretrained": Field(str, None, nullable=True),
+        # which torchvision ImageNet weights 'imagenet' loads: DEFAULT (V2 for ResNet-50) or IMAGENET1K_V1
+        "imagenet_weights": Field(str, "default", choices=("default", "v1")),
     },
     "train": {
+        # paper: our protocol; reference: what the published code ran (config.REFERENCE_PROTOCOL, docs/PROTOCOL.md)
+        "protocol": Field(str, "paper", choices=("paper", "reference")),
         "epochs": Field(int, 15, low=1),
         "warmup_epochs": Field(int, 7, low=0),
         "steps_per_epoch": Field(int, 500, low=1),
@@ -129,6 +138,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "selection_metric": Field(str, "pair_acc_mean", choices=METRICS),
         # which epochs may be kept as the best: 'main' = only after the warm-up (the reference's protocol)
         "select_from": Field(str, "main", choices=("main", "all")),
+        # equal selection values: keep the earliest such epoch (ties then go to the better mean pair
+        # accuracy), or the latest (the reference's `>=`, utils.py:41)
+        "tie_rule": Field(str, "earliest", choices=("earliest", "latest")),
         # a final retrain (tally train --final): train on train + validation and keep the last epoch;
         # no selection, so train.epochs should be the epochs a search's trial chose
         "final": Field(bool, False),

@@ -27,7 +27,21 @@ GENERATOR_KEYS = ("imbalance", "imbalance_factor", "max_per_class", "n_val", "n_
 FOLDER_DEFAULTS = {"imbalance": "exp", "imbalance_factor": 20.0, "max_per_class": None, "n_val": 10,
                    "n_test": 20}
 # the data section's keys that decide the splits (the others: image size, augmentation, ... belong to the run)
-DATA_KEYS = ("source", "root", "dataset", "setting", "held_out", "split_seed", *GENERATOR_KEYS)
+DATA_KEYS = ("source", "root", "dataset", "setting", "held_out", "split_seed", *GENERATOR_KEYS, "carve_validation",
+             "wilds_validation")
+# imbalance natural, a named dataset: the MDLT benchmark's (n_test, n_val) per (domain, class) pair, from
+# its NUM_SAMPLES_PER_CLASS (github YyzHarry/multi-domain-imbalance, mdlt/dataset/create_mdlt_datasets.py,
+# lines 18-26); min(n, n_test + n_val) images of a pair are evaluation images, a third of them validation
+MDLT_EVAL_SIZES = {"vlcs": (30, 15), "pacs": (50, 25), "officehome": (10, 5), "terraincognita": (20, 10),
+                   "domainnet": (40, 20)}
+
+
+def mdlt_eval_sizes(dataset: str | None) -> tuple[int, int] | None:
+    """(n_test, n_val) of the MDLT benchmark for a dataset name in any spelling (OfficeHome, office_home,
+    officehome ...), or None for a dataset it does not define."""
+    if not dataset:
+        return None
+    return MDLT_EVAL_SIZES.get(str(dataset).lower().replace("_", "").replace("-", ""))
 
 
 def resolve_data_cfg(data_cfg: dict) -> dict:
@@ -66,6 +80,10 @@ def resolve_data_cfg(data_cfg: dict) -> dict:
         from tally.data.embedded import SPLIT_DEFAULTS as defaults
     else:
         defaults = FOLDER_DEFAULTS
+    mdlt = mdlt_eval_sizes(cfg["dataset"]) if cfg["imbalance"] == "natural" else None
+    if mdlt is not None:  # the benchmark's own sizes, each where the config does not give it
+        cfg["n_test"] = mdlt[0] if cfg["n_test"] is None else cfg["n_test"]
+        cfg["n_val"] = mdlt[1] if cfg["n_val"] is None else cfg["n_val"]
     for key in GENERATOR_KEYS:
         if cfg[key] is None:
             cfg[key] = defaults[key]
@@ -112,17 +130,48 @@ def _where(data_cfg: dict) -> str:
 
 def _read_splits(data_cfg: dict) -> dict[str, MultiDomainDataset]:
     cfg = resolve_data_cfg(data_cfg)
+    splits = _read_source(cfg)
+    if cfg["setting"] == "domain" and not cfg["carve_validation"] and cfg["source"] != "reference":
+        splits = uncarved_splits(splits)  # read_reference reads the lists' own uncarved splits
+    return splits
+
+
+def uncarved_splits(splits: dict[str, MultiDomainDataset]) -> dict[str, MultiDomainDataset]:
+    """data.carve_validation false (the reference's protocol): the training domains' validation images
+    join training, and validation is the held-out domain(s), i.e. the test images (oracle selection)."""
+    train, val = splits["train"], splits["val"]
+    samples = pd.concat([train.samples, val.samples], ignore_index=True)
+    note = f"carve_validation false: the {len(val)} training-domain validation images train too"
+    out = dict(splits)
+    out["train"] = MultiDomainDataset(samples, list(train.class_names), list(train.domain_names),
+                                      [*train.notes, note])
+    out["val"] = held_out_validation([ds for name, ds in splits.items() if name.startswith("test_domain:")])
+    return out
+
+
+def held_out_validation(tests: list[MultiDomainDataset]) -> MultiDomainDataset:
+    """Validation = the held-out domains' test images (the reference's domain-shift lists): ORACLE."""
+    first = tests[0]
+    samples = pd.concat([t.samples for t in tests], ignore_index=True)
+    val = MultiDomainDataset(samples, list(first.class_names), list(first.domain_names),
+                             ["validation: ORACLE, the held-out domain's test images (carve_validation false, "
+                              "the reference's protocol)"])
+    val.out_of_domain = True
+    return val
+
+
+def _read_source(cfg: dict) -> dict[str, MultiDomainDataset]:
     gen = {k: cfg[k] for k in GENERATOR_KEYS}
     source = cfg["source"]
     if source == "wilds":
         from tally.data.iwildcam import read_iwildcam
 
-        return read_iwildcam(cfg["root"])
+        return read_iwildcam(cfg["root"], validation=cfg["wilds_validation"])
     if source == "reference":
         from tally.data.reference import read_reference
 
         return read_reference(cfg["root"], cfg["dataset"], cfg["setting"], cfg["held_out"],
-                              seed=cfg["split_seed"], n_val=cfg["n_val"])
+                              seed=cfg["split_seed"], n_val=cfg["n_val"], carve=cfg["carve_validation"])
     if source == "csv":
         from tally.data.benchmark_csv import read_csv_splits
 

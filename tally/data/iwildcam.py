@@ -1,8 +1,14 @@
 """WILDS iWildCam through the optional ``wilds`` package (pip install 'tally-platform[wilds]').
 
 Camera locations are the domains. Splits follow WILDS: train; val = its in-distribution validation
-(the training locations, so selection never sees test locations); test_sub = in-distribution test;
+(id_val: images of the training locations) by default; test_sub = in-distribution test;
 test_domain:ood = the held-out test locations together (one key: they are many).
+
+WILDS' out-of-distribution validation (`val`) holds other camera locations, disjoint from both the
+training and the test locations, so selecting on it never sees a test image either; the reference
+selects on it (main.py:168 with initialize.py:24-26). `validation="ood"` (data.wilds_validation, set by
+`protocol: reference`) does the same; it is not oracle selection. The default (id_val) is the
+training-domain validation of our `paper` protocol, as for every other dataset.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ def import_wilds():
     return wilds
 
 
-def read_iwildcam(root: str | Path) -> dict[str, MultiDomainDataset]:
+def read_iwildcam(root: str | Path, validation: str = "id") -> dict[str, MultiDomainDataset]:
+    if validation not in ("id", "ood"):
+        raise TallyError(f"data.wilds_validation: expected 'id' or 'ood', got {validation!r}")
     root = Path(root).expanduser()
     hint = f"install tally-platform[wilds] and put the data under {root / 'iwildcam_v2.0'}"
     try:
@@ -67,4 +75,9 @@ def read_iwildcam(root: str | Path) -> dict[str, MultiDomainDataset]:
                               [str(c) for c in range(int(data.n_classes))],
                               [f"location_{int(x)}" for x in locations])
     split_array = np.asarray(data.split_array)
-    return {key: full.subset(split_array == data.split_dict[name]) for key, name in SPLITS.items()}
+    names = {**SPLITS, "val": "id_val" if validation == "id" else "val"}
+    out = {key: full.subset(split_array == data.split_dict[name]) for key, name in names.items()}
+    if validation == "ood":
+        out["val"].out_of_domain = True
+        out["val"].notes.append("validation: WILDS' OOD validation locations (neither trained nor tested on)")
+    return out

@@ -91,8 +91,11 @@ def _class_names(rel_by_label: dict[int, set[str]], n_classes: int) -> list[str]
 
 def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
                    held_out: list[str] | None = None, seed: int = 0, n_val: int = 5,
-                   image_root: str | Path | None = None) -> dict[str, MultiDomainDataset]:
+                   image_root: str | Path | None = None, carve: bool = True) -> dict[str, MultiDomainDataset]:
     """Splits from reference-format lists in ROOT/<DATASET> (or ROOT itself when dataset is None).
+
+    carve False (the reference's protocol, domain setting): train on the full train lists and validate
+    on the held-out domain's lists, as the reference does (oracle selection).
 
     The image root defaults to the list folder (reference layout) or to ``image_root`` recorded in a
     manifest.json that ``tally splits make`` wrote next to its lists.
@@ -184,7 +187,16 @@ def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
     train_domains = [d for d in domains if d not in held_out]
     train = gather((d, "train") for d in train_domains)
     val = gather((d, "val") for d in train_domains)
-    if len(val):
+    if not carve:
+        # the reference reads every domain's val list (dataset.py, split="val"): in its domain-shift
+        # lists only the held-out domain's is non-empty, so it validates on the held-out domain
+        val = gather((d, "val") for d in domains)
+        if not len(val):
+            val = gather((d, "test") for d in held_out)
+        val.out_of_domain = True
+        val.notes.append("validation: ORACLE, every domain's val list as the reference reads it (the held-out "
+                         "domain's images; carve_validation false)")
+    elif len(val):
         val.notes.append("validation: the training domains' val lists (not the held-out domain)")
     else:
         train, val = carve_validation(train, n_val, seed)

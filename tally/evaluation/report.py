@@ -108,13 +108,19 @@ def experiment_table(exp_dir: Path, split: str | None = None, group: str = resul
         for s in splits:
             if s not in set(table["split"]):
                 continue
-            rows.append({"run": run_dir.name, "method": (cfg.get("method") or {}).get("name", "?"), "split": s,
+            rows.append({"run": run_dir.name, "method": method_label(cfg), "split": s,
                          "_config": _config_key(cfg), "_seed": (cfg.get("train") or {}).get("seed"),
                          **run_row(table, s, thresholds, predictions, replicates, seed),
                          **_calibration_columns(cal[cal["split"] == s], replicates > 0)})
     if not rows:
         raise TallyError(f"{exp_dir}: no finished runs with evaluation tables under {group}/")
     return pd.DataFrame(rows)
+
+
+def method_label(cfg: dict) -> str:
+    """A run's method name, marked when its kept epoch was selected on test images (data.oracle_selection)."""
+    name = str((cfg.get("method") or {}).get("name", "?"))
+    return f"{name} (ORACLE selection)" if (cfg.get("data") or {}).get("oracle_selection") else name
 
 
 def left_out(exp_dir: Path, group: str = results.TRIALS_DIR) -> list[str]:

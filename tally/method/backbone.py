@@ -23,15 +23,27 @@ CUTS = ("layer1", "layer2", "layer3")
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+IMAGENET_WEIGHTS = ("default", "v1")
+
+
+def imagenet_weights(arch: str, version: str = "default"):
+    """torchvision's weights enum entry: "default" (DEFAULT: IMAGENET1K_V2 for ResNet-50) or "v1"
+    (IMAGENET1K_V1, what the reference's `resnet50(pretrained=True)` loads, tally.py:62)."""
+    if version not in IMAGENET_WEIGHTS:
+        raise ValueError(f"unknown ImageNet weights {version!r}; expected one of {IMAGENET_WEIGHTS}")
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(arch)
+    return weights.DEFAULT if version == "default" else weights.IMAGENET1K_V1
+
+
+def _imagenet_state_dict(arch: str, version: str = "default") -> dict[str, torch.Tensor]:
     """ImageNet weights via torchvision's weights API (downloads once into the torch hub cache)."""
     if arch == "resnet10":
         raise ValueError(
             "pretrained='imagenet' is not available for resnet10 (torchvision has no such weights)"
         )
-    from torchvision.models import get_model_weights
-
-    return get_model_weights(arch).DEFAULT.get_state_dict(progress=False)
+    return imagenet_weights(arch, version).get_state_dict(progress=False)
 
 
 def _file_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -52,9 +64,11 @@ class SplitResNet(nn.Module):
 
     `pretrained`: None (random init), "imagenet" (torchvision weights; never used in tests) or a path
     to a local state dict with torchvision key names; its `fc` is ignored (the classifier is new).
+    `weights`: which ImageNet weights "imagenet" loads (`imagenet_weights`).
     """
 
-    def __init__(self, arch: str, cut: str, num_classes: int, pretrained: str | Path | None = None):
+    def __init__(self, arch: str, cut: str, num_classes: int, pretrained: str | Path | None = None,
+                 weights: str = "default"):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
@@ -66,7 +80,7 @@ class SplitResNet(nn.Module):
         block, layers = ARCHS[arch]
         net = ResNet(block, layers)
         if pretrained is not None:
-            sd = _imagenet_state_dict(arch) if pretrained == "imagenet" else _file_state_dict(pretrained)
+            sd = _imagenet_state_dict(arch, weights) if pretrained == "imagenet" else _file_state_dict(pretrained)
             sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
             missing, unexpected = net.load_state_dict(sd, strict=False)
             missing = [k for k in missing if not k.startswith("fc.")]

@@ -44,6 +44,16 @@ class FeatureMemory(nn.Module):
         self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("domain_seen", torch.zeros(num_domains, dtype=torch.bool))
 
+    @torch.no_grad()
+    def fill_noise(self, generator: torch.Generator) -> None:
+        """The reference's start (dataset.py:205-207, `torch.randn` for every memory): N(0, 1) noise, every
+        entry marked seen, so the first observation blends into noise with momentum m (its defect 2: a
+        stored "std" can be negative). Drawn on the CPU from `generator`, so a seeded run repeats."""
+        for buf in (self.prototypes, self.domain_std, self.domain_mean):  # the reference's draw order
+            buf.copy_(torch.randn(buf.shape, generator=generator))
+        self.class_seen.fill_(True)
+        self.domain_seen.fill_(True)
+
     @property
     def num_classes(self) -> int:
         return self.prototypes.shape[0]

@@ -156,6 +156,10 @@ class Method(nn.Module, abc.ABC):
         _check_phase(phase)
         return ("uniform",)
 
+    def start_epoch(self, phase: str) -> None:
+        """Called by the training loop before each epoch's first step (TALLY's memory snapshot uses it)."""
+        _check_phase(phase)
+
     @abc.abstractmethod
     def loss(self, batches: tuple[Batch, ...], phase: str) -> torch.Tensor:
         """The training loss of one step; every registered method defines its own."""
@@ -322,6 +326,16 @@ class Tally(Method):
     batch; "joint" runs one concatenated pass (faster on small batches; BatchNorm then mixes A's and
     N's statistics). Ablations: use_prototype / use_domain_memory False fix lam1 / lam2 to 1;
     class_balanced / domain_balanced False draw A / N from the uniform sampler instead.
+
+    The reference code's behaviours, each a switch (all on under `protocol: reference`, docs/PROTOCOL.md):
+    memory_init "noise" starts the memories as N(0, 1) noise (dataset.py:205-207); warmup_swap stores
+    the warm-up's sigma in the mean memory and mu in the std memory (main.py:111 unpacks the forward's
+    (.., mu, sig) as (.., sig, mu), then update_statistics(norm, sig, mu) at main.py:118); mixing_swap
+    mixes N's mean with the std memory and its std with the mean memory (main.py:147 passes (s2, m2) to
+    forward_train_aug(x1, n1, x2, m2, s2), tally.py:102); memory_snapshot mixes with the memories as they
+    were when the epoch began (its 4 DataLoader workers hold copies of the dataset, where the memories
+    live, made when each epoch's workers start: initialize.py:52-58); unbiased_std takes sigma from the
+    unbiased variance (tally.py:9).
     """
 
     defaults = {
@@ -334,9 +348,15 @@ class Tally(Method):
         "class_balanced": True,
         "domain_balanced": True,
         "stem_pass": "separate",
+        "memory_init": "first",
+        "warmup_swap": False,
+        "mixing_swap": False,
+        "memory_snapshot": False,
+        "unbiased_std": False,
     }
     needs_main_phase = True
     STEM_PASSES = ("separate", "joint")
+    MEMORY_INITS = ("first", "noise")
 
     @classmethod
     def check_config(cls, cfg):
@@ -344,13 +364,19 @@ class Tally(Method):
         _check(cfg, "momentum", 0.0 <= cfg["momentum"] <= 1.0, "a number in [0, 1]")
         _check_beta(cfg, "loss_beta", nullable=True)
         _check(cfg, "stem_pass", cfg["stem_pass"] in cls.STEM_PASSES, f"one of {', '.join(cls.STEM_PASSES)}")
+        _check(cfg, "memory_init", cfg["memory_init"] in cls.MEMORY_INITS, f"one of {', '.join(cls.MEMORY_INITS)}")
+        for key in ("warmup_swap", "mixing_swap", "memory_snapshot", "unbiased_std"):
+            _check(cfg, key, isinstance(cfg[key], bool), "true or false")
 
     def __init__(self, net, info, cfg=None, sync=None, seeds=None):
         super().__init__(net, info, cfg, sync, seeds)
         device = self._device()
         shape = _stem_shape(net, info.image_size)
         self.memory = FeatureMemory(info.num_classes, info.num_domains, shape, self.cfg["momentum"])
+        if self.cfg["memory_init"] == "noise":  # from the method's own stream: the run's seed repeats it
+            self.memory.fill_noise(self.generators[0])
         self.memory.to(device)
+        self._snapshot: tuple[torch.Tensor, ...] | None = None  # memory_snapshot: what this epoch mixes with
         beta = self.cfg["loss_beta"]
         w = None if beta is None else effective_number_weights(info.class_counts, beta).to(device)
         self.register_buffer("class_weight", w, persistent=False)
@@ -368,14 +394,35 @@ class Tally(Method):
         batches = self._unpack(batches, phase)
         return self._warmup_loss(*batches) if phase == "warmup" else self._main_loss(*batches)
 
+    def start_epoch(self, phase: str) -> None:
+        """memory_snapshot: copy the memories the coming epoch mixes with (the reference's workers' copy)."""
+        super().start_epoch(phase)
+        if self.cfg["memory_snapshot"]:
+            m = self.memory
+            self._snapshot = tuple(t.clone() for t in (m.prototypes, m.domain_mean, m.domain_std,
+                                                      m.class_seen, m.domain_seen))
+
+    def _read_memory(self) -> tuple[torch.Tensor, ...]:
+        """(prototypes, domain_mean, domain_std, class_seen, domain_seen) the mixing reads."""
+        if self.cfg["memory_snapshot"]:
+            if self._snapshot is None:
+                raise RuntimeError("memory_snapshot: start_epoch must be called before the epoch's first step")
+            return self._snapshot
+        m = self.memory
+        return m.prototypes, m.domain_mean, m.domain_std, m.class_seen, m.domain_seen
+
+    def _moments(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return moments(z, unbiased=self.cfg["unbiased_std"])
+
     def _warmup_loss(self, batch: Batch) -> torch.Tensor:
         x, y, d = batch
         z = self.net.stem(x)
         loss = F.cross_entropy(self.net.head(z), y)
         with torch.no_grad(), _full_precision(z):
             zf = z.detach().float()
-            mu, sigma = moments(zf)
-            self.memory.update(((zf - mu) / sigma, y), (mu, sigma, d), self.sync)
+            mu, sigma = self._moments(zf)
+            stats = (sigma, mu) if self.cfg["warmup_swap"] else (mu, sigma)  # the reference's main.py:111
+            self.memory.update(((zf - mu) / sigma, y), (*stats, d), self.sync)
         return loss
 
     def _stem_pair(self, xa: torch.Tensor, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,14 +439,17 @@ class Tally(Method):
         are updated in place after the forward, so a graph that saved them for its backward would find
         them changed. Read here, the graph gets copies, and runs from the stem to the loss unbroken.
         """
-        mem, cfg, b = self.memory, self.cfg, ya.shape[0]
+        cfg, b = self.cfg, ya.shape[0]
+        prototypes, domain_mean, domain_std, class_seen, domain_seen = self._read_memory()
         lam = self._per_rank(b, lambda g, n: sample_lambdas(2 * n, cfg["alpha"], cfg["fold"], g).view(2, n))
         lam = to_device(lam, ya.device)
         ones = torch.ones(b, device=ya.device)
-        lam1 = torch.where(mem.class_seen[ya], lam[0], 1.0) if cfg["use_prototype"] else ones
-        lam2 = torch.where(mem.domain_seen[dn], lam[1], 1.0) if cfg["use_domain_memory"] else ones
-        proto = mem.prototypes[ya] if cfg["use_prototype"] else None
-        return lam1, lam2, proto, mem.domain_mean[dn], mem.domain_std[dn]
+        lam1 = torch.where(class_seen[ya], lam[0], 1.0) if cfg["use_prototype"] else ones
+        lam2 = torch.where(domain_seen[dn], lam[1], 1.0) if cfg["use_domain_memory"] else ones
+        proto = prototypes[ya] if cfg["use_prototype"] else None
+        if cfg["mixing_swap"]:  # the reference's main.py:147: the std memory lends the mean, and vice versa
+            domain_mean, domain_std = domain_std, domain_mean
+        return lam1, lam2, proto, domain_mean[dn], domain_std[dn]
 
     def _main_loss(self, batch_a: Batch, batch_n: Batch) -> torch.Tensor:
         (xa, ya, _), (xn, _, dn) = batch_a, batch_n
@@ -410,8 +460,8 @@ class Tally(Method):
         za, zn = self._stem_pair(xa, xn)
         with _full_precision(za):
             za, zn = za.float(), zn.float()
-            mu_a, sig_a = moments(za)
-            mu_n, sig_n = moments(zn)
+            mu_a, sig_a = self._moments(za)
+            mu_n, sig_n = self._moments(zn)
             zhat_a = (za - mu_a) / sig_a
             z_mix = mix(zhat_a, zhat_a if proto is None else proto, mu_n, sig_n, mem_mu, mem_sig, lam1, lam2)
         loss = weighted_cross_entropy(self.net.head(z_mix), ya, self.class_weight, self.sync)

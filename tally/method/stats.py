@@ -11,14 +11,16 @@ import torch
 EPS = 1e-6
 
 
-def moments(z: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+def moments(z: torch.Tensor, eps: float = EPS, unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example, per-channel (mu, sigma) over H, W, each (B, C, 1, 1).
 
     sigma = sqrt(population variance (unbiased=False, divide by H*W) + eps). The reference code uses
-    the unbiased variance; we use the population one so that sigma * zhat + mu reproduces z exactly
-    and zhat has unit variance per channel. The difference is a factor sqrt(HW/(HW-1)) (< 0.1% at 28x28).
+    the unbiased variance (tally.py:9, `x.var`); we use the population one so that sigma * zhat + mu
+    reproduces z exactly and zhat has unit variance per channel. The difference is a factor
+    sqrt(HW/(HW-1)) (< 0.1% at 28x28); `unbiased=True` (TALLY's `unbiased_std`, protocol reference) is the
+    reference's.
     """
-    var, mu = torch.var_mean(z, dim=(2, 3), keepdim=True, correction=0)
+    var, mu = torch.var_mean(z, dim=(2, 3), keepdim=True, correction=1 if unbiased else 0)
     return mu, (var + eps).sqrt()
 
 

@@ -122,7 +122,8 @@ def build_method_for(cfg: dict, train_ds, ranks: Sequence[int] = (0,), sync: Mem
     info = TrainInfo(num_classes=len(train_ds.class_names), num_domains=len(train_ds.domain_names),
                      class_counts=torch.as_tensor(counts.sum(0)), image_size=cfg["data"]["image_size"])
     net = SplitResNet(cfg["model"]["arch"], cfg["model"]["cut"], info.num_classes,
-                      pretrained=cfg["model"]["pretrained"] if load_pretrained else None)
+                      pretrained=cfg["model"]["pretrained"] if load_pretrained else None,
+                      weights=cfg["model"]["imagenet_weights"])
     method_cfg = {k: v for k, v in cfg["method"].items() if k != "name"}
     seeds = [stream_seed(method_cfg["seed"], r, "mixing") for r in ranks]
     return build_method(cfg["method"]["name"], net, info, method_cfg, sync=sync, seeds=seeds)
@@ -459,6 +460,7 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
         # a warm-up epoch is one pass of the (sharded) uniform sampler over the training set
         steps = (math.ceil(len(train_ds) / (tcfg["batch_size"] * ctx.data_world_size)) if phase == "warmup"
                  else tcfg["steps_per_epoch"])
+        method.start_epoch(phase)  # TALLY's memory_snapshot: the memories this epoch mixes with
         train_loss = _train_epoch(step, source, method.batch_kinds(phase), phase, steps, epoch, ctx)
         record = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "steps": steps}
         checkpoint_dir = None
@@ -469,7 +471,7 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
             # the reference keeps only TALLY-phase epochs: a warm-up epoch is never the kept model
             # unless train.select_from is 'all'
             eligible = phase == "main" or tcfg["select_from"] == "all"
-            if eligible and key > (best["value"], best.get("tiebreak", -math.inf)):
+            if eligible and improves(key, best, tcfg["tie_rule"]):
                 best = {"value": key[0], "tiebreak": key[1], "epoch": epoch}
                 save_checkpoint(run_dir / "checkpoints" / "best.pt",
                                 {"model": method.state_dict(), "epoch": epoch})
@@ -501,6 +503,18 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     if final:  # also after a resume past the last epoch: the weights are the last epoch's (last.pt)
         save_checkpoint(run_dir / "checkpoints" / "best.pt", {"model": method.state_dict(), "epoch": tcfg["epochs"] - 1})
     return finalize(cfg, run_dir, method, banks, splits, train_counts, device)
+
+
+def improves(key: tuple[float, float], best: dict, tie_rule: str) -> bool:
+    """Does an epoch with selection key (value, tie-break) replace the best so far?
+
+    earliest: strictly better value, equal values decided by the tie-break (mean pair accuracy), the
+    earlier epoch kept when both tie. latest: the reference's `val >= max(previous)` (utils.py:41): the
+    value alone, the latest of tied epochs kept.
+    """
+    if tie_rule == "latest":
+        return key[0] >= best["value"]
+    return key > (best["value"], best.get("tiebreak", -math.inf))
 
 
 def _train_epoch(step: TrainStep, source: BatchSource, kinds, phase, steps, epoch, ctx: RunContext) -> float:

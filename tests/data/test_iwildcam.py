@@ -28,7 +28,7 @@ def write_wilds_layout(root):
     rows = []
     rng = np.random.default_rng(0)
     plan = [("train", 0, 6), ("train", 1, 6), ("id_val", 0, 2), ("id_val", 1, 2), ("id_test", 0, 3),
-            ("id_test", 1, 3), ("test", 2, 4), ("test", 3, 5)]  # (split, location, images)
+            ("id_test", 1, 3), ("test", 2, 4), ("test", 3, 5), ("val", 4, 3)]  # (split, location, images)
     for split, location, n in plan:
         for i in range(n):
             name = f"{split}_{location}_{i}.jpg"
@@ -92,3 +92,14 @@ def test_reading_wilds_asks_no_package_index(tmp_path):
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "asked: []" in proc.stdout, proc.stdout
+
+
+def test_wilds_ood_validation_is_its_own_locations(tmp_path):
+    """data.wilds_validation 'ood' (protocol reference): WILDS' val split, locations neither trained nor tested."""
+    rows = write_wilds_layout(tmp_path)
+    splits = load_splits({"source": "wilds", "root": str(tmp_path), "wilds_validation": "ood"})
+    val = splits["val"]
+    assert sorted(map(os.path.basename, val.samples["path"])) == sorted(r["filename"] for r in rows
+                                                                         if r["split"] == "val")
+    assert {val.domain_names[d] for d in val.domains.tolist()} == {"location_4"} and val.out_of_domain
+    assert not set(val.domains.tolist()) & set(splits["test_domain:ood"].domains.tolist())

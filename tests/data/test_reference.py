@@ -131,3 +131,14 @@ def test_labels_must_index_the_classes(ref_root):
     (lists / "photo_test_sub.txt").write_text("photo/dog/0000.png 5\n")  # classes 2, 3, 4 in no list
     with pytest.raises(TallyError, match=r"labels run to 5 but 3 of them are in no list \(first: \[2, 3, 4\]\)"):
         read_reference(ref_root, "PACS", "sub")
+
+
+def test_no_carve_trains_on_the_full_lists_and_validates_on_the_held_out_domain(ref_root):
+    """carve_validation false (protocol reference): what the reference reads, labelled oracle."""
+    splits = load_splits({"source": "reference", "root": str(ref_root), "dataset": "PACS", "setting": "domain",
+                          "held_out": ["sketch"], "carve_validation": False})
+    sk = DOMAINS.index("sketch")
+    assert len(splits["train"]) == 2 * 2 * 12  # every training-list image
+    assert splits["val"].counts()[sk].tolist() == [12, 12] and splits["val"].counts().sum() == 24
+    assert splits["val"].out_of_domain and any("ORACLE" in n for n in splits["val"].notes)
+    assert splits["test_domain:sketch"].paths == splits["val"].paths  # its val list is its test set

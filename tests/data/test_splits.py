@@ -234,3 +234,37 @@ def test_natural_writes_lists_without_class_order(root, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["params"]["imbalance"] == "natural" and "class_order" not in manifest["params"]
     assert manifest["counts"]["train"] == [[18] * len(CLASSES)] * len(DOMAINS)
+
+
+def test_no_carve_moves_validation_into_training_and_validates_on_the_held_out_domain(root):
+    from tally.data import load_splits
+
+    cfg = {"source": "folder", "root": str(root), "setting": "domain", "held_out": ["c"], "n_val": 2, "n_test": 2}
+    carved = load_splits(cfg)
+    full = load_splits({**cfg, "carve_validation": False})
+    assert len(full["train"]) == len(carved["train"]) + len(carved["val"])
+    assert set(full["train"].paths) == set(carved["train"].paths) | set(carved["val"].paths)
+    assert full["val"].paths == full["test_domain:c"].paths == carved["test_domain:c"].paths
+    assert full["val"].out_of_domain and any("ORACLE" in n for n in full["val"].notes)
+
+
+@pytest.mark.parametrize(("name", "sizes"), [("VLCS", (30, 15)), ("PACS", (50, 25)), ("OfficeHome", (10, 5)),
+                                             ("office_home", (10, 5)), ("terra_incognita", (20, 10)),
+                                             ("DomainNet", (40, 20))])
+def test_natural_takes_the_mdlt_caps_of_a_named_dataset(root, name, sizes):
+    """create_mdlt_datasets.py:18-26: NUM_SAMPLES_PER_CLASS (num_test, num_val)."""
+    from tally.data import resolve_data_cfg
+
+    cfg = resolve_data_cfg({"source": "folder", "root": str(root), "dataset": name, "imbalance": "natural"})
+    assert (cfg["n_test"], cfg["n_val"]) == sizes
+    mine = resolve_data_cfg({"source": "folder", "root": str(root), "dataset": name, "imbalance": "natural",
+                             "n_val": 3})
+    assert (mine["n_test"], mine["n_val"]) == (sizes[0], 3)  # an explicit value wins
+    assert resolve_data_cfg({"source": "folder", "root": str(root), "dataset": name})["n_test"] == 20  # exp
+
+
+def test_natural_without_a_known_dataset_keeps_the_generic_sizes(root):
+    from tally.data import resolve_data_cfg
+
+    cfg = resolve_data_cfg({"source": "folder", "root": str(root), "dataset": "mine", "imbalance": "natural"})
+    assert (cfg["n_test"], cfg["n_val"]) == (20, 10)

@@ -146,3 +146,14 @@ def test_calibration_columns_for_runs_that_kept_logits(experiment):
     assert row["AURC:low"] <= row["AURC"] <= row["AURC:high"]
     assert math.isnan(frame.loc["tally-s1", "ECE"])  # no logits: no calibration, shown as --
     assert "| ECE | ECE after T | worst-domain ECE | AURC |" in format_table(frame.reset_index()).splitlines()[0]
+
+
+def test_a_run_that_selected_on_test_images_says_oracle(tmp_path):
+    exp = tmp_path / "exp"
+    write_run(exp / "trials" / "clean", 0)
+    write_run(exp / "trials" / "oracle", 1)
+    cfg = yaml.safe_load((exp / "trials" / "oracle" / "config.yaml").read_text())
+    cfg["data"]["oracle_selection"] = True
+    (exp / "trials" / "oracle" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    frame = experiment_table(exp, replicates=0).set_index("run")
+    assert frame.at["oracle", "method"] == "tally (ORACLE selection)" and frame.at["clean", "method"] == "tally"
