@@ -380,7 +380,7 @@ COMMANDS: dict[str, Command] = {
     "predict": Command(cmd_predict, "classify images (files, folders, list files) with a bundle", _predict_args),
     "serve": Command(cmd_serve, "serve a bundle over HTTP on Ray Serve (POST /predict, GET /health)", _serve_args),
     "dashboard": Command(cmd_dashboard, "browse a results store in the browser", _dashboard_args),
-    "demo": Command(cmd_demo, "a brief search on the embedded data, then a benchmark of its pick vs ERM and re-weighting",
+    "demo": Command(cmd_demo, "TALLY, ERM and re-weighting tuned alike on the embedded data, then compared",
                     _demo_args),
 }
 

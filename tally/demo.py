@@ -66,7 +66,7 @@ def run_demo(storage: Path) -> int:
     from tally import results, search
     from tally.data import describe, load_splits
     from tally.deploy.export import export_bundle
-    from tally.search import benchmark
+    from tally.search import benchmark, tuning
 
     started = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -81,12 +81,15 @@ def run_demo(storage: Path) -> int:
     print(f"\n1. tuning {', '.join(METHODS)} alike, then re-running each pick ...", flush=True)
     out = benchmark.run_benchmark(bench, storage)
     bench_dir = results.experiment_dir(storage, bench.name)
+    if "train_val" not in out:
+        print(f"a method's trials did not all finish, so nothing was picked; see {bench_dir / tuning.TUNE_DIR}")
+        return 1
 
     # 2. the comparison (training-domain validation picks), the tuning report, the conclusion
     print("\n2. the picks compared on test_sub\n")
     print(benchmark.markdown(out["train_val"], metrics=HEADLINE))
     t = out["tuning"]
-    print(benchmark.tuning.tuning_markdown(t["curves"], t["picks"], t["cost"], bench.resolved["tune"]))
+    print(tuning.tuning_markdown(t["curves"], t["picks"], t["cost"], bench.resolved["tune"]))
     for line in conclusion(out["train_val"]["difference_summary"], bench.resolved["tune"]):
         print(line)
 

@@ -490,12 +490,15 @@ def tables(exp_dir: Path, plan: pd.DataFrame, baselines: list[str], replicates: 
             "difference_summary": difference_summary(per_seed)}
 
 
-def load_benchmark(exp_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """``tables`` of a benchmark folder (its stored plan and spec), for readers such as the dashboard."""
+def load_benchmark(exp_dir: str | Path, rule: str | None = None) -> dict[str, pd.DataFrame]:
+    """``tables`` of a benchmark folder (its stored plan and spec), for readers such as the dashboard;
+    of a tuned one, the tables of one selection rule (default: the first, training-domain validation)."""
     exp_dir = Path(exp_dir)
     plan, spec = results.read_parquet(exp_dir / "plan.parquet"), results.read_yaml(exp_dir / "spec.yaml")
     if plan is None or spec is None:
         raise TallyError(f"{exp_dir}: not a benchmark folder (no plan.parquet / spec.yaml)")
+    if "rule" in plan.columns:  # a tuned benchmark: never mix two rules' re-runs in one table
+        plan = plan[plan["rule"] == (rule or spec["tune"]["rules"][0])]
     return tables(exp_dir, plan, spec["baseline"], **spec.get("report", {}))
 
 

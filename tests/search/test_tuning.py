@@ -85,7 +85,11 @@ def test_draws_are_seeded_per_knob_and_trial_zero_is_the_default():
     assert tuning.draw(space, 0, 0) == {}
     a, b = tuning.draw(space, 1, 0), tuning.draw(space, 1, 0)
     assert a == b and 1e-4 <= a["train.lr"] <= 1e-2 and a["train.batch_size"] in (8, 16, 24, 32)
-    assert tuning.draw({"train.lr": space["train.lr"]}, 1, 0)["train.lr"] == a["train.lr"]  # per knob
+    # each knob its own stream: a method whose space lists other knobs before lr draws the same lr
+    others_first = {"method.beta": space["method.beta"], "train.batch_size": space["train.batch_size"],
+                    "train.lr": space["train.lr"]}
+    assert tuning.draw(others_first, 1, 0)["train.lr"] == a["train.lr"]
+    assert tuning.draw({"train.lr": space["train.lr"]}, 1, 0)["train.lr"] == a["train.lr"]
     assert tuning.draw(space, 2, 0)["train.lr"] != a["train.lr"]
     assert tuning.draw(space, 1, 1)["train.lr"] != a["train.lr"]
     lrs = [tuning.draw(space, k, 0)["train.lr"] for k in range(1, 200)]
