@@ -313,9 +313,9 @@ def cost(exp_dir: Path, tp: TunePlan, final_plan: pd.DataFrame) -> pd.DataFrame:
         done = [d for d in trial_runs if (results.read_json(d / "status.json") or {}).get("status") == "done"]
         seconds = sum(float(e.get("seconds") or 0.0) for d in trial_runs + finals
                       for e in results.read_jsonl(d / "epochs.jsonl"))
-        rows.append({"method": method, "trials": len(done), "re-runs": len(finals), "wall_h": seconds / 3600,
+        rows.append({"method": method, "trials": len(done), "reruns": len(finals), "wall_h": seconds / 3600,
                      "cpu_h": seconds * cpus / 3600, "gpu_h": seconds * gpus / 3600})
-    return pd.DataFrame(rows, columns=["method", "trials", "re-runs", "wall_h", "cpu_h", "gpu_h"])
+    return pd.DataFrame(rows, columns=["method", "trials", "reruns", "wall_h", "cpu_h", "gpu_h"])
 
 
 def tuning_markdown(curves: pd.DataFrame, chosen: pd.DataFrame, costs: pd.DataFrame, tune: dict) -> str:
@@ -332,7 +332,7 @@ def tuning_markdown(curves: pd.DataFrame, chosen: pd.DataFrame, costs: pd.DataFr
                                                                                       strict=True)]
         lines.append(f"| {method} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", "| method | trials run | re-runs | wall h | CPU h | GPU h |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c.method} | {c.trials} | {c._3} | {c.wall_h:.3f} | {c.cpu_h:.3f} | {c.gpu_h:.3f} |"
+    lines += [f"| {c.method} | {c.trials} | {c.reruns} | {c.wall_h:.3f} | {c.cpu_h:.3f} | {c.gpu_h:.3f} |"
               for c in costs.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 

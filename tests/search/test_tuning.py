@@ -234,6 +234,10 @@ def test_tuning_curves_and_cost(tuned_store):
     costs = tuning.cost(exp, tp, pd.DataFrame(columns=["run", "method"])).set_index("method")
     assert costs.loc["erm", "trials"] == 3 and costs.loc["erm", "wall_h"] == pytest.approx(3 * 5.0 / 3600)
     assert costs.loc["erm", "cpu_h"] == pytest.approx(3 * 5.0 / 3600) and costs.loc["erm", "gpu_h"] == 0
+    text = tuning.tuning_markdown(curves, tuning.picks(exp, tp), costs.reset_index(), tp.tune)
+    assert "| erm | 3 | 0 | 0.004 | 0.004 | 0.000 |" in text and "every method 3 trials" in text
+    assert "| erm | heldout-noisy | oracle (test domain) | t2 | 90.0 | 1 |" in text
+    assert "| erm | heldout-noisy | 30.0 [30.0, 60.0] | 60.0 [" in text
 
 
 # ---------------------------------------------------------------- no selection with test data
