@@ -142,6 +142,11 @@ def cmd_benchmark(args) -> int:
     if args.dry_run:
         return 0
     out = benchmark.run_benchmark(spec, args.storage, address=args.address, quiet=not args.verbose)
+    if spec.tuning is not None:  # one table per selection rule, then the tuning report
+        print("\n" + benchmark.tuned_markdown(out, spec.resolved["tune"]))
+        print(f"results: {results.experiment_dir(args.storage, spec.name)} "
+              "(table.md; rules/<rule>/: each rule's tables; picks.csv, curves.csv, cost.csv)")
+        return 0
     print("\n" + benchmark.markdown(out))
     print(f"results: {results.experiment_dir(args.storage, spec.name)} "
           "(table.md, table.tex, table.csv, differences.csv)")
@@ -433,7 +438,7 @@ COMMANDS: dict[str, Command] = {
     "predict": Command(cmd_predict, "classify images (files, folders, list files) with a bundle", _predict_args),
     "serve": Command(cmd_serve, "serve a bundle over HTTP on Ray Serve (POST /predict, GET /health)", _serve_args),
     "dashboard": Command(cmd_dashboard, "browse a results store in the browser", _dashboard_args),
-    "demo": Command(cmd_demo, "a brief search on the embedded data, then a benchmark of its pick vs ERM and re-weighting",
+    "demo": Command(cmd_demo, "TALLY, ERM and re-weighting tuned alike on the embedded data, then compared",
                     _demo_args),
 }
 

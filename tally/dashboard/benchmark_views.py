@@ -1,5 +1,6 @@
 """The benchmark section of the dashboard: a `tally benchmark` folder's over-seeds table (mean ± SE per
-setting) and its paired differences against the baseline, with intervals and verdicts.
+setting) and its paired differences against the baseline, with intervals and verdicts; of a tuned
+benchmark (`tune:`), one rule's tables at a time, and the tuning curves, picks and cost per method.
 
 Numbers are ``tally.evaluation.benchmark_tables.load_benchmark``'s (the tables `tally benchmark` writes), read
 through the cache; ``uncertainty`` only reshapes them. Every table has a CSV download.
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
-from tally.dashboard import cache, views
+from tally import results
+from tally.dashboard import cache, charts, views
 from tally.dashboard import data as dd
 from tally.dashboard import uncertainty as dun
 
@@ -21,7 +24,12 @@ def benchmark_view(exp_dir: Path) -> None:
 
     name = exp_dir.name
     st.subheader(f"Benchmark {dd.plain(name)}")
-    out = cache.benchmark(exp_dir)
+    rules = _rules(exp_dir)
+    rule = None
+    if rules:  # a tuned benchmark: one table per selection rule; the oracle is labelled as such
+        rule = st.radio("Selection rule (picks both the trial and the epoch)", rules, horizontal=True,
+                        key=f"bench_rule:{name}", format_func=lambda r: benchmark.RULES.get(r, r))
+    out = cache.benchmark(exp_dir, rule)
     settings = dun.benchmark_settings(out)
     if not settings:
         st.info(f"No finished benchmark run in {dd.plain(exp_dir / benchmark.RUNS_DIR)} yet: the table appears as runs finish "
@@ -52,3 +60,39 @@ def benchmark_view(exp_dir: Path) -> None:
             "mean_diff": st.column_config.NumberColumn("mean diff", format="%+.4f"),
             "stderr": st.column_config.NumberColumn("SE", format="%.4f")})
     st.caption(benchmark.verdict_line(out["difference_summary"]))
+    if rules:
+        tuning_view(exp_dir, setting)
+
+
+def _rules(exp_dir: Path) -> list[str]:
+    spec = results.read_yaml(exp_dir / "spec.yaml") or {}
+    return list((spec.get("tune") or {}).get("rules") or [])
+
+
+def _csv(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def tuning_view(exp_dir: Path, setting: str) -> None:
+    """The tuning report of a tuned benchmark: the equal budget, each rule's pick, the tuning curves
+    and each method's cost (the CSVs `tally benchmark` writes beside table.md)."""
+    from tally.evaluation.benchmark_tables import RULES, budget_text
+
+    name = exp_dir.name
+    spec = results.read_yaml(exp_dir / "spec.yaml") or {}
+    st.markdown(f"**Tuning**: {budget_text(spec['tune'])}")
+    curves, picks, cost = (_csv(exp_dir / f"{k}.csv") for k in ("curves", "picks", "cost"))
+    if curves is None or picks is None:
+        st.info("The tuning report appears once every method's trials are done.")
+        return
+    part = curves[curves["setting"] == setting]
+    if not part.empty:
+        st.plotly_chart(charts.tuning_curves_figure(part, f"{setting}: best training-domain validation value "
+                                                          "vs trials (95% interval over trial orders)"),
+                        key=f"bench_curves:{name}:{setting}")
+    picked = picks[picks["setting"] == setting].assign(rule=lambda f: f["rule"].map(lambda r: RULES.get(r, r)))
+    st.markdown("**What each rule picked** (its trial, the rule's value of it, the kept epoch)")
+    views.data_table(picked, "bench_picks", f"{name}-{setting}-picks.csv")
+    if cost is not None:
+        st.markdown("**Cost per method** (trials and re-runs; wall time is the training epochs' own)")
+        views.data_table(cost, "bench_cost", f"{name}-cost.csv")

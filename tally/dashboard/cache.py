@@ -99,12 +99,13 @@ def paired(run_a: Path, run_b: Path, split: str):
 
 
 @st.cache_data(show_spinner="Reading the benchmark (paired intervals of its runs) ...", max_entries=8)
-def _benchmark(exp_dir: str, signature: tuple) -> dict:
+def _benchmark(exp_dir: str, signature: tuple, rule: str | None = None) -> dict:
     from tally.evaluation import benchmark_tables
 
-    return benchmark_tables.load_benchmark(exp_dir)
+    return benchmark_tables.load_benchmark(exp_dir, rule)
 
 
-def benchmark(exp_dir: Path) -> dict:
-    """``benchmark_tables.load_benchmark`` of a benchmark folder, re-read when a run or the plan changes."""
-    return _benchmark(str(exp_dir), dun.benchmark_signature(exp_dir))
+def benchmark(exp_dir: Path, rule: str | None = None) -> dict:
+    """``benchmark_tables.load_benchmark`` of a benchmark folder (of a tuned one, one selection rule's
+    tables), re-read when a run or the plan changes."""
+    return _benchmark(str(exp_dir), dun.benchmark_signature(exp_dir), rule)

@@ -117,6 +117,15 @@ def curves_figure(frame: pd.DataFrame, y: str, warmup_end: float | None = None) 
     return fig.update_layout(margin={"t": 50}, height=340)
 
 
+def tuning_curves_figure(curves: pd.DataFrame, title: str) -> go.Figure:
+    """Best validation value found against the number of trials, a line per method, with the 95%
+    interval over trial orders as error bars (tally.search.tuning.tuning_curves)."""
+    frame = curves.assign(up=curves["high"] - curves["best"], down=curves["best"] - curves["low"])
+    fig = px.line(frame, x="trials", y="best", color="method", markers=True, error_y="up", error_y_minus="down",
+                  title=title, labels={"best": "best validation value so far", "trials": "trials"})
+    return fig.update_layout(margin={"t": 50}, height=360).update_xaxes(dtick=1)
+
+
 def progress_figure(frame: pd.DataFrame, metric: str) -> go.Figure:
     """Selection metric by trial order, coloured by status, with the best-so-far staircase."""
     fig = px.scatter(frame, x="order", y="value", color="status", hover_data=["trial_id"],

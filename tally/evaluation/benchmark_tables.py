@@ -183,12 +183,28 @@ def tables(exp_dir: Path, plan: pd.DataFrame, baselines: list[str], replicates: 
             "difference_summary": difference_summary(per_seed, adjust)}
 
 
-def load_benchmark(exp_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """``tables`` of a benchmark folder (its stored plan and spec), for readers such as the dashboard."""
+# A tuned benchmark's selection rules (tally.search.tuning runs them; readers such as the dashboard name them)
+RULES = {"train_val": "training-domain validation", "oracle": "oracle (test domain)"}
+EARLY_STOPPING = "none: every trial trains the full budget"
+
+
+def budget_text(tune: dict) -> str:
+    """The equal tuning budget of a tuned benchmark's ``tune`` section, in one sentence."""
+    return (f"every method {tune['trials']} trials ({tune['sampler']} sampler, sampler seed {tune['sampler_seed']}, "
+            f"trial 0 its default point), each trained with seed {tune['trial_seed']} and the same model and "
+            f"training budget, early stopping {EARLY_STOPPING}; each rule's pick re-run with "
+            f"{tune['seeds']} seed(s)")
+
+
+def load_benchmark(exp_dir: str | Path, rule: str | None = None) -> dict[str, pd.DataFrame]:
+    """``tables`` of a benchmark folder (its stored plan and spec), for readers such as the dashboard;
+    of a tuned one, the tables of one selection rule (default: the first, training-domain validation)."""
     exp_dir = Path(exp_dir)
     plan, spec = results.read_parquet(exp_dir / "plan.parquet"), results.read_yaml(exp_dir / "spec.yaml")
     if plan is None or spec is None:
         raise TallyError(f"{exp_dir}: not a benchmark folder (no plan.parquet / spec.yaml)")
+    if "rule" in plan.columns:  # a tuned benchmark: never mix two rules' re-runs in one table
+        plan = plan[plan["rule"] == (rule or spec["tune"]["rules"][0])]
     return tables(exp_dir, plan, spec["baseline"], **spec.get("report", {}))
 
 

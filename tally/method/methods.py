@@ -82,6 +82,10 @@ class Method(nn.Module, abc.ABC):
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    # the method's own hyperparameters' search distributions (DomainBed's hparams_registry style: one line
+    # per hparam beside its default, in tally.search.space's format); the default point is ``defaults``.
+    # The shared knobs (lr, weight decay, batch size) are tally.search.tuning.SHARED_SPACE.
+    space: ClassVar[dict[str, dict]] = {}
     # the loop must run epochs after the warm-up for this method to be itself (TALLY's mixing)
     needs_main_phase: ClassVar[bool] = False
 
@@ -220,6 +224,7 @@ class Reweight(Method):
     """Class-balanced re-weighting: CE with effective-number weights (beta)."""
 
     defaults = {"beta": 0.999}
+    space = {"beta": {"type": "categorical", "choices": [0.9, 0.99, 0.999, 0.9999]}}
 
     def __init__(self, net, info, cfg=None, sync=None, seeds=None):
         super().__init__(net, info, cfg, sync, seeds)
@@ -253,6 +258,7 @@ class Focal(Method):
     """Focal loss with focusing parameter gamma."""
 
     defaults = {"gamma": 2.0}
+    space = {"gamma": {"type": "uniform", "low": 0.0, "high": 3.0}}
 
     @classmethod
     def check_config(cls, cfg):
@@ -271,6 +277,8 @@ class MixStyle(Method):
     """
 
     defaults = {"p": 0.5, "alpha": 0.1}
+    space = {"p": {"type": "uniform", "low": 0.1, "high": 1.0},
+             "alpha": {"type": "loguniform", "low": 0.05, "high": 1.0}}
 
     @classmethod
     def check_config(cls, cfg):
@@ -353,6 +361,12 @@ class Tally(Method):
         "mixing_swap": False,
         "memory_snapshot": False,
         "unbiased_std": False,
+    }
+    space = {  # the ablation switches and stem_pass stay at their defaults: they change the method itself
+        "alpha": {"type": "uniform", "low": 0.1, "high": 2.0},
+        "momentum": {"type": "uniform", "low": 0.5, "high": 0.95},
+        "fold": {"type": "categorical", "choices": [True, False]},
+        "loss_beta": {"type": "categorical", "choices": [0.99, 0.999, None]},
     }
     needs_main_phase = True
     STEM_PASSES = ("separate", "joint")

@@ -52,10 +52,11 @@ from tally.evaluation.benchmark_tables import (  # noqa: F401 - the tables part,
     write_tables,
 )
 from tally.schema import METRICS, SEED_MAX, check_int, check_section
+from tally.search import tuning
 from tally.search.spec import check_resources, expand_root
 
 TOP_KEYS = ("name", "data", "base", "methods", "baseline", "settings", "seeds", "selection_metric",
-            "concurrency", "resources", "report")
+            "concurrency", "resources", "report", "tune")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 METHOD_RE = re.compile(r"[A-Za-z0-9_.]+")  # no '-': it separates the parts of a run id
 # data fields a searched config may differ in from the benchmark's data (they do not change the images)
@@ -73,6 +74,7 @@ class BenchmarkSpec:
     plan: pd.DataFrame          # run, method, setting, split, seed
     domain_names: list[str]
     source: str = "benchmark spec"
+    tuning: tuning.TunePlan | None = None  # a `tune:` benchmark: its trials (runs and plan come after them)
 
 
 def load_benchmark_spec(path: str | Path, name_override: str | None = None) -> BenchmarkSpec:
@@ -110,6 +112,11 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     if out["selection_metric"] not in METRICS:
         raise TallyError(f"selection_metric: expected one of {', '.join(METRICS)}, "
                          f"got {out['selection_metric']!r}")
+    tune = raw.get("tune")
+    if tune is not None:
+        out["tune"] = tuning.check_tune(tune)
+        if "seeds" in raw:
+            raise TallyError("seeds: with tune, tune.seeds sets how many seeds re-run each rule's pick")
     out["seeds"] = _check_seeds(raw.get("seeds", 3))
     out["concurrency"] = check_int("concurrency", raw.get("concurrency", 1), 1)
     out["resources"] = check_resources(raw.get("resources"))
@@ -125,7 +132,8 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     from tally.data import load_splits
 
     try:
-        domain_names = load_splits(out["data"])["train"].domain_names
+        train_ds = load_splits(out["data"])["train"]
+        domain_names = train_ds.domain_names
     except TallyError as e:
         raise TallyError(f"data: {e}") from None
     out["settings"] = _check_settings(raw.get("settings", ["sub"]), domain_names, out["data"])
@@ -134,10 +142,12 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     if not isinstance(methods, dict) or not methods:
         raise TallyError("methods: expected a mapping of method labels to a config "
                          "({method: {name: erm}}) or {from_search: EXPERIMENT_FOLDER}")
-    out["methods"] = {}
+    out["methods"], own_spaces = {}, {}
     for label, entry in methods.items():
         if not isinstance(label, str) or not METHOD_RE.fullmatch(label):
             raise TallyError(f"methods.{label}: expected a label of letters, digits, '_' or '.'")
+        if "tune" in out:
+            entry, own_spaces[label] = _tuned_entry(label, entry)
         out["methods"][label] = _resolve_method(label, entry, out)
     baselines = raw.get("baseline", next(iter(methods)))
     baselines = [baselines] if isinstance(baselines, str) else baselines
@@ -146,6 +156,11 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
         raise TallyError(f"baseline: expected one or more of the methods ({', '.join(out['methods'])}), "
                          f"leaving at least one to compare, got {raw.get('baseline')!r}")
     out["baseline"] = baselines
+    if "tune" in out:  # the runs to report are the rules' picks, known once the trials are done
+        tp = tuning.plan_trials(out["tune"], out["methods"], own_spaces, out["data"], out["settings"],
+                                out["resources"], len(train_ds))
+        return BenchmarkSpec(out["name"], out, {}, pd.DataFrame(columns=["run", "method", "setting", "split", "seed"]),
+                             domain_names, source, tp)
 
     runs, plan = {}, []
     for label, cfg in out["methods"].items():
@@ -209,6 +224,21 @@ def _check_settings(raw, domain_names: list[str], data: dict) -> list[str]:
     return out
 
 
+def _tuned_entry(label: str, entry) -> tuple[dict, dict]:
+    """With tune, a method names its method section and may override its space; model and training
+    budget are the base's for every method (searched knobs come from the space)."""
+    if not isinstance(entry, dict):
+        raise TallyError(f"methods.{label}: expected a mapping ({{method: {{name: ...}}, space: ...}}), got {entry!r}")
+    extra = sorted(set(entry) - {"method", "space"})
+    if extra:
+        raise TallyError(f"methods.{label}.{extra[0]}: not allowed with tune (every method gets the base's model "
+                         "and training budget; give a method section and optionally a space)")
+    space = entry.get("space") or {}
+    if not isinstance(space, dict):
+        raise TallyError(f"methods.{label}.space: expected a mapping of run-config paths to distributions, got {space!r}")
+    return {"method": entry.get("method")}, space
+
+
 def _resolve_method(label: str, entry, spec: dict) -> dict:
     """A method's config before data, setting and seed: base + its sections, or a search's selected trial."""
     path = f"methods.{label}"
@@ -219,7 +249,7 @@ def _resolve_method(label: str, entry, spec: dict) -> dict:
         extra = sorted(set(entry) - {"from_search", "trial"})
         if extra:
             raise TallyError(f"{path}.{extra[0]}: not allowed with from_search (only trial)")
-        cfg = _from_search(path, entry["from_search"], entry.get("trial"), spec["data"])
+        cfg = _from_search(path, entry["from_search"], entry.get("trial"), spec["data"], spec["settings"])
         cfg["train"]["selection_metric"] = spec["selection_metric"]  # every method keeps epochs alike
         return cfg
     extra = sorted(set(entry) - {"method", "model", "train"})
@@ -238,8 +268,10 @@ def _resolve_method(label: str, entry, spec: dict) -> dict:
     return cfg
 
 
-def _from_search(path: str, folder, trial, data: dict) -> dict:
-    """The selected (or named) trial's model, method and train sections; its data must be the benchmark's."""
+def _from_search(path: str, folder, trial, data: dict, settings: list[str]) -> dict:
+    """The selected (or named) trial's model, method and train sections; its data must be the benchmark's,
+    and for a held-out-domain setting the search must have held out that same domain: any other search
+    selected on validation images of that domain, which belong to its held-out test split here."""
     if not isinstance(folder, str) or not folder:
         raise TallyError(f"{path}.from_search: expected an experiment folder, got {folder!r}")
     exp_dir = Path(folder).expanduser()
@@ -259,6 +291,13 @@ def _from_search(path: str, folder, trial, data: dict) -> dict:
         if key not in FREE_DATA_FIELDS and theirs.get(key) != data.get(key):
             raise TallyError(f"{path}.from_search: the search ran on other data (data.{key}: "
                              f"{theirs.get(key)!r} there, {data.get(key)!r} here)")
+    for setting in settings:
+        held = setting.removeprefix("heldout-")
+        if setting != "sub" and (theirs.get("setting") != "domain" or list(theirs.get("held_out") or []) != [held]):
+            raise TallyError(f"{path}.from_search: the search did not hold out domain {held!r} (data.setting "
+                             f"{theirs.get('setting')!r}, held_out {theirs.get('held_out')!r}): it selected on "
+                             f"validation images of {held!r}, which are part of setting {setting}'s test split; "
+                             "use a search that held out that domain, or a separate benchmark per setting")
     return {"method": cfg["method"], "model": cfg["model"], "train": cfg["train"], "from": f"{exp_dir}:{trial}"}
 
 
@@ -280,6 +319,8 @@ def run_benchmark(spec: BenchmarkSpec, storage: str | Path, address: str | None 
                   quiet: bool = True) -> dict[str, pd.DataFrame]:
     """Run what is not done yet, then build and write the tables; returns them (see ``tables``)."""
     exp_dir = results.experiment_dir(storage, spec.name)
+    if spec.tuning is not None:
+        return run_tuned(spec, exp_dir, address, quiet)
     with results.exclusive(exp_dir, "benchmark"):
         todo = pending_runs(spec, exp_dir)
         results.write_yaml(exp_dir / "spec.yaml", {**spec.resolved, "domain_names": spec.domain_names})
@@ -299,12 +340,62 @@ def run_benchmark(spec: BenchmarkSpec, storage: str | Path, address: str | None 
     return out
 
 
-def pending_runs(spec: BenchmarkSpec, exp_dir: Path) -> dict[str, dict]:
+def run_tuned(spec: BenchmarkSpec, exp_dir: Path, address: str | None, quiet: bool) -> dict:
+    """A `tune:` benchmark (tally.search.tuning): every method's trials, then each rule's pick re-run
+    with tune.seeds seeds; one set of tables per rule, and the tuning report. Returns {rule: tables}
+    plus "tuning" (picks, curves, cost)."""
+    tp = spec.tuning
+    with results.exclusive(exp_dir, "benchmark"):
+        todo = pending_runs(spec, exp_dir, tp.trials, tuning.TUNE_DIR)
+        results.write_yaml(exp_dir / "spec.yaml", {**spec.resolved, "domain_names": spec.domain_names})
+        results.write_parquet(exp_dir / "trials.parquet", tp.plan.assign(params=tp.plan["params"].map(repr)))
+    if todo:
+        from tally.search.run import connect, run_fixed
+
+        connect(address, spec.resolved["concurrency"], quiet=quiet)
+        print(f"benchmark {spec.name}: {len(todo)} of {len(tp.trials)} trial runs to do", flush=True)
+        run_fixed(exp_dir, tuning.TUNE_DIR, todo, spec.resolved["resources"], spec.resolved["concurrency"])
+    chosen = tuning.picks(exp_dir, tp)
+    runs, plan = tuning.final_runs(tp, chosen)
+    with results.exclusive(exp_dir, "benchmark"):
+        todo = pending_runs(spec, exp_dir, runs)
+        results.write_parquet(exp_dir / "plan.parquet", plan)
+        results.write_parquet(exp_dir / "picks.parquet", chosen)
+    if todo:
+        from tally.search.run import connect, run_fixed
+
+        connect(address, spec.resolved["concurrency"], quiet=quiet)
+        print(f"benchmark {spec.name}: {len(todo)} of {len(runs)} re-runs of the picks to do", flush=True)
+        run_fixed(exp_dir, RUNS_DIR, todo, spec.resolved["resources"], spec.resolved["concurrency"])
+    with results.exclusive(exp_dir, "benchmark"):
+        out = {rule: tables(exp_dir, plan[plan["rule"] == rule], spec.resolved["baseline"], **spec.resolved["report"])
+               for rule in spec.resolved["tune"]["rules"] if (plan["rule"] == rule).any()}
+        for rule, rule_out in out.items():
+            write_tables(exp_dir / "rules" / rule, rule_out)
+        values = tuning.trial_values(exp_dir, tp, "train_val")
+        out["tuning"] = {"picks": chosen, "curves": tuning.tuning_curves(values), "trial_values": values,
+                         "cost": tuning.cost(exp_dir, tp, plan)}
+        results.write_text(exp_dir / "table.md", tuned_markdown(out, spec.resolved["tune"]))
+        for key in ("picks", "curves", "cost"):
+            results.write_text(exp_dir / f"{key}.csv", out["tuning"][key].to_csv(index=False))
+    return out
+
+
+def tuned_markdown(out: dict, tune: dict, metrics=DIFFERENCE_METRICS) -> str:
+    """Each rule's tables under its own heading (the oracle's labelled so), then the tuning report."""
+    blocks = [f"## Selection rule: {tuning.RULES[rule]}\n\n" + markdown(rule_out, metrics)
+              for rule, rule_out in out.items() if rule in tuning.RULES]
+    t = out["tuning"]
+    blocks.append(tuning.tuning_markdown(t["curves"], t["picks"], t["cost"], tune))
+    return "\n".join(blocks)
+
+
+def pending_runs(spec: BenchmarkSpec, exp_dir: Path, runs: dict | None = None, group: str = RUNS_DIR) -> dict[str, dict]:
     """The runs not done yet. A done run must hold the config the spec asks for: a changed spec under
     the same name would otherwise mix two benchmarks in one table."""
     todo = {}
-    for run_id, cfg in spec.runs.items():
-        run_dir = exp_dir / RUNS_DIR / run_id
+    for run_id, cfg in (spec.runs if runs is None else runs).items():
+        run_dir = exp_dir / group / run_id
         status = (results.read_json(run_dir / "status.json") or {}).get("status")
         stored = results.read_yaml(run_dir / "config.yaml")
         if stored is not None and stored != cfg:
@@ -316,6 +407,12 @@ def pending_runs(spec: BenchmarkSpec, exp_dir: Path) -> dict[str, dict]:
 
 
 def dry_run_text(spec: BenchmarkSpec) -> str:
+    if spec.tuning is not None:
+        tp = spec.tuning
+        return "\n".join([f"benchmark {spec.name} (tuned): {len(tp.methods)} methods x {len(tp.settings)} settings; "
+                          f"{spec.resolved['concurrency']} at a time; baseline {', '.join(spec.resolved['baseline'])}",
+                          *tuning.dry_run_lines(tp),
+                          "  settings: " + ", ".join(f"{s} -> {test_split(s)}" for s in tp.settings)])
     lines = [f"benchmark {spec.name}: {len(spec.resolved['methods'])} methods x {len(spec.resolved['settings'])} "
              f"settings x {len(spec.resolved['seeds'])} seeds = {len(spec.runs)} runs, "
              f"{spec.resolved['concurrency']} at a time; baseline {', '.join(spec.resolved['baseline'])}"]

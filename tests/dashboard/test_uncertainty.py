@@ -245,6 +245,64 @@ def test_the_experiment_list_shows_a_benchmark_as_a_benchmark(tmp_path, monkeypa
     assert frame(at, "experiment", "kind", "runs").to_dict("records") == [row]
 
 
+def make_tuned_benchmark(root: Path, name: str = "tuned") -> Path:
+    """A tuned benchmark folder: each rule's re-runs (the oracle's TALLY worse than its training-domain
+    pick), spec.yaml with its tune section, picks / curves / cost CSVs."""
+    exp_dir = root / name
+    rows = []
+    for rule, tally_quality in (("train_val", 0.9), ("oracle", 0.3)):
+        for method, quality in (("tally", tally_quality), ("erm", 0.5)):
+            for seed in (1, 2):
+                run = f"{method}-sub-{rule}-seed{seed}"
+                run_dir = exp_dir / benchmark.RUNS_DIR / run
+                results.write_yaml(run_dir / "config.yaml", {"data": {"source": "embedded", "setting": "sub"},
+                                                             "method": {"name": method}, "train": {"seed": seed}})
+                results.write_parquet(run_dir / "eval.parquet", sf.eval_table(
+                    np.random.default_rng(0), sf._train_counts(np.random.default_rng(0), ()), ("val",), (), 0.7))
+                keep_predictions(run_dir, seed=10 * seed + len(method), quality=quality)
+                results.write_json(run_dir / "status.json", {"status": "done"})
+                rows.append({"run": run, "method": method, "setting": "sub", "split": "test_sub", "seed": seed,
+                             "rule": rule, "trial": 0})
+    results.write_parquet(exp_dir / "plan.parquet", pd.DataFrame(rows))
+    tune = {"trials": 2, "sampler": "random", "sampler_seed": 0, "trial_seed": 0, "seeds": 2,
+            "rules": ["train_val", "oracle"], "space": {}}
+    results.write_yaml(exp_dir / "spec.yaml", {"name": name, "baseline": ["erm"], "tune": tune,
+                                               "report": {"replicates": 200, "bootstrap_seed": 0}})
+    curves = pd.DataFrame([{"method": m, "setting": "sub", "trials": n, "best": 0.5, "low": 0.4, "high": 0.6}
+                           for m in ("tally", "erm") for n in (1, 2)])
+    results.write_text(exp_dir / "curves.csv", curves.to_csv(index=False))
+    picks = pd.DataFrame([{"method": m, "setting": "sub", "rule": r, "trial": 1, "run": f"{m}-sub-t1", "value": 0.5,
+                           "epoch": 3} for m in ("tally", "erm") for r in ("train_val", "oracle")])
+    results.write_text(exp_dir / "picks.csv", picks.to_csv(index=False))
+    cost = pd.DataFrame([{"method": m, "trials": 2, "reruns": 4, "wall_h": 0.1, "cpu_h": 0.1, "gpu_h": 0.0}
+                         for m in ("tally", "erm")])
+    results.write_text(exp_dir / "cost.csv", cost.to_csv(index=False))
+    return exp_dir
+
+
+def test_tuned_benchmark_one_rule_at_a_time(store, monkeypatch):
+    exp_dir = make_tuned_benchmark(store.root)
+    first, oracle = benchmark.load_benchmark(exp_dir), benchmark.load_benchmark(exp_dir, "oracle")
+    assert set(first["values"]["run"]) == {f"{m}-sub-train_val-seed{s}" for m in ("tally", "erm") for s in (1, 2)}
+    assert set(oracle["values"]["run"]) == {f"{m}-sub-oracle-seed{s}" for m in ("tally", "erm") for s in (1, 2)}
+    at = run_app(store.root, monkeypatch, experiment="tuned")
+    assert_ok(at)
+    [radio] = [r for r in at.radio if r.key == "bench_rule:tuned"]
+    assert radio.options == ["training-domain validation", "oracle (test domain)"]
+    table = frame(at, "method", "worst pair").set_index("method")
+    stats = first["table"].set_index(["method", "metric"])
+    np.testing.assert_allclose(table.at["tally", "avg pair"], stats.at[("tally", "pair_acc_mean"), "mean"])
+    assert any("best training-domain validation value" in f["layout"].get("title", {}).get("text", "")
+               for f in figures(at))
+    assert "What each rule picked" in texts(at) and "Cost per method" in texts(at)
+    radio.set_value("oracle")
+    at = at.run()
+    assert_ok(at)
+    table = frame(at, "method", "worst pair").set_index("method")
+    stats = oracle["table"].set_index(["method", "metric"])
+    np.testing.assert_allclose(table.at["tally", "avg pair"], stats.at[("tally", "pair_acc_mean"), "mean"])
+
+
 def test_search_view_pareto_front(tmp_path, monkeypatch):
     exp = _multi_objective(tmp_path)
     at = run_app(tmp_path, monkeypatch)
