@@ -55,6 +55,131 @@ def test_decoder_checks_the_header_before_decoding():
     assert 400 <= e.value.status < 500
 
 
+def _request(body: bytes, content_type: str, chunks: int = 1, stall: bool = False):
+    """A starlette Request whose body arrives in ``chunks`` pieces; ``stall``: then nothing more, ever."""
+    from starlette.requests import Request
+
+    size = -(-len(body) // chunks) if body else 1
+    pieces = [body[i:i + size] for i in range(0, len(body), size)] or [b""]
+    state = {"sent": 0}
+
+    async def receive():
+        import asyncio
+
+        if state["sent"] == len(pieces):
+            await asyncio.Event().wait()  # a client that stopped sending
+        state["sent"] += 1
+        return {"type": "http.request", "body": pieces[state["sent"] - 1],
+                "more_body": stall or state["sent"] < len(pieces)}
+
+    headers = [(b"content-type", content_type.encode())]
+    return Request({"type": "http", "method": "POST", "path": "/predict", "headers": headers,
+                    "query_string": b""}, receive)
+
+
+def _images(body: bytes, content_type: str, chunks: int = 1, stall: bool = False, body_timeout_s: float = 20.0):
+    """_images_in on an in-process request, bounded: a test that would hang fails instead."""
+    import asyncio
+
+    from tally.deploy.serve import _images_in
+
+    request = _request(body, content_type, chunks, stall)
+    return asyncio.run(asyncio.wait_for(_images_in(request, MAX_BYTES, body_timeout_s), timeout=30))
+
+
+def test_json_that_nests_deep_or_holds_huge_numbers_is_a_400_and_the_count_comes_first():
+    from tally.deploy.serve import MAX_IMAGES_PER_REQUEST, BadRequest
+
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"images": ' + b"9" * 5000 + b"}",
+                 b'{"image": {"a": ' * 3000 + b"1" + b"}" * 3000):
+        with pytest.raises(BadRequest, match="not valid JSON") as e:
+            _images(body, "application/json")
+        assert e.value.status == 400
+    # 65 items refused on their count, before any is base64-decoded (these are not base64 at all)
+    body = json.dumps({"images": ["@@@"] * (MAX_IMAGES_PER_REQUEST + 1)}).encode()
+    with pytest.raises(BadRequest, match=f"{MAX_IMAGES_PER_REQUEST + 1} images in one request") as e:
+        _images(body, "application/json")
+    assert e.value.status == 413
+
+
+def test_multipart_temporary_files_are_always_closed(monkeypatch):
+    from starlette.datastructures import UploadFile
+
+    from tally.deploy.serve import BadRequest
+
+    opened, closed = [], []
+    real_init, real_close = UploadFile.__init__, UploadFile.close
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    async def close(self):
+        closed.append(self)
+        await real_close(self)
+
+    monkeypatch.setattr(UploadFile, "__init__", init)
+    monkeypatch.setattr(UploadFile, "close", close)
+    body, kind = multipart([("a.png", _png(3, 3)), ("b.png", _png(4, 4))])
+    assert [len(x) for x in _images(body, kind)] == [len(_png(3, 3)), len(_png(4, 4))]
+    boundary = kind.split("=")[1]  # a form of one text field and no file: refused, still closed after
+    with pytest.raises(BadRequest, match="holds no file"):
+        _images(f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--{boundary}--\r\n"
+                .encode(), kind)
+    assert len(opened) == 2 and all(f.file.closed for f in opened) and set(map(id, closed)) == set(map(id, opened))
+
+
+def test_a_body_not_received_in_time_is_a_408():
+    from tally.deploy.serve import BadRequest
+
+    with pytest.raises(BadRequest, match="request body not received within 0.5 s") as e:
+        _images(_png(8, 8), "image/png", chunks=2, stall=True, body_timeout_s=0.5)
+    assert e.value.status == 408
+    assert _images(_png(8, 8), "image/png", chunks=3, body_timeout_s=5) == [_png(8, 8)]
+
+
+def test_the_pixel_budget_of_a_request_is_checked_from_headers_before_decoding():
+    from tally.deploy.serve import BadRequest, check_pixels
+
+    images = [_png(600, 600), _png(600, 600), _png(300, 300)]  # 810 000 pixels together
+    check_pixels(images, MAX_PIXELS, 810_000)
+    with pytest.raises(BadRequest, match="3 images hold 810000 pixels together; the limit is 800000") as e:
+        check_pixels(images, MAX_PIXELS, 800_000)
+    assert e.value.status == 413
+    with pytest.raises(BadRequest, match="image 2: not an image") as e:
+        check_pixels([_png(2, 2), b"text"], MAX_PIXELS, 800_000)
+    assert e.value.status == 415
+
+
+def test_a_request_over_its_deadline_answers_503_and_is_counted():
+    import asyncio
+
+    from tally.deploy.serve import BundleServer
+
+    server = object.__new__(BundleServer.func_or_class)  # the replica's logic without Ray or a model
+    server.request_timeout_s, server.stats = 0.2, {"bad_requests": 0}
+
+    async def slow(request):
+        await asyncio.sleep(60)
+
+    server._predict = slow
+    response = asyncio.run(asyncio.wait_for(server(_request(b"x", "image/png")), timeout=30))
+    assert response.status_code == 503 and b"not answered within 0.2 s" in response.body
+    assert server.stats["bad_requests"] == 1
+
+
+def test_serve_flags_default_to_the_servers_limits():
+    from tally.cli import build_parser
+    from tally.deploy import serve
+
+    args = build_parser().parse_args(["serve", "bundle"])
+    assert (args.max_bytes, args.max_pixels, args.max_request_pixels, args.body_timeout, args.request_timeout,
+            args.decoders, args.max_ongoing, args.max_queued) == (
+        serve.DEFAULT_MAX_BYTES, serve.DEFAULT_MAX_PIXELS, serve.DEFAULT_MAX_REQUEST_PIXELS,
+        serve.DEFAULT_BODY_TIMEOUT_S, serve.DEFAULT_REQUEST_TIMEOUT_S, serve.DEFAULT_DECODERS,
+        serve.DEFAULT_MAX_ONGOING, serve.DEFAULT_MAX_QUEUED)
+
+
 # ---------------------------------------------------------------- on Ray Serve
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
