@@ -3,7 +3,7 @@
 Routes
 - GET  /health  -> {"status": "ok", "bundle": id, "classes": [...], "limits": {...}}, from a deployment
   of its own that does no work: it answers while every model replica is busy or held by slow uploads.
-- GET  /stats   -> {"bundle", "device", "served": {...}}: one model replica's counters.
+- GET  /stats   -> {"bundle", "device", "served": {...}, "peak_rss_mib"}: one model replica's counters.
 - POST /predict -> {"bundle": id, "predictions": [{"label", "confidence", "top_k", "probabilities"}]}
   The body is one image as raw bytes (any image/* or application/octet-stream content type), a
   multipart form with one or more files, or JSON {"image": "<base64>"} / {"images": [...]}.
@@ -224,8 +224,11 @@ class BundleServer:
     async def __call__(self, request: Request) -> JSONResponse:
         path = request.url.path.rstrip("/") or "/"
         if path == "/stats":
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
             return JSONResponse({"bundle": self.predictor.bundle_id, "device": str(self.predictor.device),
-                                 "served": self.stats})
+                                 "served": self.stats, "peak_rss_mib": round(peak, 1)})
         if path != "/predict":
             return JSONResponse({"error": f"no route {path}: POST /predict, GET /health or /stats"}, status_code=404)
         if request.method != "POST":
