@@ -10,7 +10,7 @@ latency of
 and the ratio HTTP / in-process of requests/s at each concurrency. Both sides run torch on one
 thread (Ray gives a 1-CPU replica OMP_NUM_THREADS=1), so they compare the same compute.
 
-Load (the default limits of `tally serve`, README "Serving limits"): for --load-seconds, beside two
+Load (the default limits of `tally serve`, platform/README.md "Serving limits"): for --load-seconds, beside two
 clients of normal traffic, --slow-uploads clients each send a body one byte every 0.5 s, and one
 client sends large requests in turn: 64 images of 1.5 MP (within the 100 MP budget), 64 images of
 1.6 MP (over it: 413 from the headers), 2 images of 40 MP, and a 7 KB GIF of 450 frames on a 36 MP

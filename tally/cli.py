@@ -355,7 +355,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=_ranged_int(1, 4096), default=32, help="images per batched forward pass")
     p.add_argument("--max-bytes", type=_ranged_int(1), default=16 * 2**20, help="largest request body")
     p.add_argument("--max-pixels", type=_ranged_int(1), default=40_000_000, help="largest image (width x height)")
-    # the serving limits (README "Serving limits"); defaults as tally.deploy.serve's DEFAULT_*
+    # the serving limits (platform/README.md "Serving limits"); defaults as tally.deploy.serve's DEFAULT_*
     p.add_argument("--max-request-pixels", type=_ranged_int(1), default=100_000_000,
                    help="pixels of all images of one request together, read from headers before decoding")
     p.add_argument("--body-timeout", type=_ranged_float(0.1), default=20.0, help="seconds to receive a request body")

@@ -10,7 +10,7 @@ Routes
 
 Every image of every request goes through one ``serve.batch`` method, so concurrent requests share
 forward passes. Requests are untrusted; each limit answers a one-line {"error": ...} 4xx/503 and the
-replica keeps serving (README "Serving limits"):
+replica keeps serving (platform/README.md "Serving limits"):
 - a body over ``max_bytes`` is refused before it is read in full (413), a body not received within
   ``body_timeout_s`` is dropped (408), and a request not answered within ``request_timeout_s`` gets 503;
 - at most MAX_IMAGES_PER_REQUEST images, counted before any is decoded (413);
