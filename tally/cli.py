@@ -261,7 +261,10 @@ def cmd_serve(args) -> int:
 
     return serve_forever(args.bundle, host=args.host, port=args.port, address=args.address,
                          replicas=args.replicas, gpus=args.gpus, cpus=args.cpus, top_k=args.top_k,
-                         max_batch_size=args.max_batch_size, max_bytes=args.max_bytes, max_pixels=args.max_pixels)
+                         max_batch_size=args.max_batch_size, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                         max_request_pixels=args.max_request_pixels, body_timeout_s=args.body_timeout,
+                         request_timeout_s=args.request_timeout, decoders=args.decoders,
+                         max_ongoing=args.max_ongoing, max_queued=args.max_queued)
 
 
 # ---------------------------------------------------------------- look
@@ -405,6 +408,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=_ranged_int(1, 4096), default=32, help="images per batched forward pass")
     p.add_argument("--max-bytes", type=_ranged_int(1), default=16 * 2**20, help="largest request body")
     p.add_argument("--max-pixels", type=_ranged_int(1), default=40_000_000, help="largest image (width x height)")
+    # the serving limits (platform/README.md "Serving limits"); defaults as tally.deploy.serve's DEFAULT_*
+    p.add_argument("--max-request-pixels", type=_ranged_int(1), default=100_000_000,
+                   help="pixels of all images of one request together, read from headers before decoding")
+    p.add_argument("--body-timeout", type=_ranged_float(0.1), default=20.0, help="seconds to receive a request body")
+    p.add_argument("--request-timeout", type=_ranged_float(0.1), default=60.0, help="seconds to answer a request")
+    p.add_argument("--decoders", type=_ranged_int(1, 64), default=2, help="image-decoding threads per replica")
+    p.add_argument("--max-ongoing", type=_ranged_int(1), default=8, help="requests a replica works on at once")
+    p.add_argument("--max-queued", type=_ranged_int(0), default=32,
+                   help="requests waiting per proxy; past it the server answers 503")
 
 
 def _dashboard_args(p: argparse.ArgumentParser) -> None:
@@ -493,6 +505,19 @@ def _ranged_int(low: int, high: int | None = None):
         return value
     return parse
 
+
+
+def _ranged_float(low: float):
+    """An argparse type: a finite number >= low."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text}")
+        return value
+    return parse
 
 def _print_metrics(metrics: dict) -> None:
     for split, values in metrics.items():

@@ -7,14 +7,13 @@ Readers (folder layout, reference split lists, WILDS, the embedded default) all 
 from __future__ import annotations
 
 import hashlib
-import os
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from tally.data.images import read_image  # the project's one decoder; re-exported for callers
 from tally.errors import TallyError
 
 if TYPE_CHECKING:  # torch is imported where images are decoded: listing and splitting stay light
@@ -108,73 +107,3 @@ class MultiDomainDataset:
                 + table["domain"].astype(str))
         h.update("\n".join(rows.tolist()).encode())
         return h.hexdigest()
-
-
-MAX_PIXELS = 40_000_000  # width x height; override with TALLY_MAX_PIXELS (the paper's images are < 4M)
-
-
-def max_pixels() -> int:
-    value = os.environ.get("TALLY_MAX_PIXELS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
-
-
-def check_pixels(path: str) -> None:
-    """Refuse an image whose header declares more than max_pixels(), before any decoder allocates:
-    a 1 MB PNG can declare 20000 x 20000 pixels (1.2 GB decoded), and torchvision's decoder has no limit."""
-    from PIL import Image
-
-    limit = max_pixels()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:  # reads the header only
-                width, height = im.size
-    except FileNotFoundError:
-        raise TallyError(f"image not found: {path}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise TallyError(f"{path}: image too large (more pixels than PIL allows); limit {limit} pixels, "
-                         "TALLY_MAX_PIXELS raises it") from None
-    except Exception:
-        return  # not a format PIL can read the header of: the decoders below say what is wrong
-    if width * height > limit:
-        raise TallyError(f"{path}: image too large ({width} x {height} = {width * height} pixels > {limit}; "
-                         "TALLY_MAX_PIXELS raises the limit)")
-
-
-def read_image(path: str) -> torch.Tensor:
-    """uint8 (3, H, W) RGB: torchvision's decoder first (fast), PIL for what it cannot read (bmp, tiff, ...).
-    The header's size is checked first (check_pixels)."""
-    import torch
-    import torchvision.io as tio
-
-    check_pixels(path)
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision >= 0.29 warns that its decoders are deprecated
-            img = tio.decode_image(str(path), mode=tio.ImageReadMode.RGB)
-        if img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3:
-            return img
-    except Exception:  # any decoder failure falls through to PIL
-        pass
-    return _read_with_pil(path)
-
-
-def _read_with_pil(path: str) -> torch.Tensor:
-    import torch
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale, don't clip
-                arr = np.asarray(im, dtype=np.float64)
-                arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
-                arr = np.repeat(arr[..., None], 3, axis=2)
-            else:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise TallyError(f"image not found: {path}") from None
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise TallyError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
