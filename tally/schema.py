@@ -88,6 +88,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "data": {
         "source": Field(str, "embedded", choices=("embedded", "folder", "reference", "wilds", "csv")),
         "root": Field(str, None, nullable=True),
+        # reference lists: the folder their paths are relative to, the user's own choice; a lists
+        # manifest may only name a folder inside the lists folder (tally.data.reference.resolve_image_root)
+        "image_root": Field(str, None, nullable=True),
         "dataset": Field(str, None, nullable=True),
         # sub: subpopulation shift; domain: hold out data.held_out; ood: the reference lists' fixed
         # out-of-domain split (TerraIncognita: train, val and test locations all disjoint)

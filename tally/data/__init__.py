@@ -28,7 +28,7 @@ FOLDER_DEFAULTS = {"imbalance": "exp", "imbalance_factor": 20.0, "max_per_class"
                    "n_test": 20}
 # the data section's keys that decide the splits (the others: image size, augmentation, ... belong to the run)
 DATA_KEYS = ("source", "root", "dataset", "setting", "held_out", "split_seed", *GENERATOR_KEYS, "carve_validation",
-             "wilds_validation")
+             "wilds_validation", "image_root")
 # imbalance natural, a named dataset: the MDLT benchmark's (n_test, n_val) per (domain, class) pair, from
 # its NUM_SAMPLES_PER_CLASS (github YyzHarry/multi-domain-imbalance, mdlt/dataset/create_mdlt_datasets.py,
 # lines 18-26); min(n, n_test + n_val) images of a pair are evaluation images, a third of them validation
@@ -171,7 +171,8 @@ def _read_source(cfg: dict) -> dict[str, MultiDomainDataset]:
         from tally.data.reference import read_reference
 
         return read_reference(cfg["root"], cfg["dataset"], cfg["setting"], cfg["held_out"],
-                              seed=cfg["split_seed"], n_val=cfg["n_val"], carve=cfg["carve_validation"])
+                              seed=cfg["split_seed"], n_val=cfg["n_val"], carve=cfg["carve_validation"],
+                              image_root=cfg["image_root"])
     if source == "csv":
         from tally.data.benchmark_csv import read_csv_splits
 

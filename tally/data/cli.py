@@ -6,6 +6,7 @@ Handlers return an exit code and raise TallyError for user mistakes (the main CL
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -36,7 +37,8 @@ def add_commands(subparsers) -> None:
         "make", help="write reference-format split lists + manifest.json for a folder-layout dataset",
         description="Reads ROOT/<domain>/<class>/<image>, draws seeded splits and writes "
                     "<domain>_<train|val|test>_<suffix>.txt (paths relative to ROOT) and manifest.json "
-                    "into OUT (atomically). Read them back with data source 'reference', root OUT.")
+                    "into OUT (atomically). Read them back with data source 'reference', root OUT, image_root "
+                    "ROOT (printed as config lines).")
     make.add_argument("root", help="folder-layout dataset ROOT/<domain>/<class>/<image>")
     make.add_argument("--out", required=True, help="folder to write the lists into (replaced if it holds lists)")
     make.add_argument("--domains", action="append", metavar="DOMAIN", help="use only these domains")
@@ -49,6 +51,8 @@ def add_commands(subparsers) -> None:
     show.add_argument("--config", help="a run config YAML: its data section is used (flags override)")
     show.add_argument("--source", choices=("embedded", "folder", "reference", "wilds", "csv"), default=None)
     show.add_argument("--root", default=None)
+    show.add_argument("--image-root", default=None,
+                      help="reference: the folder the lists' paths are relative to (your choice, not the lists')")
     show.add_argument("--dataset", default=None,
                       help="reference: subfolder of ROOT holding the lists; csv: benchmark name or .csv path")
     _generator_args(show, ("sub", "domain", "ood"))
@@ -98,7 +102,21 @@ def _splits_make(args) -> int:
                            seed=args.seed or 0, domains=_names(args.domains) or None, **params)
     print(describe(splits), end="")
     print(f"wrote {out} (manifest.json records the seed, parameters, counts and sha256 of every list)")
+    print(read_back_config(out, args.root, setting, _names(args.held_out)), end="")
     return 0
+
+
+def read_back_config(out, image_root, setting: str, held_out: list[str]) -> str:
+    """The run config's data lines that read written lists back: image_root is given by the user, since
+    the manifest's own image_root is honoured only inside the lists folder (tally.data.reference)."""
+    def path(p) -> str:
+        return json.dumps(str(Path(p).expanduser().resolve()))  # a JSON string is a YAML string
+
+    lines = ["to read them back, in a run config:", "data:", "  source: reference", f"  root: {path(out)}",
+             f"  image_root: {path(image_root)}", f"  setting: {setting}"]
+    if held_out:
+        lines.append(f"  held_out: {json.dumps(held_out)}")
+    return "\n".join(lines) + "\n"
 
 
 def _data_show(args) -> int:
@@ -110,7 +128,7 @@ def _data_show(args) -> int:
 
         raw = read_yaml_file(args.config)
         cfg = dict(raw.get("data") or {})
-    flags = {"source": args.source, "root": args.root, "dataset": args.dataset,
+    flags = {"source": args.source, "root": args.root, "image_root": args.image_root, "dataset": args.dataset,
              "split_seed": args.seed, **_gen_values(args)}
     cfg.update({k: v for k, v in flags.items() if v is not None})
     if args.held_out:

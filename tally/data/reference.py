@@ -89,6 +89,27 @@ def _class_names(rel_by_label: dict[int, set[str]], n_classes: int) -> list[str]
     return names if len(set(names)) == len(names) else [f"class_{c}" for c in range(n_classes)]
 
 
+def resolve_image_root(image_root: str | Path | None, manifest: dict, list_dir: Path) -> Path:
+    """The folder the lists' paths are relative to.
+
+    The user's own data.image_root wins. Otherwise the lists decide only within their own folder: a
+    manifest's image_root is honoured when it resolves inside list_dir (relative, or absolute under it),
+    and without one the images sit beside the lists (reference layout). Lists are data, often someone
+    else's: one naming any absolute folder would undo the refusal of '..' in their paths.
+    """
+    if image_root is not None:
+        return Path(image_root).expanduser().resolve()
+    named = manifest.get("image_root")
+    if named is None:
+        return list_dir
+    where = (list_dir / named).resolve() if isinstance(named, str) else None  # an absolute one replaces list_dir
+    if where is None or (where != list_dir and list_dir not in where.parents):
+        raise TallyError(f"{list_dir / MANIFEST}: image_root {named!r} is outside the lists folder {list_dir} "
+                         f"(lists may not choose where images are read from); set data.image_root: {named} "
+                         "in your config if you made these lists")
+    return where
+
+
 def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
                    held_out: list[str] | None = None, seed: int = 0, n_val: int = 5,
                    image_root: str | Path | None = None, carve: bool = True) -> dict[str, MultiDomainDataset]:
@@ -97,8 +118,7 @@ def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
     carve False (the reference's protocol, domain setting): train on the full train lists and validate
     on the held-out domain's lists, as the reference does (oracle selection).
 
-    The image root defaults to the list folder (reference layout) or to ``image_root`` recorded in a
-    manifest.json that ``tally splits make`` wrote next to its lists.
+    The image root: ``image_root`` (data.image_root) when given, else resolve_image_root's rule.
     """
     list_dir = Path(root).expanduser().resolve()
     if dataset:
@@ -113,6 +133,7 @@ def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
             hint = f" (the reference publishes its lists as data/{close[0]}: data.dataset {close[0]!r}?)"
         raise TallyError(f"split list folder not found: {list_dir}{hint}")
     manifest = _read_manifest(list_dir)
+    image_root = resolve_image_root(image_root, manifest, list_dir)  # before anything is read through it
     held_out = list(held_out or [])
     if setting == "sub":
         suffix = "sub"
@@ -137,10 +158,6 @@ def read_reference(root: str | Path, dataset: str | None, setting: str = "sub",
             hint = (f" (its {MANIFEST} is for setting {manifest.get('setting')!r}, "
                     f"held_out {manifest.get('held_out')})")
         raise TallyError(f"no split lists *_<train|val|test>_{suffix}.txt in {list_dir}{hint}")
-    if image_root is None:
-        image_root = manifest.get("image_root") or list_dir
-    image_root = Path(image_root)
-
     tables = {}  # (domain, split) -> (rel paths, labels)
     for d in domains:
         for split in SPLIT_NAMES:

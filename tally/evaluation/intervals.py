@@ -81,7 +81,7 @@ LEGEND_DIFF = ("[ ] = 95% paired interval of A - B on the same test images; '!k'
                "images among the worst-case candidates")
 # Data fields that do not change which images a test split holds; every other field must match for
 # two runs to be compared (a field added later is compared, which errs on the side of refusing).
-NOT_TEST_SET_FIELDS = frozenset({"root", "image_size", "flip", "crop_padding", "decode_workers",
+NOT_TEST_SET_FIELDS = frozenset({"root", "image_root", "image_size", "flip", "crop_padding", "decode_workers",
                                  "oracle_selection", "carve_validation", "wilds_validation", "shot_many_above", "shot_few_at_most"})
 
 

@@ -53,7 +53,7 @@ from tally.evaluation.benchmark_tables import (  # noqa: F401 - the tables part,
 )
 from tally.schema import METRICS, SEED_MAX, check_int, check_section
 from tally.search import tuning
-from tally.search.spec import check_resources, expand_root
+from tally.search.spec import check_resources, expand_roots
 
 TOP_KEYS = ("name", "data", "base", "methods", "baseline", "settings", "seeds", "selection_metric",
             "concurrency", "resources", "report", "tune")
@@ -103,8 +103,7 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
         bad = sorted(set(base) - {"model", "train"}) if isinstance(base, dict) else [base]
         raise TallyError(f"base.{bad[0]}: expected only model and train sections (each method names its own "
                          "method section; data is top-level)")
-    if isinstance(data.get("root"), str):  # ${VAR} in data.root, as in search specs (e.g. ${TALLY_DATA})
-        data = {**data, "root": expand_root(data["root"], "data.root")}
+    data = expand_roots(data)  # ${VAR} in data.root / image_root, as in search specs (e.g. ${TALLY_DATA})
     out["data"] = _validated(lambda: config_mod.validate({"data": data}), "")["data"]
     out["base"] = copy.deepcopy(base)
     out["selection_metric"] = raw.get("selection_metric") or (base.get("train") or {}).get(

@@ -180,11 +180,18 @@ def expand_root(root: str, field: str) -> str:
     return ENV_RE.sub(lookup, root)
 
 
+def expand_roots(data, prefix: str = "data"):
+    """The data section with ${VAR} expanded (expand_root) in its path fields, root and image_root."""
+    if not isinstance(data, dict):
+        return data
+    return {**data, **{k: expand_root(data[k], f"{prefix}.{k}")
+                       for k in ("root", "image_root") if isinstance(data.get(k), str)}}
+
+
 def _expand_root(base: dict) -> dict:
-    data = base.get("data")
-    if not isinstance(data, dict) or not isinstance(data.get("root"), str):
+    if not isinstance(base.get("data"), dict):
         return base
-    return {**base, "data": {**data, "root": expand_root(data["root"], "base.data.root")}}
+    return {**base, "data": expand_roots(base["data"], "base.data")}
 
 
 def _validate_base(raw_base: dict) -> dict:

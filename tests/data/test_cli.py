@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import yaml
 
 from tally.data.cli import add_commands
 from tally.data.synthetic import make_folder_dataset
@@ -32,10 +33,21 @@ def test_splits_make_then_show(root, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["setting"] == "domain" and manifest["held_out"] == ["q"] and manifest["seed"] == 3
     assert (out / "p_train_q.txt").is_file() and (out / "q_test_q.txt").is_file()
-
-    assert run(["data", "show", "--source", "reference", "--root", str(out), "--held-out", "q"]) == 0
+    # it prints the config lines that read the lists back, image_root (the user's choice) included
+    printed = yaml.safe_load(text[text.index("data:\n"):])["data"]
+    assert printed == {"source": "reference", "root": str(out.resolve()), "image_root": str(root.resolve()),
+                       "setting": "domain", "held_out": ["q"]}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"data": printed}))
+    assert run(["data", "show", "--config", str(cfg)]) == 0
     shown = capsys.readouterr().out
     assert "test_domain:q: 24 images" in shown and "val lists" in shown  # all 2 x 12 images of q
+
+    assert run(["data", "show", "--source", "reference", "--root", str(out), "--image-root", str(root),
+                "--held-out", "q"]) == 0
+    assert capsys.readouterr().out == shown
+    with pytest.raises(TallyError, match="set data.image_root: "):  # the manifest alone is not trusted
+        run(["data", "show", "--source", "reference", "--root", str(out), "--held-out", "q"])
 
 
 def test_data_show_folder_and_config(root, tmp_path, capsys):

@@ -1,8 +1,12 @@
 """Reading the reference code's split lists: ROOT/<DATASET>/<domain>_<train|val|test>_<suffix>.txt."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tally.data import load_splits
+from tally.data import reference as reference_mod
 from tally.data.reference import parse_list, read_reference
 from tally.data.synthetic import make_folder_dataset
 from tally.errors import TallyError
@@ -121,6 +125,47 @@ def test_list_paths_stay_inside_the_image_root(tmp_path, path):
     f.write_text(f"photo/dog/1.png 0\n{path} 1\n")
     with pytest.raises(TallyError, match=r"photo_train_sub.txt:2: path .* leaves the image root"):
         parse_list(f)
+
+
+@pytest.mark.parametrize("named", ["/etc", "outside", "../outside", "sub/../../outside"])
+def test_a_manifest_may_not_send_the_reader_outside_the_lists(ref_root, monkeypatch, named):
+    """A lists folder (often downloaded) names images relative to its image root; a manifest naming any
+    folder would undo the refusal of '..' in the paths. Refused before a list is read."""
+    outside = ref_root / "outside"
+    outside.mkdir()
+    value = str(outside) if named == "outside" else named
+    manifest = ref_root / "PACS" / "manifest.json"
+    manifest.write_text(json.dumps({"image_root": value}))
+    read = []
+    monkeypatch.setattr(reference_mod, "parse_list", lambda f: read.append(f))
+    with pytest.raises(TallyError) as err:
+        read_reference(ref_root, "PACS", "sub")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{manifest}: image_root {value!r} is outside")
+    assert message.endswith(f"set data.image_root: {value} in your config if you made these lists")
+    assert read == []
+
+
+def test_a_manifest_image_root_inside_the_lists_folder_is_honoured(tmp_path):
+    lists = tmp_path / "lists"
+    make_folder_dataset(lists / "images", ("photo",), CLASSES, per_pair=4)
+    for split in ("train", "val", "test"):
+        (lists / f"photo_{split}_sub.txt").write_text(lines("photo", [0, 1], range(4)))
+    for named in ("images", "./images/", str(lists / "images")):  # relative, or absolute under the lists
+        (lists / "manifest.json").write_text(json.dumps({"image_root": named}))
+        paths = read_reference(lists, None, "sub")["train"].paths
+        assert paths[0] == str(lists.resolve() / "images" / "photo" / "dog" / "0000.png")
+        assert all(Path(p).is_file() for p in paths)
+
+
+def test_data_image_root_wins_over_the_manifest(ref_root, tmp_path):
+    """The user's own data.image_root is trusted, whatever the manifest says (here: a refused folder)."""
+    (ref_root / "PACS" / "manifest.json").write_text(json.dumps({"image_root": "/etc"}))
+    mine = tmp_path / "mine"
+    for got in (read_reference(ref_root, "PACS", "sub", image_root=mine),
+                load_splits({"source": "reference", "root": str(ref_root), "dataset": "PACS",
+                             "image_root": str(mine)})):
+        assert got["train"].paths[0] == str(mine.resolve() / "art_painting" / "dog" / "0000.png")
 
 
 def test_labels_must_index_the_classes(ref_root):

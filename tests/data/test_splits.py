@@ -135,7 +135,7 @@ def test_manifest_records_counts_and_hashes(root, tmp_path):
 
 def test_written_lists_read_back_identically(root, tmp_path):
     out, splits = generate(root, tmp_path / "lists", "domain", ["c"], seed=9, **GEN)
-    back = read_reference(out, None, "domain", ["c"])
+    back = read_reference(out, None, "domain", ["c"], image_root=root)  # data.image_root, as `splits make` prints
     assert set(back) == set(splits)
     for name, ds in splits.items():
         assert back[name].paths == ds.paths
@@ -143,6 +143,8 @@ def test_written_lists_read_back_identically(root, tmp_path):
         assert back[name].domains.tolist() == ds.domains.tolist()
         assert back[name].class_names == ds.class_names and back[name].domain_names == ds.domain_names
     assert any("val lists" in n for n in back["val"].notes)
+    with pytest.raises(TallyError, match="set data.image_root: .* in your config if you made these lists"):
+        read_reference(out, None, "domain", ["c"])  # its manifest's absolute image_root is outside the lists
 
 
 def test_rewrite_replaces_lists_but_not_foreign_folders(root, tmp_path):

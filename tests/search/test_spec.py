@@ -341,3 +341,8 @@ def test_data_root_expands_only_home_and_tally_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("TALLY_EMB", str(default_dir().parent))
     raw["base"]["data"]["root"] = "${TALLY_EMB}/" + default_dir().name
     assert spec_from_raw(raw, "inline").base["data"]["root"] == str(default_dir())
+    raw["base"]["data"]["image_root"] = "${TALLY_EMB}/images"  # the same rule for data.image_root
+    assert spec_from_raw(raw, "inline").base["data"]["image_root"] == str(default_dir().parent / "images")
+    raw["base"]["data"]["image_root"] = "${AWS_SECRET_ACCESS_KEY}"
+    with pytest.raises(TallyError, match=r"base\.data\.image_root: \$\{AWS_SECRET_ACCESS_KEY\} is not expanded"):
+        spec_from_raw(raw, "inline")
