@@ -134,7 +134,7 @@ def test_calibration_intervals_of_a_run(tmp_path):
     rng = np.random.default_rng(6)
     arrays = _write_run(tmp_path / "run", rng, shift=3.0)
     frame = cal.calibration_intervals(tmp_path / "run", replicates=100)
-    assert list(frame.columns) == ["split", "metric", "value", "low", "high", "f1"]
+    assert list(frame.columns) == ["split", "metric", "value", "low", "high", "method", "small_cells"]
     test = frame[frame["split"] == "test_sub"].set_index("metric")
     # temperature fitted on val, not test: equal to a fit on val's logits, not on test's
     t_val = cal.fit_temperature(arrays["val"][0], arrays["val"][1])
