@@ -32,20 +32,27 @@ validation, so it has no held-out data to fit on: T = 1 and the reason is record
 written to ``calibration.json`` at the end of training, and an exported bundle divides its logits by
 it inside the graph (deploy/export.py).
 
-Intervals: a percentile bootstrap within (domain, class) cells over images, like intervals.py does
-for accuracy: a replicate redraws each cell's examples with replacement, keeping the cell's size, and
-every metric is recomputed for all replicates at once (vectorised; no loop over replicates or
-examples). T is held fixed (it is fitted on validation, which a test replicate does not redraw), so
-``ts_`` intervals do not include the uncertainty of T. A cell of one image has no variance under this
-bootstrap, so a split of one-image cells gets intervals that are too narrow. ``ts_`` rows are not
-given for the validation split itself: T was fitted there, so they would be in-sample.
-Known weak spot, not yet measured by simulation (METHOD.md asks for that before an interval is
-trusted): binned ECE is biased upward in small samples, and a bootstrap replicate (which repeats
-images) is a smaller effective sample, so the replicate ECEs sit above the estimate; for a nearly
-calibrated model the percentile interval can lie entirely above the point value (seen on simulated
-data: 0.006 [0.009, 0.040]). Read ECE intervals as "how large ECE can look at this sample size",
-compare runs with ``calibration_differences`` (paired: the bias is shared), and trust Brier and NLL
-(means of per-example terms, no binning) more.
+Intervals (coverage measured by ``bench/coverage.py --calibration``; table in docs/CONTRACTS.md): a
+basic (reverse-percentile) bootstrap over the split's images, every replicate of every metric at once
+(vectorised; no loop over replicates or examples). Each interval claims to cover the metric of the
+model on the test distribution: the split's mix of (domain, class) cells fixed, ``bins`` equal-mass
+bins cut at the population's quantiles, T held fixed (it is fitted on validation, which a test
+replicate does not redraw, so ``ts_`` intervals leave out T's own uncertainty).
+- Redrawn over the whole split, not within cells: a one-image cell has no variance within itself.
+- basic, not percentile: [2 v - q_high, 2 v - q_low] subtracts the bias the replicates show instead
+  of doubling it, and every interval is widened to hold its own value v.
+- ECE rows (overall, per domain / class / shot bucket, worst, ``ts_``) are one-sided: low = 0, high =
+  the basic upper end. Binned ECE is biased upward by about each bin's sampling noise, so for a
+  calibrated model (true ECE 0) every two-sided construction tried put its lower end above 0 in most
+  test sets (percentile: coverage 0.00-0.50; basic: 0.00-0.45). The lower end is not shown.
+- worst-domain / worst-class ECE: simultaneous over the groups: each group's upper end at level
+  1 - alpha / G (Bonferroni), the largest taken (it covers the largest population ECE whenever every
+  group's covers its own), and at least the point value.
+- AURC and accuracy at a coverage on a split under ``SELECTIVE_MIN_IMAGES`` images: no interval
+  (coverage not reached: AURC 0.84 on ~85-image splits); the value is shown with that note.
+``ts_`` rows are not given for the validation split itself: T was fitted there, so they would be
+in-sample. Paired differences (``calibration_differences``) still use a percentile bootstrap within
+cells whose coverage has not been measured.
 """
 
 from __future__ import annotations
@@ -627,7 +634,8 @@ def calibration_table(run_dirs: dict[str, str | Path], *, split: str | None = No
         header = ["method", "T", *metrics]
         widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
         lines.append(f"calibration on {split}: before -> after temperature scaling (T fitted on val); "
-                     "95% bootstrap intervals within (domain, class) cells")
+                     "[0, u]: ECE's 95% upper bound (no lower bound: coverage not reached); [l, u]: 95% "
+                     "basic bootstrap; a value alone: no interval (coverage not reached, see docs)")
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *table]]
     if missing:
         lines.append(f"(no calibration: {', '.join(missing)}: no logits.npz, a run from before it)")
