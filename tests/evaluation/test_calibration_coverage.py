@@ -22,8 +22,11 @@ def frame():
 
 @pytest.mark.slow
 def test_every_calibration_interval_reaches_its_coverage(frame):
-    """Per metric x layout, pooled over the profiles (30 sets per cell are too few to judge one)."""
-    hits = frame.assign(c=frame["coverage"] * frame["sets"])
+    """Per metric x layout, pooled over the profiles (30 sets per cell are too few to judge one); a
+    metric shown without an interval (AURC on the tiny split) has no coverage to judge."""
+    shown = frame.dropna(subset=["coverage"])
+    assert len(shown) >= len(frame) - 3 * 3  # only aurc, acc_at_cov90/80 on tiny x 3 profiles are bare
+    hits = shown.assign(c=shown["coverage"] * shown["sets"])
     pooled = hits.groupby(["metric", "layout"])[["c", "sets"]].sum()
     cov = pooled["c"] / pooled["sets"]
     low = cov[cov < 0.90]
