@@ -17,8 +17,12 @@ and "differ" (A better by +0.04 on the worst class's cells). Printed: coverage a
 metric x layout x profile for single runs and differences, and the equal-model false-verdict rate
 (share of test sets whose difference interval excludes 0).
 
+With --calibration: the calibration metrics' intervals (calibration.py) instead, on logits of a model
+of known calibration (calibrated, over-confident, under-confident; simulate_calibration).
+
 Run: .venv/bin/python bench/coverage.py [--sets 1000] [--domainnet-sets N] [--layouts ...] [--files]
-tests/evaluation/test_coverage.py runs a small fixed-seed version.
+     .venv/bin/python bench/coverage.py --calibration --sets 150 --replicates 200
+tests/evaluation/test_coverage.py and test_calibration_coverage.py run small fixed-seed versions.
 """
 
 from __future__ import annotations
