@@ -17,8 +17,12 @@ and "differ" (A better by +0.04 on the worst class's cells). Printed: coverage a
 metric x layout x profile for single runs and differences, and the equal-model false-verdict rate
 (share of test sets whose difference interval excludes 0).
 
+With --calibration: the calibration metrics' intervals (calibration.py) instead, on logits of a model
+of known calibration (calibrated, over-confident, under-confident; simulate_calibration).
+
 Run: .venv/bin/python bench/coverage.py [--sets 1000] [--domainnet-sets N] [--layouts ...] [--files]
-tests/evaluation/test_coverage.py runs a small fixed-seed version.
+     .venv/bin/python bench/coverage.py --calibration --sets 150 --replicates 200
+tests/evaluation/test_coverage.py and test_calibration_coverage.py run small fixed-seed versions.
 """
 
 from __future__ import annotations
@@ -210,6 +214,128 @@ def simulate(layouts=LAYOUTS, profiles=PROFILES, sets: int = 200, seed: int = 0,
     return pd.DataFrame(records)
 
 
+# --------------------------------------------------------------------------------------------------
+# Calibration mode: logits from a known model, intervals of calibration.py through the public API
+# --------------------------------------------------------------------------------------------------
+
+CAL_PROFILES = ("calibrated", "over", "under")
+CAL_SCALE = {"calibrated": 1.0, "over": 2.0, "under": 0.5}  # reported logits = scale * calibrated logits
+CAL_METRICS = ("ece", "ece_worst_domain", "ece_worst_class", "brier", "nll", "aurc", "acc_at_cov90",
+               "acc_at_cov80", "ts_ece", "ts_brier", "ts_nll")
+CAL_POPULATION = 400  # the population: every test cell's images times this
+
+
+def cal_logits(n: np.ndarray, p: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits of a perfectly calibrated model on the images of layout n (labels, domains as examples()):
+    each image's confidence c = sigmoid(logit p_cell + N(0, 1)), its prediction right with probability c
+    (else a uniform other class), logits log(c (C-1) / (1-c)) on the predicted class and 0 elsewhere,
+    so the top softmax probability is c: P(correct | confidence c) = c in every domain, class and cell."""
+    labels, domains = examples(n)
+    C = n.shape[1]
+    c = 1 / (1 + np.exp(-(np.log(p / (1 - p))[domains, labels] + rng.normal(0.0, 1.0, labels.size))))
+    c = np.clip(c, 1.0 / C + 1e-3, 1 - 1e-6)
+    right = rng.random(labels.size) < c
+    pred = np.where(right, labels, (labels + rng.integers(1, C, labels.size)) % C)
+    z = np.zeros((labels.size, C))
+    z[np.arange(labels.size), pred] = np.log(c * (C - 1) / (1 - c))
+    return z, labels, domains
+
+
+def cal_truth(n, n_train, p, scale, rng) -> dict[str, float]:
+    """Every calibration metric of the model on the population (each cell's images CAL_POPULATION
+    times, so the layout's mix of cells is kept; 15 equal-mass bins fixed): what each interval claims
+    to cover. The calibrated profile's ECEs are 0 by construction (every bin's accuracy equals its
+    confidence), the others' are what the large sample measures (Monte Carlo error < 0.003)."""
+    from tally.evaluation import calibration
+
+    z, labels, domains = cal_logits(n * CAL_POPULATION, p, rng)
+    ex = calibration.SplitExamples(z * scale, labels, domains, n_train,
+                                   [f"d{i}" for i in range(n.shape[0])], [f"c{i}" for i in range(n.shape[1])])
+    values = {m: float(v[0]) for m, v in ex.metrics(1.0).items()}
+    values.update({"ts_" + m: float(v[0]) for m, v in ex.metrics(scale).items()})  # T = scale undoes it
+    # T = scale gives back the calibrated model exactly: its ECEs are 0 (the large sample's are noise)
+    values.update({k: 0.0 for k in values if k.startswith("ts_ece") or (scale == 1.0 and k.startswith("ece"))})
+    return values
+
+
+def write_cal_run(run_dir: Path, logits, labels, domains, n_train, temperature: float) -> None:
+    """A finished run folder with logits.npz and calibration.json, as training writes them."""
+    from tally import results
+    from tally.evaluation import calibration
+
+    write_run(run_dir, logits.argmax(axis=1), labels, domains, n_train, "a")
+    calibration.write_logits(run_dir, {SPLIT: (logits, labels, domains)})
+    results.write_json(run_dir / calibration.CALIBRATION_FILE,
+                       {"temperature": float(temperature), "fitted_on": "val", "n": 0})
+
+
+def simulate_calibration(layouts=("balanced", "long_tailed", "tiny"), profiles=CAL_PROFILES, sets: int = 200,
+                         seed: int = 0, workdir: Path | None = None, files: bool = False,
+                         replicates: int = 200) -> pd.DataFrame:
+    """One row per (layout, profile, metric): coverage of the population value, mean width, share of
+    test sets whose point estimate lies outside its own interval (``outside``), the truth, sets.
+
+    Each test set: the layout's images, a calibrated model's logits z drawn afresh (cal_logits), reported
+    logits scale * z (calibrated: scale 1; over-confident 2; under-confident 0.5); calibration.json holds
+    T = scale (what a perfect fit on validation would give), so ``ts_`` rows are near calibrated.
+    Scored by calibration.calibration_intervals on the run folder (what run_intervals appends), or
+    with ``files`` by run_intervals itself."""
+    from tally.evaluation import calibration
+
+    tmp = tempfile.TemporaryDirectory() if workdir is None else None
+    root = Path(tmp.name if tmp else workdir)
+    records = []
+    try:
+        for li, lay in enumerate(layouts):
+            rng = np.random.default_rng([seed, li, 99])
+            n, n_train = layout(lay, rng)
+            p = profile("clear", n.shape, rng)
+            for prof in profiles:
+                scale = CAL_SCALE[prof]
+                pop = cal_truth(n, n_train, p, scale, np.random.default_rng([seed, li, 7]))
+                bounds = {m: [] for m in CAL_METRICS}
+                points = {m: [] for m in CAL_METRICS}
+                for _ in range(sets):
+                    z, labels, domains = cal_logits(n, p, rng)
+                    write_cal_run(root / "a", z * scale, labels, domains, n_train, scale)
+                    if files:
+                        got = intervals.run_intervals(root / "a", splits=[SPLIT], replicates=replicates)
+                    else:
+                        got = calibration.calibration_intervals(root / "a", [SPLIT], replicates=replicates)
+                    got = got.set_index("metric")
+                    for m in CAL_METRICS:
+                        bounds[m].append((got.at[m, "low"], got.at[m, "high"]))
+                        points[m].append(got.at[m, "value"])
+                for m in CAL_METRICS:
+                    b, v = np.asarray(bounds[m], dtype=float), np.asarray(points[m], dtype=float)
+                    shown = ~np.isnan(b).any(axis=1)
+                    tol = 1e-9
+                    covered = (b[:, 0] <= pop[m] + tol) & (pop[m] - tol <= b[:, 1])
+                    outside = shown & ~((b[:, 0] <= v + tol) & (v - tol <= b[:, 1]))
+                    records.append({"kind": "calibration", "layout": lay, "profile": prof, "metric": m,
+                                    "coverage": covered[shown].mean() if shown.any() else np.nan,
+                                    "width": np.nanmean(b[:, 1] - b[:, 0]) if shown.any() else np.nan,
+                                    "outside": outside.mean(), "shown": shown.mean(), "truth": pop[m],
+                                    "mean_value": v.mean(), "sets": sets})
+    finally:
+        if tmp:
+            tmp.cleanup()
+    return pd.DataFrame(records)
+
+
+def print_calibration(frame: pd.DataFrame, sets: int) -> None:
+    print(f"\ncalibration: coverage (mean width) at nominal 95%, {sets} test sets per cell; "
+          "'-' = no interval shown")
+    cov = frame.pivot_table(index="metric", columns=["layout", "profile"], values="coverage", sort=False,
+                            dropna=False)
+    wid = frame.pivot_table(index="metric", columns=["layout", "profile"], values="width", sort=False,
+                            dropna=False)
+    print(cov.combine(wid, lambda c, w: (c.map("{:.3f}".format) + " (" + w.map("{:.3f}".format) + ")")
+                      .where(c.notna(), "-")).to_string())
+    print(f"\nlowest coverage {frame['coverage'].min():.3f}; point estimate outside its interval in "
+          f"{frame['outside'].max():.3f} of test sets at worst")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", type=int, default=1000, help="simulated test sets per layout x profile")
@@ -222,8 +348,20 @@ def main(argv=None) -> int:
     ap.add_argument("--files", action="store_true", help="write every test set as run folders and score "
                     "them with run_intervals / compare_runs (slower; the default scores the same tables in memory)")
     ap.add_argument("--csv", type=Path, help="also write the rows here")
+    ap.add_argument("--calibration", action="store_true", help="the calibration metrics instead "
+                    "(logits of a known model; layouts balanced, long_tailed, tiny)")
     args = ap.parse_args(argv)
     started = time.time()
+    if args.calibration:
+        lays = [x for x in args.layouts if x != "domainnet"]
+        frame = simulate_calibration(lays, CAL_PROFILES, args.sets, args.seed, files=args.files,
+                                     replicates=args.replicates)
+        if args.csv:
+            frame.to_csv(args.csv, index=False)
+        pd.set_option("display.width", 250)
+        print_calibration(frame, args.sets)
+        print(f"{time.time() - started:.0f}s")
+        return 0
     frame = simulate(args.layouts, args.profiles, args.sets, args.seed, files=args.files,
                      replicates=args.replicates, sets_by_layout={"domainnet": args.domainnet_sets or args.sets})
     if args.csv:

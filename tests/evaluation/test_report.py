@@ -143,7 +143,8 @@ def test_calibration_columns_for_runs_that_kept_logits(experiment):
     row = frame.loc["tally-s0"]
     assert row["ECE"] == pytest.approx(want.loc["ece", "value"])
     assert row["ECE after T"] == pytest.approx(want.loc["ts_ece", "value"])
-    assert row["AURC:low"] <= row["AURC"] <= row["AURC:high"]
+    # 120 test images (< calibration.MIN_IMAGES): AURC is shown without an interval (coverage not reached)
+    assert math.isnan(row["AURC:low"]) and math.isnan(row["AURC:high"]) and not math.isnan(row["AURC"])
     assert math.isnan(frame.loc["tally-s1", "ECE"])  # no logits: no calibration, shown as --
     assert "| ECE | ECE after T | worst-domain ECE | AURC |" in format_table(frame.reset_index()).splitlines()[0]
 
