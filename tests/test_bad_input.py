@@ -98,6 +98,7 @@ CASES: dict[str, Case] = {
     "config-yaml-tag": config_case(None, text="train: !!python/object/apply:os.system [ls]\n", names="c.yaml"),
     "config-a-list": config_case(None, text="- 1\n", names="c.yaml: expected a YAML mapping"),
     "config-missing-file": Case({}, ["train", "{tmp}/none.yaml", "--out", "{tmp}/out"], "none.yaml"),
+    "reproduce-unknown-dataset": Case({}, ["reproduce", "NOPE", "--dry-run"], "DATASET: expected one of"),
     "set-bad-yaml": Case({"c.yaml": yaml.safe_dump(GOOD)},
                          ["train", "{tmp}/c.yaml", "--out", "{tmp}/out", "--set", "train.lr=["], "train.lr=["),
     "set-no-equals": Case({"c.yaml": yaml.safe_dump(GOOD)},

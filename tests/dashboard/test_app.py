@@ -341,7 +341,7 @@ def test_search_view(store, monkeypatch):
     assert "parcoords" in kinds and "scatter" in kinds
     # this store has no study.db and 10 trials with parameters: the rank-correlation fallback draws bars
     assert "bar" in kinds, kinds
-    assert any(c.value.startswith("fallback (no study.db)") for c in at.caption), [c.value for c in at.caption]
+    assert any(c.value.startswith(dd.plain("fallback (no study.db)")) for c in at.caption), [c.value for c in at.caption]
 
 
 def _fake_export(monkeypatch, bundle) -> None:
@@ -478,7 +478,7 @@ def test_bad_files_hide_only_what_they_hold(tmp_path, monkeypatch):
     (broken.path / "spec.yaml").write_text("selection: [unclosed\n")
     (broken.path / "summary.parquet").unlink(missing_ok=True)
     loaded = dd.load_trials(broken.path)
-    assert any(n.startswith("unreadable: ") and "spec" in n for n in loaded.notes), loaded.notes
+    assert any("unreadable: " in n and "spec" in n for n in loaded.notes), loaded.notes
     assert f"trial {trials[0]}: status.json: unreadable: expected a dict, got list" in loaded.notes
     assert f"trial {trials[1]}: status.json: unreadable: not UTF-8 text" in loaded.notes
     at = run_app(tmp_path, monkeypatch)

@@ -93,7 +93,8 @@ def test_shipped_spec_validates(path, data_env):
     assert base["data"]["image_size"] == (448 if stem == "iwildcam" else 224)
     assert base["method"]["alpha"] == alpha and base["method"]["momentum"] == 0.8
     assert train["selection_metric"] == metric == spec.metric
-    assert base["model"] == {"arch": "resnet50", "cut": "layer2", "pretrained": "imagenet"}
+    assert base["model"] == {"arch": "resnet50", "cut": "layer2", "pretrained": "imagenet",
+                             "imagenet_weights": "default"}
     assert base["data"]["root"] == str(data_env)  # ${TALLY_DATA} expanded, nothing read
     assert spec.resolved["resources"]["gpus_per_worker"] == 1
     space = spec.space
