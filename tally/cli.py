@@ -215,8 +215,9 @@ def cmd_compare(args) -> int:
                        if m in set(mine["metric"])]:
             row = mine[mine["metric"] == metric].iloc[0]
             better = "higher" if calibration.higher_is_better(metric) else "lower"
+            # no interval: the paired calibration bootstrap's coverage is not measured yet (docs/CONTRACTS.md)
             print(f"  {name_a} - {name_b} on {calibration.metric_label(metric)}: {row['diff']:+.3f} "
-                  f"[{row['low']:.3f}, {row['high']:.3f}] ({better} is better)")
+                  f"({better} is better; no interval: its coverage is not measured yet)")
     return 0
 
 

@@ -665,6 +665,8 @@ def benchmark_calibration_table(bench_dir: str | Path, seed: int | None = None, 
     plan = results.read_parquet(Path(bench_dir) / "plan.parquet")
     if plan is None or plan.empty:
         return f"(no calibration: {bench_dir} has no plan.parquet)"
+    if "rule" in plan.columns:  # a tuned benchmark: the first rule's re-runs (training-domain validation)
+        plan = plan[plan["rule"] == plan["rule"].iloc[0]]
     seed = int(plan["seed"].min()) if seed is None else seed
     rows = plan[plan["seed"] == seed].drop_duplicates("method")
     # "runs" is tally.search.benchmark.RUNS_DIR (not imported: evaluation never imports search)
