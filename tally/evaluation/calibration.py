@@ -499,24 +499,18 @@ def calibration_intervals(run_dir: str | Path, splits: Sequence[str] | None = No
     """
     run_dir = Path(run_dir)
     columns = ["split", "metric", "value", "low", "high", "method", "small_cells"]
-    logits = read_logits(run_dir)
-    if logits is None:
+    loaded = _run_examples(run_dir, thresholds)
+    if loaded is None:
         return pd.DataFrame(columns=columns)
     if replicates < 1:
         raise TallyError(f"replicates: expected >= 1, got {replicates}")
-    table = results.read_parquet(run_dir / "eval.parquet")
-    if table is None:
-        raise TallyError(f"{run_dir}: no eval.parquet (not a finished run folder)")
-    cfg = results.read_yaml(run_dir / "config.yaml") or {}
-    if thresholds is None:
-        thresholds = evaluation.shot_thresholds_of(cfg.get("data"))
-    info = read_temperature(run_dir) or temperature_of(logits, bool((cfg.get("train") or {}).get("final")))
+    examples, info, _ = loaded
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
-    for split in splits or list(logits):
-        if split not in logits:
+    for split in splits or list(examples):
+        if split not in examples:
             continue  # a split without kept logits has no calibration rows (its accuracy rows remain)
-        ex = _split_examples(table, split, logits[split], thresholds, str(run_dir))
+        ex = examples[split]
         scaled = {} if split == "val" or info.get("fitted_on") is None else {"T": float(info["temperature"])}
         rows += split_intervals(ex, split, scaled, replicates=replicates, level=level, rng=rng, bins=bins)
         rows.append({"split": split, "metric": "temperature", "value": float(info["temperature"]),
