@@ -171,7 +171,7 @@ def cmd_report(args) -> int:
     if args.group == "trials":  # the run the experiment's one selection rule picks (results.select_trial)
         from tally import results
 
-        best, selection = results.best_of_experiment(Path(args.experiment))
+        best, selection = results.best_of_experiment(Path(experiment))  # the mirror of a bucket store
         if best is not None:
             print(f"selected: {best['trial_id']} ({selection.source})", file=sys.stderr)
     return 0

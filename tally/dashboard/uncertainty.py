@@ -45,7 +45,9 @@ def run_intervals(run: results.RunRecord, replicates: int = REPLICATES) -> pd.Da
                                     what=str(run.path))
     lacks = table.attrs.get("lacks", [])
     blank = (["macro_f1"] if "predicted" in lacks else []) + (list(dd.SHOT_METRICS) if "n_train" in lacks else [])
-    out.loc[out["metric"].isin(blank), ["value", "low", "high", "small_cells"]] = math.nan
+    hidden = out["metric"].isin(blank)
+    if hidden.any():  # (an all-False mask would still turn the integer small_cells column into floats)
+        out.loc[hidden, ["value", "low", "high", "small_cells"]] = math.nan
     return out
 
 
