@@ -79,8 +79,11 @@ def test_a_full_disk_is_reported_and_leaves_no_temporary_file(tmp_path, monkeypa
     def save(obj, f, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] >= 3:  # the second epoch's checkpoint: half a file, then the disk is full
-            Path(f).write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+            if hasattr(f, "write"):  # checkpoints are written through an open temporary file
+                f.write(b"partial")
+            else:
+                Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(getattr(f, "name", f)))
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(checkpoints.torch, "save", save)
