@@ -12,8 +12,8 @@
 - Ray's token authentication stays on: Ray 2.59+ turns it on for a new local cluster, writing the
   token to ~/.ray/auth_token (or reading RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH). Every process Ray
   starts inherits RAY_AUTH_MODE=token. Joining a cluster needs that cluster's token; without one we
-  stop with one line saying how to provide it. An explicit RAY_AUTH_MODE=disabled is the user's
-  choice: honoured, with a warning.
+  stop with one line saying how to provide it. A RAY_AUTH_MODE other than token is refused in one
+  line: the platform never runs a Ray whose job API is open to whoever reaches its ports.
 - Ray's usage-stats reporting is off (RAY_USAGE_STATS_ENABLED=0) unless the user set it.
 
 Only ``ray`` is imported, and lazily: the store and the dashboard never need it.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import sys
 from pathlib import Path
 
 from tally.errors import TallyError
@@ -52,12 +51,13 @@ def token_available() -> bool:
         return False
 
 
-def _auth_disabled_by_user() -> bool:
-    if os.environ.get(AUTH_MODE, "").lower() != "disabled":
-        return False
-    print(f"warning: {AUTH_MODE}=disabled: this Ray runs without token authentication; anyone who "
-          "reaches its ports can run code as you", file=sys.stderr, flush=True)
-    return True
+def require_token_auth() -> None:
+    """Ray's token authentication on for every Ray the project starts or joins (and their children)."""
+    mode = os.environ.get(AUTH_MODE, "token")
+    if mode.lower() != "token":
+        raise TallyError(f"{AUTH_MODE}={mode}: the platform runs Ray only with token authentication "
+                         f"(unset {AUTH_MODE} or set it to token)")
+    os.environ[AUTH_MODE] = "token"
 
 
 def _loopback_only() -> None:
@@ -110,12 +110,13 @@ def start_or_join(address: str | None = None, *, dashboard: bool = False, quiet:
         return False
     logging = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "ERROR"}
     if address:
-        if not _auth_disabled_by_user() and not token_available():
+        require_token_auth()
+        if not token_available():
             raise TallyError(f"--address {address}: joining a Ray cluster needs its authentication token: "
                              + TOKEN_HELP)
         ray.init(address=address, **logging)
         return False
-    _auth_disabled_by_user()  # otherwise Ray turns token auth on for a new local cluster
+    require_token_auth()  # Ray makes the local cluster's token (~/.ray/auth_token)
     _loopback_only()
     with own_cluster_address() if own_address else contextlib.nullcontext():
         ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=dashboard,

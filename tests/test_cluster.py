@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tally.errors import TallyError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -200,11 +202,12 @@ def test_token_is_found_where_ray_reads_it(tmp_path, monkeypatch):
     assert token_available()
 
 
-def test_an_explicit_opt_out_is_honoured_with_a_warning(monkeypatch, capsys):
+def test_token_auth_cannot_be_switched_off(monkeypatch):
     from tally import cluster
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert cluster._auth_disabled_by_user()
-    assert "without token authentication" in capsys.readouterr().err
+    with pytest.raises(TallyError, match="RAY_AUTH_MODE=disabled: the platform runs Ray only with token"):
+        cluster.require_token_auth()
     monkeypatch.delenv("RAY_AUTH_MODE")
-    assert not cluster._auth_disabled_by_user()
+    cluster.require_token_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
