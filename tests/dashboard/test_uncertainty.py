@@ -132,6 +132,16 @@ def _multi_objective(root: Path) -> sf.Experiment:
     return exp
 
 
+def write_benchmark_run(run_dir: Path, method: str, seed: int, quality: float) -> None:
+    """One finished benchmark run of the sub setting: config, eval table, predictions of that quality, status."""
+    results.write_yaml(run_dir / "config.yaml", {"data": {"source": "embedded", "setting": "sub"},
+                                                 "method": {"name": method}, "train": {"seed": seed}})
+    results.write_parquet(run_dir / "eval.parquet", sf.eval_table(
+        np.random.default_rng(0), sf._train_counts(np.random.default_rng(0), ()), ("val",), (), 0.7))
+    keep_predictions(run_dir, seed=10 * seed + len(method), quality=quality)
+    results.write_json(run_dir / "status.json", {"status": "done"})
+
+
 def make_benchmark(root: Path, name: str = "bench", seeds=(0, 1)) -> Path:
     """A finished benchmark folder as `tally benchmark` leaves it: spec.yaml, plan.parquet and one run
     folder per (method, seed) with config, eval table, metrics and predictions."""
@@ -140,13 +150,7 @@ def make_benchmark(root: Path, name: str = "bench", seeds=(0, 1)) -> Path:
     for method, quality in (("tally", 0.9), ("erm", 0.5)):
         for seed in seeds:
             run = f"{method}-sub-seed{seed}"
-            run_dir = exp_dir / benchmark.RUNS_DIR / run
-            results.write_yaml(run_dir / "config.yaml", {"data": {"source": "embedded", "setting": "sub"},
-                                                         "method": {"name": method}, "train": {"seed": seed}})
-            results.write_parquet(run_dir / "eval.parquet", sf.eval_table(
-                np.random.default_rng(0), sf._train_counts(np.random.default_rng(0), ()), ("val",), (), 0.7))
-            keep_predictions(run_dir, seed=10 * seed + len(method), quality=quality)
-            results.write_json(run_dir / "status.json", {"status": "done"})
+            write_benchmark_run(exp_dir / benchmark.RUNS_DIR / run, method, seed, quality)
             rows.append({"run": run, "method": method, "setting": "sub", "split": "test_sub", "seed": seed})
     results.write_parquet(exp_dir / "plan.parquet", pd.DataFrame(rows))
     results.write_yaml(exp_dir / "spec.yaml", {"name": name, "baseline": ["erm"],
@@ -254,13 +258,7 @@ def make_tuned_benchmark(root: Path, name: str = "tuned") -> Path:
         for method, quality in (("tally", tally_quality), ("erm", 0.5)):
             for seed in (1, 2):
                 run = f"{method}-sub-{rule}-seed{seed}"
-                run_dir = exp_dir / benchmark.RUNS_DIR / run
-                results.write_yaml(run_dir / "config.yaml", {"data": {"source": "embedded", "setting": "sub"},
-                                                             "method": {"name": method}, "train": {"seed": seed}})
-                results.write_parquet(run_dir / "eval.parquet", sf.eval_table(
-                    np.random.default_rng(0), sf._train_counts(np.random.default_rng(0), ()), ("val",), (), 0.7))
-                keep_predictions(run_dir, seed=10 * seed + len(method), quality=quality)
-                results.write_json(run_dir / "status.json", {"status": "done"})
+                write_benchmark_run(exp_dir / benchmark.RUNS_DIR / run, method, seed, quality)
                 rows.append({"run": run, "method": method, "setting": "sub", "split": "test_sub", "seed": seed,
                              "rule": rule, "trial": 0})
     results.write_parquet(exp_dir / "plan.parquet", pd.DataFrame(rows))

@@ -34,14 +34,19 @@ RAW = {
 }
 
 
-def raw(**changes) -> dict:
-    out = copy.deepcopy(RAW)
+def changed(spec: dict, **changes) -> dict:
+    """A copy of a raw spec with top-level keys replaced (None removes one)."""
+    out = copy.deepcopy(spec)
     for key, value in changes.items():
         if value is None:
             out.pop(key, None)
         else:
             out[key] = value
     return out
+
+
+def raw(**changes) -> dict:
+    return changed(RAW, **changes)
 
 
 # ---------------------------------------------------------------- the spec and its plan

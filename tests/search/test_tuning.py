@@ -4,7 +4,6 @@ tuned spec's dry run; and (slow, local Ray) `tally benchmark` with tune on the e
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from pathlib import Path
 
@@ -20,32 +19,18 @@ from tally.method.methods import METHODS
 from tally.search import benchmark, tuning
 from tally.search import space as space_mod
 from tally.search.benchmark import benchmark_spec_from_raw
+from tests.search.test_benchmark import RAW as UNTUNED
+from tests.search.test_benchmark import changed
 
 ROOT = Path(__file__).resolve().parents[2]
-RAW = {
-    "name": "tuned",
-    "data": {"source": "embedded", "image_size": 16, "shot_many_above": 40},
-    "base": {"model": {"arch": "resnet10", "cut": "layer1"},
-             "train": {"epochs": 2, "warmup_epochs": 1, "steps_per_epoch": 2, "batch_size": 16, "lr": 1e-3,
-                       "device": "cpu"}},
-    "methods": {"erm": {"method": {"name": "erm"}}, "tally": {"method": {"name": "tally"}},
-                "reweight": {"method": {"name": "reweight"}}},
-    "baseline": "erm",
-    "settings": ["sub", "domain:noisy"],
-    "tune": {"trials": 3, "seeds": 2, "space": {"train.batch_size": None}},
-    "concurrency": 2,
-    "report": {"replicates": 200},
-}
+RAW = changed(UNTUNED, name="tuned", seeds=None,
+              methods={"erm": {"method": {"name": "erm"}}, "tally": {"method": {"name": "tally"}},
+                       "reweight": {"method": {"name": "reweight"}}},
+              tune={"trials": 3, "seeds": 2, "space": {"train.batch_size": None}})
 
 
 def raw(**changes) -> dict:
-    out = copy.deepcopy(RAW)
-    for key, value in changes.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = value
-    return out
+    return changed(RAW, **changes)
 
 
 # ---------------------------------------------------------------- spaces
