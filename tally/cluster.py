@@ -58,6 +58,12 @@ def require_token_auth() -> None:
         raise TallyError(f"{AUTH_MODE}={mode}: the platform runs Ray only with token authentication "
                          f"(unset {AUTH_MODE} or set it to token)")
     os.environ[AUTH_MODE] = "token"
+    # Ray's C++ config reads RAY_AUTH_MODE once per process and caches it; a process that touched Ray
+    # before this call (an import, a test) would keep "disabled", make no token, send none, and be
+    # refused by its own GCS. Ray refreshes the cache the same way when it turns token auth on itself.
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def _loopback_only() -> None:

@@ -211,3 +211,29 @@ def test_token_auth_cannot_be_switched_off(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE")
     cluster.require_token_auth()
     assert os.environ["RAY_AUTH_MODE"] == "token"
+
+
+FRESH_START = """
+from ray._raylet import AuthenticationMode, get_authentication_mode
+assert get_authentication_mode() == AuthenticationMode.DISABLED  # Ray's config read (and cached) first
+import ray
+from tally.cluster import start_or_join
+assert start_or_join(num_cpus=1)
+assert get_authentication_mode() == AuthenticationMode.TOKEN
+assert ray.get(ray.put(7)) == 7
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_process_that_touched_ray_first_still_starts_a_token_ray(tmp_path):
+    """A fresh machine (no ~/.ray/auth_token) and a process whose Ray config was read before the platform
+    asked for token auth (an import, an earlier test): the local Ray starts, makes its token, and the
+    driver sends it (CI failed here: the cached "disabled" made no token and the GCS refused the driver)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", FRESH_START], capture_output=True, text=True, timeout=240,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / ".ray" / "auth_token").read_text().strip()
