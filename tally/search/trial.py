@@ -16,12 +16,12 @@ import ray.train
 import ray.train.torch
 import ray.tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tally import results
 from tally.results import storage as bucket
 from tally.search.lean import LeanTorchTrainer
+from tally.search.rendezvous import BoundTorchConfig
 from tally.search.spec import Spec
 
 OBJECTIVE = "objective"  # the best-so-far validation selection metric of a trial
@@ -100,7 +100,7 @@ def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, n
                            "params": params,
                            "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None,
                            "bank_dir": bank_dir},
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        torch_config=BoundTorchConfig(backend="nccl" if gpus else "gloo"),  # its store on the node address
         scaling_config=ScalingConfig(num_workers=resources.get("workers", 1), use_gpu=bool(gpus),
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=name, storage_path=str(storage_path),
