@@ -7,8 +7,8 @@ import os
 import pytest
 import torch.distributed as dist
 
-from tests.test_cluster import is_loopback, listening_sockets
 from tally.search import rendezvous
+from tests.test_cluster import is_loopback, listening_sockets
 
 
 @pytest.fixture
