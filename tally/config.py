@@ -96,6 +96,9 @@ def validate(raw: dict, source: str = "config") -> dict:
         raise TallyError(f"train.compile_mode: 'reduce-overhead' replays CUDA graphs; it needs train.device "
                          f"'cuda', got {train['device']!r}")
     data = out["data"]
+    if train["select_from"] == "last" and data["oracle_selection"]:
+        raise TallyError("data.oracle_selection: train.select_from 'last' keeps the last epoch and selects on "
+                         "nothing; set oracle_selection false")
     if train["final"] and data["oracle_selection"]:
         raise TallyError("data.oracle_selection: a final retrain (train.final) keeps its last epoch and "
                          "selects on nothing; set oracle_selection false")

@@ -139,8 +139,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "sgd_momentum": Field(float, 0.9, low=0.0, high=1.0),
         "seed": Field(int, 0, low=0, high=SEED_MAX),
         "selection_metric": Field(str, "pair_acc_mean", choices=METRICS),
-        # which epochs may be kept as the best: 'main' = only after the warm-up (the reference's protocol)
-        "select_from": Field(str, "main", choices=("main", "all")),
+        # which epochs may be kept as the best: 'main' = only after the warm-up (the reference's protocol);
+        # 'last' = no early stopping, the last epoch is kept (a tuned benchmark's leave-one-domain-out rule)
+        "select_from": Field(str, "main", choices=("main", "all", "last")),
         # equal selection values: keep the earliest such epoch (ties then go to the better mean pair
         # accuracy), or the latest (the reference's `>=`, utils.py:41)
         "tie_rule": Field(str, "earliest", choices=("earliest", "latest")),

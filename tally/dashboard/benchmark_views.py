@@ -29,6 +29,7 @@ def benchmark_view(exp_dir: Path) -> None:
     if rules:  # a tuned benchmark: one table per selection rule; the oracle is labelled as such
         rule = st.radio("Selection rule (picks both the trial and the epoch)", rules, horizontal=True,
                         key=f"bench_rule:{name}", format_func=lambda r: benchmark.RULES.get(r, r))
+        st.caption(f"{benchmark.RULES.get(rule, rule)}: {benchmark.RULE_NOTES.get(rule, 'an unknown rule')}.")
     out = cache.benchmark(exp_dir, rule)
     settings = dun.benchmark_settings(out)
     if not settings:
@@ -93,6 +94,12 @@ def tuning_view(exp_dir: Path, setting: str) -> None:
     picked = picks[picks["setting"] == setting].assign(rule=lambda f: f["rule"].map(lambda r: RULES.get(r, r)))
     st.markdown("**What each rule picked** (its trial, the rule's value of it, the kept epoch)")
     views.data_table(picked, "bench_picks", f"{name}-{setting}-picks.csv")
+    folds = _csv(exp_dir / "lodo_folds.csv")
+    if folds is not None:
+        st.markdown("**Leave-one-domain-out runs** (each trial's config trained with one training domain held out "
+                    "as well; value: the selection metric on that domain at the last epoch; a trial's lodo score is "
+                    "the mean of its rows)")
+        views.data_table(folds[folds["setting"] == setting], "bench_lodo", f"{name}-{setting}-lodo.csv")
     if cost is not None:
-        st.markdown("**Cost per method** (trials and re-runs; wall time is the training epochs' own)")
+        st.markdown("**Cost per method** (trials, lodo runs and re-runs; wall time is the training epochs' own)")
         views.data_table(cost, "bench_cost", f"{name}-cost.csv")

@@ -184,7 +184,16 @@ def tables(exp_dir: Path, plan: pd.DataFrame, baselines: list[str], replicates: 
 
 
 # A tuned benchmark's selection rules (tally.search.tuning runs them; readers such as the dashboard name them)
-RULES = {"train_val": "training-domain validation", "oracle": "oracle (test domain)"}
+RULES = {"train_val": "training-domain validation", "lodo": "leave-one-domain-out cross-validation",
+         "oracle": "oracle (test domain)"}
+# how each rule reads the trials, in one line (the report and the dashboard show it beside the rule)
+RULE_NOTES = {
+    "train_val": "the best epoch of each trial by the training domains' validation split",
+    "lodo": "each trial's config trained again once per training domain Di with Di held out as well; its score "
+            "is the mean over Di of the selection metric on Di at the last epoch (no early stopping); the pick "
+            "is re-run holding out the test domain only, keeping its last epoch",
+    "oracle": "the best epoch of each trial by the held-out test domain itself (an upper bound, not a protocol)",
+}
 EARLY_STOPPING = "none: every trial trains the full budget"
 
 

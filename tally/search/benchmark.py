@@ -157,7 +157,7 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     out["baseline"] = baselines
     if "tune" in out:  # the runs to report are the rules' picks, known once the trials are done
         tp = tuning.plan_trials(out["tune"], out["methods"], own_spaces, out["data"], out["settings"],
-                                out["resources"], len(train_ds))
+                                out["resources"], len(train_ds), domain_names)
         return BenchmarkSpec(out["name"], out, {}, pd.DataFrame(columns=["run", "method", "setting", "split", "seed"]),
                              domain_names, source, tp)
 
@@ -345,14 +345,18 @@ def run_tuned(spec: BenchmarkSpec, exp_dir: Path, address: str | None, quiet: bo
     plus "tuning" (picks, curves, cost)."""
     tp = spec.tuning
     with results.exclusive(exp_dir, "benchmark"):
-        todo = pending_runs(spec, exp_dir, tp.trials, tuning.TUNE_DIR)
+        # the lodo runs train with the trials: a trial's lodo score needs all of them
+        todo = pending_runs(spec, exp_dir, {**tp.trials, **tp.lodo}, tuning.TUNE_DIR)
         results.write_yaml(exp_dir / "spec.yaml", {**spec.resolved, "domain_names": spec.domain_names})
         results.write_parquet(exp_dir / "trials.parquet", tp.plan.assign(params=tp.plan["params"].map(repr)))
+        if tp.lodo:
+            results.write_parquet(exp_dir / "lodo_runs.parquet", tp.lodo_plan)
     if todo:
         from tally.search.run import connect, run_fixed
 
         connect(address, spec.resolved["concurrency"], quiet=quiet)
-        print(f"benchmark {spec.name}: {len(todo)} of {len(tp.trials)} trial runs to do", flush=True)
+        lodo = f" (with {len(tp.lodo)} lodo runs)" if tp.lodo else ""
+        print(f"benchmark {spec.name}: {len(todo)} of {len(tp.trials) + len(tp.lodo)} trial runs{lodo} to do", flush=True)
         run_fixed(exp_dir, tuning.TUNE_DIR, todo, spec.resolved["resources"], spec.resolved["concurrency"])
     chosen = tuning.picks(exp_dir, tp)
     runs, plan = tuning.final_runs(tp, chosen)
@@ -375,8 +379,11 @@ def run_tuned(spec: BenchmarkSpec, exp_dir: Path, address: str | None, quiet: bo
         out["tuning"] = {"picks": chosen, "curves": tuning.tuning_curves(values), "trial_values": values,
                          "cost": tuning.cost(exp_dir, tp, plan)}
         results.write_text(exp_dir / "table.md", tuned_markdown(out, spec.resolved["tune"]))
-        for key in ("picks", "curves", "cost"):
-            results.write_text(exp_dir / f"{key}.csv", out["tuning"][key].to_csv(index=False))
+        if tp.lodo:
+            out["tuning"]["lodo_folds"] = tuning.lodo_folds(exp_dir, tp)
+        for key in ("picks", "curves", "cost", "lodo_folds"):
+            if key in out["tuning"]:
+                results.write_text(exp_dir / f"{key}.csv", out["tuning"][key].to_csv(index=False))
     return out
 
 

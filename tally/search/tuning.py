@@ -22,7 +22,16 @@ Selection rules (RULES). One rule chooses both the trial and the epoch:
   per-epoch test numbers, the trials of a held-out setting run with ``data.oracle_selection`` on: the
   test split is then evaluated each epoch and recorded under ``oracle:``, which ``train_val`` never
   reads (the weights do not depend on what is recorded).
-Leave-one-domain-out cross-validation is not implemented (see docs/SPACES.md).
+- ``lodo``, leave-one-domain-out cross-validation (DomainBed's LeaveOneOutSelectionMethod): for a
+  held-out test domain T and training domains D1..Dk, every trial's config is trained k more times
+  (LODO runs, beside the trials under ``tune/``), run i holding out Di as well as T; the trial's score
+  is the mean over i of ``<metric>`` on ``test_domain:<Di>`` of run i. It never reads T. Epoch rule:
+  the last epoch (train.select_from 'last'), in the LODO runs and in the pick's re-runs (which hold out
+  T only). DomainBed's rule also picks the step (the argmax over steps of the mean); we do not, because
+  each re-run seed would then need its own k LODO runs to choose its epoch. The Di numbers come from each
+  LODO run's final evaluation (metrics.json, every split), not from the per-epoch records, which hold the
+  validation split (and an oracle's first test domain) only. Opt-in (it costs k extra runs per trial);
+  refused for a subpopulation setting and for fewer than 2 training domains.
 
 The config a rule picks is then re-run with ``tune.seeds`` seeds (1..seeds; the trials used
 trial_seed), selecting its epoch by the same rule; the benchmark's tables are per rule.
@@ -33,7 +42,7 @@ from __future__ import annotations
 import copy
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,20 +52,27 @@ from tally import config as config_mod
 from tally import results
 from tally.config import set_path
 from tally.errors import TallyError
-from tally.evaluation.benchmark_tables import EARLY_STOPPING, RULES, budget_text  # noqa: F401 - re-exported
+from tally.evaluation.benchmark_tables import (  # noqa: F401 - re-exported
+    EARLY_STOPPING,
+    RULE_NOTES,
+    RULES,
+    budget_text,
+)
 from tally.method.methods import METHODS
 from tally.schema import check_int, check_section
 from tally.search import space as space_mod
 
 TUNE_DIR = "tune"
+LODO_COLUMNS = ["run", "trial_run", "method", "setting", "trial", "also_out"]
 SHARED_SPACE = {  # the knobs every method has (DomainBed: lr, weight_decay, batch_size)
     "train.lr": {"type": "loguniform", "low": 1.0e-5, "high": 1.0e-2},
     "train.weight_decay": {"type": "loguniform", "low": 1.0e-6, "high": 1.0e-2},
     "train.batch_size": {"type": "categorical", "choices": [8, 18, 32, 64]},
 }
 SAMPLERS = ("random",)
+# lodo is asked for by name: it trains every trial k more times (k training domains)
 DEFAULT_TUNE = {"trials": 8, "sampler": "random", "sampler_seed": 0, "trial_seed": 0, "seeds": 3,
-                "rules": list(RULES), "space": {}}
+                "rules": ["train_val", "oracle"], "space": {}}
 
 
 # ---------------------------------------------------------------- spaces
@@ -100,8 +116,10 @@ def spaces_markdown() -> str:
         for path, param in method_space(name).items():
             value = default_point(name, path)
             lines.append(f"| {name} | {path} | {describe(param)} | {_text(value)} |")
-    lines += ["", "Selection rules: " + "; ".join(f"`{k}` = {v}" for k, v in RULES.items()) + ".",
-              "Leave-one-domain-out cross-validation (DomainBed's third rule) is not implemented yet.", ""]
+    lines += ["", "Selection rules (`tune.rules`; default `[train_val, oracle]`):", ""]
+    lines += [f"- `{k}`, {v}: {RULE_NOTES[k]}." for k, v in RULES.items()]
+    lines += ["", "`lodo` costs k extra runs per trial for a held-out setting with k training domains (the dry run",
+              "counts them); it needs held-out-domain settings with at least 2 training domains.", ""]
     return "\n".join(lines)
 
 
@@ -142,12 +160,38 @@ class TunePlan:
     data: dict
     resources: dict
     n_train: int = 0  # training images of the subpopulation split (the dry run's estimate)
+    # the lodo rule's runs (id -> config, under tune/ too) and their plan: run, trial_run (the trial whose
+    # config it trains), method, setting, trial, also_out (the training domain it holds out as well)
+    lodo: dict[str, dict] = field(default_factory=dict)
+    lodo_plan: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=LODO_COLUMNS))
+
+
+def check_lodo(rules: list[str], settings: list[str], domain_names: list[str]) -> None:
+    """lodo holds each training domain out in turn: it needs a held-out test domain and >= 2 training domains."""
+    if "lodo" not in rules:
+        return
+    for setting in settings:
+        if setting == "sub":
+            raise TallyError("tune.rules: lodo (leave-one-domain-out) needs held-out-domain settings; setting sub "
+                             "holds no domain out (tune it in a benchmark without lodo)")
+        left = lodo_domains(setting, domain_names)
+        if len(left) < 2:
+            raise TallyError(f"tune.rules: lodo needs at least 2 training domains to hold out in turn; setting "
+                             f"{setting} leaves {len(left)} ({', '.join(left) or 'none'})")
+
+
+def lodo_domains(setting: str, domain_names: list[str]) -> list[str]:
+    """The training domains of a held-out setting: the lodo runs hold out each in turn."""
+    return [d for d in domain_names if d != setting.removeprefix("heldout-")]
 
 
 def plan_trials(tune: dict, methods: dict[str, dict], own_spaces: dict[str, dict], data: dict,
-                settings: list[str], resources: dict, n_train: int = 0) -> TunePlan:
-    """Check each method's space against its base config, draw its trials, build every trial run."""
-    checked, trials, rows = {}, {}, []
+                settings: list[str], resources: dict, n_train: int = 0,
+                domain_names: list[str] | None = None) -> TunePlan:
+    """Check each method's space against its base config, draw its trials, build every trial run (and,
+    with lodo, each trial's runs with one training domain held out as well)."""
+    check_lodo(tune["rules"], settings, list(domain_names or []))
+    checked, trials, rows, lodo, lodo_rows = {}, {}, [], {}, []
     for label, cfg in methods.items():
         raw_base = {**copy.deepcopy(cfg), "data": {**data, "setting": "sub", "held_out": []}}
         base = config_mod.validate(raw_base, source=f"methods.{label}")
@@ -168,8 +212,15 @@ def plan_trials(tune: dict, methods: dict[str, dict], own_spaces: dict[str, dict
                 trials[run_id] = run_config(trial_cfg, data, setting, tune["trial_seed"], oracle, f"tune/{run_id}")
                 rows.append({"run": run_id, "method": label, "setting": setting, "trial": k,
                              "params": dict(params)})
+                for other in lodo_domains(setting, domain_names or []) if "lodo" in tune["rules"] else []:
+                    lodo_id = f"{run_id}-lodo-{other}"
+                    lodo[lodo_id] = run_config(trial_cfg, data, setting, tune["trial_seed"], False, f"tune/{lodo_id}",
+                                               also_out=other)
+                    lodo_rows.append({"run": lodo_id, "trial_run": run_id, "method": label, "setting": setting,
+                                      "trial": k, "also_out": other})
     return TunePlan(tune, trials, pd.DataFrame(rows, columns=["run", "method", "setting", "trial", "params"]),
-                    checked, list(settings), data, resources, n_train)
+                    checked, list(settings), data, resources, n_train, lodo,
+                    pd.DataFrame(lodo_rows, columns=LODO_COLUMNS))
 
 
 def draw(space: dict, k: int, sampler_seed: int) -> dict:
@@ -193,15 +244,21 @@ def draw(space: dict, k: int, sampler_seed: int) -> dict:
     return chosen
 
 
-def run_config(cfg: dict, data: dict, setting: str, seed: int, oracle: bool, path: str) -> dict:
+def run_config(cfg: dict, data: dict, setting: str, seed: int, oracle: bool, path: str,
+               also_out: str | None = None, last: bool = False) -> dict:
     """One run's complete config: the method's sections, the data in this setting, the seed (train and
-    method), and whether its epoch is kept on the held-out test domain (the oracle rule only)."""
+    method), and whether its epoch is kept on the held-out test domain (the oracle rule only). A lodo
+    run holds ``also_out`` out as well; lodo runs and the lodo pick's re-runs (``last``) keep the last epoch."""
     held = [] if setting == "sub" else [setting.removeprefix("heldout-")]
+    if also_out is not None:
+        held, last = [*held, also_out], True
     raw = {"data": {**data, "setting": "sub" if setting == "sub" else "domain", "held_out": held,
                     "oracle_selection": bool(oracle)},
            "model": copy.deepcopy(cfg["model"]), "method": copy.deepcopy(cfg["method"]),
            "train": {**copy.deepcopy(cfg["train"]), "seed": seed}}
     raw["method"]["seed"] = seed
+    if last:
+        raw["train"]["select_from"] = "last"
     try:
         return config_mod.validate(raw, source=path)
     except TallyError as e:
@@ -209,8 +266,8 @@ def run_config(cfg: dict, data: dict, setting: str, seed: int, oracle: bool, pat
 
 
 def rules_for(setting: str, rules: list[str]) -> list[str]:
-    """The oracle needs a test domain: a subpopulation split gets the training-domain rule only."""
-    return [r for r in rules if r != "oracle" or setting != "sub"]
+    """The oracle and lodo need a test domain: a subpopulation split gets the training-domain rule only."""
+    return [r for r in rules if r == "train_val" or setting != "sub"]
 
 
 def final_seeds(tune: dict) -> list[int]:
@@ -232,6 +289,8 @@ def epoch_value(record: dict, rule: str, metric: str, split: str) -> tuple[float
 
 def trial_values(exp_dir: Path, tp: TunePlan, rule: str) -> pd.DataFrame:
     """Each finished trial's value under a rule: run, method, setting, trial, value, tiebreak, epoch."""
+    if rule == "lodo":
+        return lodo_values(exp_dir, tp)
     rows = []
     for p in tp.plan.itertuples(index=False):
         if rule not in rules_for(p.setting, tp.tune["rules"]):
@@ -252,6 +311,40 @@ def trial_values(exp_dir: Path, tp: TunePlan, rule: str) -> pd.DataFrame:
             rows.append({"run": p.run, "method": p.method, "setting": p.setting, "trial": p.trial,
                          "value": best[0][0], "tiebreak": best[0][1], "epoch": best[1]})
     return pd.DataFrame(rows, columns=["run", "method", "setting", "trial", "value", "tiebreak", "epoch"])
+
+
+def lodo_folds(exp_dir: Path, tp: TunePlan) -> pd.DataFrame:
+    """Each finished lodo run's number on the training domain it held out as well (read from its final
+    evaluation, metrics.json: the kept epoch is the last): LODO_COLUMNS + value, tiebreak, epoch."""
+    rows = []
+    for p in tp.lodo_plan.itertuples(index=False):
+        run_dir = Path(exp_dir) / TUNE_DIR / p.run
+        status = results.read_json(run_dir / "status.json") or {}
+        split = (results.read_json(run_dir / "metrics.json") or {}).get(f"test_domain:{p.also_out}")
+        if status.get("status") != "done" or split is None:
+            continue
+        value = split.get(tp.lodo[p.run]["train"]["selection_metric"])
+        tie = split.get("pair_acc_mean")
+        rows.append({**p._asdict(), "value": _number(value), "tiebreak": _number(tie), "epoch": status.get("best_epoch")})
+    return pd.DataFrame(rows, columns=[*LODO_COLUMNS, "value", "tiebreak", "epoch"])
+
+
+def lodo_values(exp_dir: Path, tp: TunePlan) -> pd.DataFrame:
+    """Each trial's lodo score once all its k lodo runs are done: the mean of their values on the domain
+    each held out as well (tie-break: the mean of their mean pair accuracies); epoch: the last one."""
+    folds, rows = lodo_folds(exp_dir, tp), []
+    wanted = tp.lodo_plan.groupby("trial_run").size()
+    for trial_run, r in folds.groupby("trial_run", sort=False):
+        if len(r) < wanted[trial_run]:
+            continue  # a score from some of the training domains would favour the trials that ran first
+        first = r.iloc[0]
+        rows.append({"run": trial_run, "method": first["method"], "setting": first["setting"], "trial": first["trial"],
+                     "value": r["value"].mean(), "tiebreak": r["tiebreak"].mean(), "epoch": int(r["epoch"].max())})
+    return pd.DataFrame(rows, columns=["run", "method", "setting", "trial", "value", "tiebreak", "epoch"])
+
+
+def _number(x) -> float:
+    return float(x) if x is not None and math.isfinite(x) else -math.inf
 
 
 def picks(exp_dir: Path, tp: TunePlan) -> pd.DataFrame:
@@ -277,7 +370,8 @@ def final_runs(tp: TunePlan, chosen: pd.DataFrame) -> tuple[dict[str, dict], pd.
         for seed in final_seeds(tp.tune):
             run_id = f"{p.method}-{p.setting}-{p.rule}-seed{seed}"
             sections = {k: trial_cfg[k] for k in ("model", "method", "train")}
-            runs[run_id] = run_config(sections, tp.data, p.setting, seed, p.rule == "oracle", f"runs/{run_id}")
+            runs[run_id] = run_config(sections, tp.data, p.setting, seed, p.rule == "oracle", f"runs/{run_id}",
+                                      last=p.rule == "lodo")
             split = "test_sub" if p.setting == "sub" else f"test_domain:{p.setting.removeprefix('heldout-')}"
             plan.append({"run": run_id, "method": p.method, "setting": p.setting, "split": split, "seed": seed,
                          "rule": p.rule, "trial": p.trial})
@@ -302,25 +396,28 @@ def tuning_curves(values: pd.DataFrame, replicates: int = 200, seed: int = 0) ->
 
 
 def cost(exp_dir: Path, tp: TunePlan, final_plan: pd.DataFrame) -> pd.DataFrame:
-    """Per method: trials run, re-runs, training wall time (the epochs' seconds) and CPU / GPU hours
-    (wall time x the CPUs / GPUs each run holds)."""
+    """Per method: trials run, lodo runs, re-runs, training wall time (the epochs' seconds) and CPU / GPU
+    hours (wall time x the CPUs / GPUs each run holds)."""
     res = tp.resources
     cpus, gpus = res["workers"] * res["cpus_per_worker"], res["workers"] * res["gpus_per_worker"]
     rows = []
     for method in tp.methods:
         trial_runs = [Path(exp_dir) / TUNE_DIR / r for r in tp.plan.loc[tp.plan["method"] == method, "run"]]
+        lodo_runs = [Path(exp_dir) / TUNE_DIR / r for r in tp.lodo_plan.loc[tp.lodo_plan["method"] == method, "run"]]
         finals = [Path(exp_dir) / "runs" / r for r in final_plan.loc[final_plan["method"] == method, "run"]]
         done = [d for d in trial_runs if (results.read_json(d / "status.json") or {}).get("status") == "done"]
-        seconds = sum(float(e.get("seconds") or 0.0) for d in trial_runs + finals
+        lodo_done = [d for d in lodo_runs if (results.read_json(d / "status.json") or {}).get("status") == "done"]
+        seconds = sum(float(e.get("seconds") or 0.0) for d in trial_runs + lodo_runs + finals
                       for e in results.read_jsonl(d / "epochs.jsonl"))
-        rows.append({"method": method, "trials": len(done), "reruns": len(finals), "wall_h": seconds / 3600,
-                     "cpu_h": seconds * cpus / 3600, "gpu_h": seconds * gpus / 3600})
-    return pd.DataFrame(rows, columns=["method", "trials", "reruns", "wall_h", "cpu_h", "gpu_h"])
+        rows.append({"method": method, "trials": len(done), "lodo_runs": len(lodo_done), "reruns": len(finals),
+                     "wall_h": seconds / 3600, "cpu_h": seconds * cpus / 3600, "gpu_h": seconds * gpus / 3600})
+    return pd.DataFrame(rows, columns=["method", "trials", "lodo_runs", "reruns", "wall_h", "cpu_h", "gpu_h"])
 
 
 def tuning_markdown(curves: pd.DataFrame, chosen: pd.DataFrame, costs: pd.DataFrame, tune: dict) -> str:
     """The tuning report: the equal budget, what each rule picked, curves, cost."""
     lines = [f"## Tuning: {budget_text(tune)}", "",
+             *[f"- {RULES[r]}: {RULE_NOTES[r]}." for r in tune["rules"]], "",
              "| method | setting | rule | picked trial | its selection value | epoch |", "|---|---|---|---|---|---|"]
     lines += [f"| {p.method} | {p.setting} | {RULES[p.rule]} | t{p.trial} | {100 * p.value:.1f} | {p.epoch} |"
               for p in chosen.itertuples(index=False)]
@@ -331,8 +428,8 @@ def tuning_markdown(curves: pd.DataFrame, chosen: pd.DataFrame, costs: pd.DataFr
         cells = [f"{100 * b:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" for b, lo, hi in zip(r["best"], r["low"], r["high"],
                                                                                       strict=True)]
         lines.append(f"| {method} | {setting} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | trials run | re-runs | wall h | CPU h | GPU h |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c.method} | {c.trials} | {c.reruns} | {c.wall_h:.3f} | {c.cpu_h:.3f} | {c.gpu_h:.3f} |"
+    lines += ["", "| method | trials run | lodo runs | re-runs | wall h | CPU h | GPU h |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c.method} | {c.trials} | {c.lodo_runs} | {c.reruns} | {c.wall_h:.3f} | {c.cpu_h:.3f} | {c.gpu_h:.3f} |"
               for c in costs.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
@@ -344,6 +441,7 @@ def dry_run_lines(tp: TunePlan) -> list[str]:
     total_steps = total_images = 0
     for label, (cfg, space) in tp.methods.items():
         trials = tune["trials"] * len(tp.settings)
+        lodo = int((tp.lodo_plan["method"] == label).sum())  # k per trial of a setting with k training domains
         per_rule = {r: tune["seeds"] * sum(r in rules_for(s, tune["rules"]) for s in tp.settings) for r in tune["rules"]}
         spec = {"space": space, "base": cfg}
         batch_max = space_mod.upper_bound(spec, "train.batch_size")
@@ -353,13 +451,17 @@ def dry_run_lines(tp: TunePlan) -> list[str]:
         t = cfg["train"]
         main_steps = (t["epochs"] - t["warmup_epochs"]) * t["steps_per_epoch"]
         steps = t["warmup_epochs"] * math.ceil(tp.n_train / batch_min) + main_steps
-        n_runs = trials + sum(per_rule.values())
+        n_runs = trials + lodo + sum(per_rule.values())
         # a warm-up epoch is one pass over the training set; TALLY's main phase draws two batches a step
         images = n_runs * (t["warmup_epochs"] * tp.n_train
                            + main_steps * batch_max * (2 if cfg["method"]["name"] == "tally" else 1))
         total_steps, total_images = total_steps + n_runs * steps, total_images + images
-        lines.append(f"  {label}: {trials} trial runs + " + " + ".join(f"{n} {r} re-runs" for r, n in per_rule.items())
+        extra = f"{lodo} lodo runs + " if "lodo" in tune["rules"] else ""
+        lines.append(f"  {label}: {trials} trial runs + {extra}" + " + ".join(f"{n} {r} re-runs" for r, n in per_rule.items())
                      + f" = {n_runs} runs; <= {n_runs * steps:,} training steps, <= {images:,} training images")
+    if "lodo" in tune["rules"]:
+        lines.append(f"  lodo: each trial run again once per training domain, that domain held out as well: "
+                     f"{len(tp.lodo_plan):,} extra runs in all ({len(tp.lodo_plan) / max(len(tp.plan), 1):g} per trial run)")
     lines.append(f"  compute: <= {total_steps:,} training steps, <= {total_images:,} training images in all "
                  f"(upper bounds over the batch sizes in the space)")
     return lines

@@ -469,9 +469,9 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
         elif ctx.is_main:
             key = _validate_epoch(method, cfg, splits, banks, train_counts, device, selection, record)
             # the reference keeps only TALLY-phase epochs: a warm-up epoch is never the kept model
-            # unless train.select_from is 'all'
-            eligible = phase == "main" or tcfg["select_from"] == "all"
-            if eligible and improves(key, best, tcfg["tie_rule"]):
+            # unless train.select_from is 'all'; 'last' keeps every epoch in turn, so the last one stays
+            eligible = phase == "main" or tcfg["select_from"] != "main"
+            if eligible and (tcfg["select_from"] == "last" or improves(key, best, tcfg["tie_rule"])):
                 best = {"value": key[0], "tiebreak": key[1], "epoch": epoch}
                 save_checkpoint(run_dir / "checkpoints" / "best.pt",
                                 {"model": method.state_dict(), "epoch": epoch})
@@ -665,6 +665,8 @@ def finalize(cfg, run_dir: Path, method, banks, splits, train_counts, device) ->
     else:
         metric, split = cfg["train"]["selection_metric"], selection_split(cfg, splits)
         selection = {"split": split, "metric": metric, "value": metrics[split][metric], "oracle": split != "val"}
+        if cfg["train"]["select_from"] == "last":
+            selection["rule"] = "the last epoch (no early stopping)"
     results.write_status(run_dir, "done", ended=time.time(), best_epoch=state["epoch"], selection=selection)
     return metrics
 

@@ -116,7 +116,8 @@ def test_method_space_override_and_tune_errors():
     ({"seeds": 2}, "seeds: with tune, tune.seeds"),
     ({"tune": {"trials": 0}}, "tune.trials: expected an integer >= 1"),
     ({"tune": {"sampler": "tpe"}}, "tune.sampler: expected one of random"),
-    ({"tune": {"rules": ["oracle", "lodo"]}}, "tune.rules"),
+    ({"tune": {"rules": ["oracle", "loo"]}}, "tune.rules: expected a list of distinct rules"),
+    ({"tune": {"rules": ["train_val", "lodo"]}}, "tune.rules: lodo .* setting sub holds no domain out"),
     ({"tune": {"budget": 3}}, "tune.budget: unknown key"),
     ({"tune": {"space": {"train.lr": {"type": "uniform", "low": -1, "high": 1}}}}, r"methods.erm \(tune\): space.train.lr.low"),
     ({"methods": {"erm": {"method": {"name": "erm"}, "train": {"lr": 1.0}}, "tally": {"method": {"name": "tally"}}}},
@@ -203,8 +204,109 @@ def test_no_pick_until_every_trial_is_done_and_the_reruns(tuned_store):
 
 
 def test_sub_setting_gets_no_oracle():
-    assert tuning.rules_for("sub", ["train_val", "oracle"]) == ["train_val"]
-    assert tuning.rules_for("heldout-ink", ["train_val", "oracle"]) == ["train_val", "oracle"]
+    assert tuning.rules_for("sub", ["train_val", "lodo", "oracle"]) == ["train_val"]
+    assert tuning.rules_for("heldout-ink", ["train_val", "lodo", "oracle"]) == ["train_val", "lodo", "oracle"]
+
+
+# ---------------------------------------------------------------- leave-one-domain-out
+LODO = {"trials": 3, "seeds": 2, "space": {"train.batch_size": None}, "rules": ["train_val", "lodo"]}
+
+
+def test_lodo_plans_one_run_per_training_domain_of_each_trial():
+    spec = benchmark_spec_from_raw(raw(settings=["domain:noisy"], tune=LODO))
+    tp = spec.tuning
+    assert sorted(tp.lodo) == sorted(f"{m}-heldout-noisy-t{k}-lodo-{d}" for m in ("erm", "tally", "reweight")
+                                     for k in range(3) for d in ("ink", "inverted"))
+    for p in tp.lodo_plan.itertuples():
+        cfg, trial = tp.lodo[p.run], tp.trials[p.trial_run]
+        assert cfg["data"]["held_out"] == ["noisy", p.also_out] and not cfg["data"]["oracle_selection"]
+        assert cfg["train"]["select_from"] == "last"  # the lodo epoch rule: the last epoch
+        # otherwise the trial's config itself: its method, model, seed and training budget
+        assert cfg["method"] == trial["method"] and cfg["model"] == trial["model"]
+        assert {k: v for k, v in cfg["train"].items() if k != "select_from"} == {
+            k: v for k, v in trial["train"].items() if k != "select_from"}
+    assert not any(c["train"]["select_from"] == "last" for c in tp.trials.values())
+    text = benchmark.dry_run_text(spec)
+    assert "erm: 3 trial runs + 6 lodo runs + 2 train_val re-runs + 2 lodo re-runs = 13 runs" in text
+    assert "18 extra runs in all (2 per trial run)" in text
+
+
+def test_lodo_is_refused_without_held_out_domains_or_with_one_training_domain(tmp_path, capsys):
+    from tally.cli import main
+
+    with pytest.raises(TallyError, match=r"^tune.rules: lodo needs at least 2 training domains to hold out in turn; setting heldout-a leaves 1 \(b\)$"):
+        tuning.check_lodo(["lodo"], ["heldout-a"], ["a", "b"])
+    tuning.check_lodo(["train_val", "oracle"], ["sub", "heldout-a"], ["a", "b"])  # no lodo: nothing to check
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw(tune=LODO)))  # settings: sub and domain:noisy
+    assert main(["benchmark", str(tmp_path / "t.yaml"), "--dry-run", "--storage", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lodo (leave-one-domain-out) needs held-out-domain settings" in err
+    assert not (tmp_path / "store").exists()
+
+
+def _done_run(exp, run_id, cfg, metrics, epoch=1):
+    d = exp / tuning.TUNE_DIR / run_id
+    results.write_yaml(d / "config.yaml", cfg)
+    results.write_json(d / "metrics.json", metrics)
+    results.write_status(d, "done", best_epoch=epoch)
+
+
+def _split(value, mean=0.5):
+    return {"pair_acc_worst": value, "pair_acc_mean": mean}
+
+
+@pytest.fixture
+def lodo_store(tmp_path):
+    """erm's trials: t2 best on the test domain (in every run), t1 best by the lodo mean, t0 best on ink
+    alone; tally's: the same, trials reversed. Each lodo run also holds numbers on noisy (the test domain)."""
+    spec = benchmark_spec_from_raw(raw(settings=["domain:noisy"], tune=LODO,
+                                       methods={"erm": {"method": {"name": "erm"}}, "tally": {"method": {"name": "tally"}}}))
+    tp, exp = spec.tuning, tmp_path / "bench"
+    on = {0: {"ink": 0.9, "inverted": 0.1}, 1: {"ink": 0.6, "inverted": 0.6}, 2: {"ink": 0.2, "inverted": 0.3}}
+    for run_id, cfg in tp.trials.items():
+        k = int(run_id[-1])
+        _trial(exp, run_id, cfg, _epochs([0.5, 0.5], [0.99 if k == 2 else 0.1] * 2))
+    for p in tp.lodo_plan.itertuples():
+        k = p.trial if p.method == "erm" else 2 - p.trial
+        _done_run(exp, p.run, tp.lodo[p.run], {f"test_domain:{p.also_out}": _split(on[k][p.also_out], 0.4 + k / 10),
+                                               "test_domain:noisy": _split(0.99 if k == 2 else 0.0)})
+    return spec, tp, exp, on
+
+
+def test_lodo_scores_each_trial_by_the_mean_over_its_held_out_training_domains(lodo_store):
+    spec, tp, exp, on = lodo_store
+    values = tuning.trial_values(exp, tp, "lodo").set_index("run")
+    for k in range(3):
+        assert values.loc[f"erm-heldout-noisy-t{k}", "value"] == pytest.approx(np.mean(list(on[k].values())))
+        assert values.loc[f"erm-heldout-noisy-t{k}", "tiebreak"] == pytest.approx(0.4 + k / 10)
+    chosen = tuning.picks(exp, tp).set_index(["method", "rule"])
+    assert chosen.loc[("erm", "lodo"), ["trial", "run", "value", "epoch"]].tolist() == [
+        1, "erm-heldout-noisy-t1", pytest.approx(0.6), 1]
+    assert chosen.loc[("tally", "lodo"), "trial"] == 1
+    # every number on the test domain rewritten, in the lodo runs and the trials: the lodo pick stays
+    for p in tp.lodo_plan.itertuples():
+        m = results.read_json(exp / tuning.TUNE_DIR / p.run / "metrics.json")
+        results.write_json(exp / tuning.TUNE_DIR / p.run / "metrics.json", {**m, "test_domain:noisy": _split(1.0)})
+    assert tuning.picks(exp, tp).set_index(["method", "rule"]).loc[("erm", "lodo"), "trial"] == 1
+    # the pick's re-runs hold out the test domain only, keep their last epoch, and are the trial's config
+    runs, plan = tuning.final_runs(tp, tuning.picks(exp, tp))
+    for seed in (1, 2):
+        cfg, trial = runs[f"erm-heldout-noisy-lodo-seed{seed}"], tp.trials["erm-heldout-noisy-t1"]
+        assert cfg["data"]["held_out"] == ["noisy"] and cfg["train"]["select_from"] == "last"
+        assert not cfg["data"]["oracle_selection"] and cfg["method"] == {**trial["method"], "seed": seed}
+    assert runs["erm-heldout-noisy-train_val-seed1"]["train"]["select_from"] == "main"
+    assert set(plan.loc[plan["rule"] == "lodo", "split"]) == {"test_domain:noisy"}
+
+
+def test_no_lodo_score_until_every_training_domain_is_done(lodo_store):
+    spec, tp, exp, on = lodo_store
+    results.write_status(exp / tuning.TUNE_DIR / "erm-heldout-noisy-t1-lodo-inverted", "running")
+    values = tuning.trial_values(exp, tp, "lodo")
+    assert "erm-heldout-noisy-t1" not in set(values["run"]) and len(values) == 5
+    chosen = tuning.picks(exp, tp)
+    assert set(chosen.loc[chosen["rule"] == "lodo", "method"]) == {"tally"}  # erm: a trial is missing its score
+    costs = tuning.cost(exp, tp, pd.DataFrame(columns=["run", "method"])).set_index("method")
+    assert costs.loc["erm", "lodo_runs"] == 5 and costs.loc["tally", "lodo_runs"] == 6
 
 
 def test_tuning_curves_and_cost(tuned_store):
@@ -220,7 +322,7 @@ def test_tuning_curves_and_cost(tuned_store):
     assert costs.loc["erm", "trials"] == 3 and costs.loc["erm", "wall_h"] == pytest.approx(3 * 5.0 / 3600)
     assert costs.loc["erm", "cpu_h"] == pytest.approx(3 * 5.0 / 3600) and costs.loc["erm", "gpu_h"] == 0
     text = tuning.tuning_markdown(curves, tuning.picks(exp, tp), costs.reset_index(), tp.tune)
-    assert "| erm | 3 | 0 | 0.004 | 0.004 | 0.000 |" in text and "every method 3 trials" in text
+    assert "| erm | 3 | 0 | 0 | 0.004 | 0.004 | 0.000 |" in text and "every method 3 trials" in text
     assert "| erm | heldout-noisy | oracle (test domain) | t2 | 90.0 | 1 |" in text
     assert "| erm | heldout-noisy | 30.0 [30.0, 60.0] | 60.0 [" in text
 
@@ -269,6 +371,13 @@ def test_pacs_tuned_spec_dry_run(tmp_path, monkeypatch, capsys):
     assert f"{n} methods x 4 settings" in out
     assert "80 trial runs + 12 train_val re-runs + 12 oracle re-runs = 104 runs" in out
     assert not (tmp_path / "store").exists()
+    # all three of DomainBed's rules: lodo trains each trial again once per training domain (3 of PACS's 4)
+    spec["tune"]["rules"] = ["train_val", "lodo", "oracle"]
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["benchmark", str(tmp_path / "all.yaml"), "--dry-run", "--storage", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "80 trial runs + 240 lodo runs + 12 train_val re-runs + 12 lodo re-runs + 12 oracle re-runs = 356 runs" in out
+    assert f"{240 * n} extra runs in all (3 per trial run)" in out
 
 
 # ---------------------------------------------------------------- end to end on a local Ray

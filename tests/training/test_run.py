@@ -102,7 +102,8 @@ def test_cli_rejects_bad_configs_with_one_line(tmp_path, patch, expected):
 @pytest.mark.usefixtures("one_thread")
 def test_only_epochs_after_the_warmup_may_be_kept(tmp_path, monkeypatch):
     """Validation is made worse at every epoch, so by value alone the first (warm-up) epoch would win:
-    the reference's protocol keeps the first TALLY epoch; select_from: all keeps the warm-up epoch."""
+    the reference's protocol keeps the first TALLY epoch; select_from: all keeps the warm-up epoch; last
+    keeps the last epoch whatever its value (no early stopping)."""
     real, calls = evaluation.split_metrics, []
 
     def worse_every_epoch(*args, **kwargs):
@@ -111,17 +112,17 @@ def test_only_epochs_after_the_warmup_may_be_kept(tmp_path, monkeypatch):
         return metrics | {"pair_acc_mean": 1.0 / len(calls)}
 
     monkeypatch.setattr(evaluation, "split_metrics", worse_every_epoch)
-    for select_from, kept in (("main", 2), ("all", 0)):
+    for select_from, kept in (("main", [None, None, 2, 2]), ("all", [0, 0, 0, 0]), ("last", [0, 1, 2, 3])):
         calls.clear()
-        cfg = tiny_config(epochs=3, warmup_epochs=2, steps_per_epoch=2, batch_size=32, select_from=select_from)
+        cfg = tiny_config(epochs=4, warmup_epochs=2, steps_per_epoch=2, batch_size=32, select_from=select_from)
         cfg["data"]["max_per_class"] = 12
         train_run(cfg, tmp_path / select_from)
         run = results.read_run(tmp_path / select_from)
         epochs = results.read_jsonl(tmp_path / select_from / "epochs.jsonl")
-        before = None if select_from == "main" else 0  # nothing kept during the warm-up
-        assert run.status["best_epoch"] == kept
-        assert [e["best_epoch"] for e in epochs] == [before, before, kept]
-        assert load_checkpoint(tmp_path / select_from / "checkpoints" / "best.pt")["epoch"] == kept
+        assert run.status["best_epoch"] == kept[-1]  # nothing kept during the warm-up under 'main'
+        assert [e["best_epoch"] for e in epochs] == kept
+        assert load_checkpoint(tmp_path / select_from / "checkpoints" / "best.pt")["epoch"] == kept[-1]
+        assert ("rule" in run.status["selection"]) == (select_from == "last")
 
 
 @pytest.mark.parametrize("patch, field", [
@@ -144,6 +145,15 @@ def test_settings_that_cannot_work_are_refused_before_anything_runs(tmp_path, pa
     with pytest.raises(TallyError, match=rf"^{field}: "):
         train_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_keeping_the_last_epoch_selects_on_nothing():
+    from tally.config import validate
+
+    cfg = tiny_config(select_from="last")
+    cfg["data"] = {**cfg["data"], "setting": "domain", "held_out": ["noisy"], "oracle_selection": True}
+    with pytest.raises(TallyError, match=r"^data.oracle_selection: train.select_from 'last'"):
+        validate(cfg)
 
 
 def test_an_erm_run_without_a_main_phase_is_fine_when_every_epoch_may_be_kept():
