@@ -249,12 +249,16 @@ def test_the_experiment_list_shows_a_benchmark_as_a_benchmark(tmp_path, monkeypa
     assert frame(at, "experiment", "kind", "runs").to_dict("records") == [row]
 
 
-def make_tuned_benchmark(root: Path, name: str = "tuned") -> Path:
-    """A tuned benchmark folder: each rule's re-runs (the oracle's TALLY worse than its training-domain
-    pick), spec.yaml with its tune section, picks / curves / cost CSVs."""
+TALLY_QUALITY = {"train_val": 0.9, "lodo": 0.6, "oracle": 0.3}
+
+
+def make_tuned_benchmark(root: Path, name: str = "tuned", rules=("train_val", "oracle")) -> Path:
+    """A tuned benchmark folder: each rule's re-runs (TALLY's quality differs by rule: TALLY_QUALITY),
+    spec.yaml with its tune section, picks / curves / cost CSVs (and lodo_folds.csv with lodo)."""
     exp_dir = root / name
     rows = []
-    for rule, tally_quality in (("train_val", 0.9), ("oracle", 0.3)):
+    for rule in rules:
+        tally_quality = TALLY_QUALITY[rule]
         for method, quality in (("tally", tally_quality), ("erm", 0.5)):
             for seed in (1, 2):
                 run = f"{method}-sub-{rule}-seed{seed}"
@@ -263,18 +267,23 @@ def make_tuned_benchmark(root: Path, name: str = "tuned") -> Path:
                              "rule": rule, "trial": 0})
     results.write_parquet(exp_dir / "plan.parquet", pd.DataFrame(rows))
     tune = {"trials": 2, "sampler": "random", "sampler_seed": 0, "trial_seed": 0, "seeds": 2,
-            "rules": ["train_val", "oracle"], "space": {}}
+            "rules": list(rules), "space": {}}
     results.write_yaml(exp_dir / "spec.yaml", {"name": name, "baseline": ["erm"], "tune": tune,
                                                "report": {"replicates": 200, "bootstrap_seed": 0}})
     curves = pd.DataFrame([{"method": m, "setting": "sub", "trials": n, "best": 0.5, "low": 0.4, "high": 0.6}
                            for m in ("tally", "erm") for n in (1, 2)])
     results.write_text(exp_dir / "curves.csv", curves.to_csv(index=False))
     picks = pd.DataFrame([{"method": m, "setting": "sub", "rule": r, "trial": 1, "run": f"{m}-sub-t1", "value": 0.5,
-                           "epoch": 3} for m in ("tally", "erm") for r in ("train_val", "oracle")])
+                           "epoch": 3} for m in ("tally", "erm") for r in rules])
     results.write_text(exp_dir / "picks.csv", picks.to_csv(index=False))
     cost = pd.DataFrame([{"method": m, "trials": 2, "reruns": 4, "wall_h": 0.1, "cpu_h": 0.1, "gpu_h": 0.0}
                          for m in ("tally", "erm")])
     results.write_text(exp_dir / "cost.csv", cost.to_csv(index=False))
+    if "lodo" in rules:
+        folds = pd.DataFrame([{"run": f"{m}-sub-t{k}-lodo-{d}", "trial_run": f"{m}-sub-t{k}", "method": m, "setting": "sub",
+                               "trial": k, "also_out": d, "value": 0.25, "tiebreak": 0.5, "epoch": 3}
+                              for m in ("tally", "erm") for k in (0, 1) for d in ("ink", "inverted")])
+        results.write_text(exp_dir / "lodo_folds.csv", folds.to_csv(index=False))
     return exp_dir
 
 
@@ -316,3 +325,21 @@ def test_search_view_pareto_front(tmp_path, monkeypatch):
     pick = results.select_trial(summary, trials.selection)
     assert traces["picked"]["text"] == [pick["trial_id"]]
     np.testing.assert_allclose([plotly_array(traces["picked"][a])[0] for a in "xy"], [pick[x], pick[y]])
+
+
+def test_tuned_benchmark_shows_the_leave_one_domain_out_rule(store, monkeypatch):
+    exp_dir = make_tuned_benchmark(store.root, "tuned3", rules=("train_val", "lodo", "oracle"))
+    at = run_app(store.root, monkeypatch, experiment="tuned3")
+    assert_ok(at)
+    [radio] = [r for r in at.radio if r.key == "bench_rule:tuned3"]
+    assert radio.options == ["training-domain validation", "leave-one-domain-out cross-validation",
+                             "oracle (test domain)"]
+    radio.set_value("lodo")
+    at = at.run()
+    assert_ok(at)
+    assert any("leave-one-domain-out cross-validation: each trial's config trained again" in c.value for c in at.caption)
+    table = frame(at, "method", "worst pair").set_index("method")
+    stats = benchmark.load_benchmark(exp_dir, "lodo")["table"].set_index(["method", "metric"])
+    np.testing.assert_allclose(table.at["tally", "avg pair"], stats.at[("tally", "pair_acc_mean"), "mean"])
+    assert "Leave-one-domain-out runs" in texts(at)
+    assert len(frame(at, "also_out")) == 8  # every lodo run of the setting

@@ -384,21 +384,27 @@ def test_pacs_tuned_spec_dry_run(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_tuned_benchmark_end_to_end(tmp_path, local_ray, capsys):
-    """`tally benchmark` with tune on the embedded data: 2 methods x 2 trials on a held-out domain, each
-    rule's pick re-run once; equal trials, seeds and budget; each rule's pick is the best trial by what
-    that rule may read; the tables are per rule; a rerun does nothing."""
+    """`tally benchmark` with tune on the embedded data: 2 methods x 2 trials on a held-out domain (noisy;
+    training domains ink and inverted), all three rules, each rule's pick re-run once; equal trials, seeds
+    and budget; each rule's pick is the best trial by what that rule may read (lodo: the runs that held
+    out each training domain in turn, its score recomputed here from their eval tables); the tables are
+    per rule, lodo's from runs that held out the test domain only; a rerun does nothing."""
+    from tally import evaluation
     from tally.cli import main
 
     spec = raw(methods={"erm": {"method": {"name": "erm"}}, "tally": {"method": {"name": "tally"}}},
-               settings=["domain:noisy"], tune={"trials": 2, "seeds": 1, "space": {"train.batch_size": None}})
+               settings=["domain:noisy"], tune={"trials": 2, "seeds": 1, "space": {"train.batch_size": None},
+                                                "rules": ["train_val", "lodo", "oracle"]})
     spec["base"]["train"].update(epochs=2, warmup_epochs=1, steps_per_epoch=1)
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
     store = tmp_path / "store"
     assert main(["benchmark", str(tmp_path / "t.yaml"), "--storage", str(store)]) == 0
     printed = capsys.readouterr().out
     exp = store / "tuned"
-    trials = sorted(p.name for p in (exp / tuning.TUNE_DIR).iterdir() if (p / "config.yaml").is_file())
+    stored = sorted(p.name for p in (exp / tuning.TUNE_DIR).iterdir() if (p / "config.yaml").is_file())
+    trials = [t for t in stored if "-lodo-" not in t]
     assert trials == [f"{m}-heldout-noisy-t{k}" for m in ("erm", "tally") for k in (0, 1)]
+    assert sorted(set(stored) - set(trials)) == [f"{t}-lodo-{d}" for t in trials for d in ("ink", "inverted")]
     configs = {t: results.read_yaml(exp / tuning.TUNE_DIR / t / "config.yaml") for t in trials}
     for t, cfg in configs.items():
         assert results.read_json(exp / tuning.TUNE_DIR / t / "status.json")["status"] == "done"
@@ -407,8 +413,39 @@ def test_tuned_benchmark_end_to_end(tmp_path, local_ray, capsys):
         assert [e["epoch"] for e in epochs] == [0, 1]  # the full budget, no early stop
     assert configs["erm-heldout-noisy-t1"]["train"]["lr"] == configs["tally-heldout-noisy-t1"]["train"]["lr"]
     chosen = pd.read_csv(exp / "picks.csv")
-    assert len(chosen) == 4
-    for p in chosen.itertuples():
+    assert len(chosen) == 6
+    for p in chosen[chosen["rule"] == "lodo"].itertuples():
+        scores = {}
+        for t in (t for t in trials if t.startswith(p.method + "-")):
+            folds = []
+            for d in ("ink", "inverted"):
+                run = exp / tuning.TUNE_DIR / f"{t}-lodo-{d}"
+                cfg = results.read_yaml(run / "config.yaml")
+                assert cfg["data"]["held_out"] == ["noisy", d] and cfg["train"]["select_from"] == "last"
+                assert {k: v for k, v in cfg["train"].items() if k != "select_from"} == {
+                    k: v for k, v in configs[t]["train"].items() if k != "select_from"}
+                assert results.read_json(run / "status.json")["best_epoch"] == 1  # the last epoch
+                table = results.read_parquet(run / "eval.parquet")
+                m = evaluation.split_metrics(table[table["split"] == f"test_domain:{d}"])
+                folds.append((m["pair_acc_worst"], m["pair_acc_mean"]))
+            scores[t] = tuple(np.mean(folds, axis=0))
+        best = max(scores, key=lambda t: (*scores[t], -int(t[-1])))  # value, tie-break, then the lower trial
+        assert p.run == best and p.value == pytest.approx(scores[best][0]) and p.epoch == 1
+        # the reported test value: the pick re-run holding out the test domain only, its last epoch kept
+        rerun = exp / benchmark.RUNS_DIR / f"{p.method}-heldout-noisy-lodo-seed1"
+        cfg = results.read_yaml(rerun / "config.yaml")
+        assert cfg["data"]["held_out"] == ["noisy"] and cfg["train"]["select_from"] == "last"
+        assert cfg["method"] == {**configs[best]["method"], "seed": 1}
+        assert cfg["train"]["lr"] == configs[best]["train"]["lr"]
+        assert results.read_json(rerun / "status.json")["best_epoch"] == 1
+        values = benchmark.load_benchmark(exp, "lodo")["values"]
+        worst = values[(values["method"] == p.method) & (values["metric"] == "pair_acc_worst")]
+        assert worst["run"].tolist() == [rerun.name]
+        test = results.read_json(rerun / "metrics.json")["test_domain:noisy"]["pair_acc_worst"]
+        assert worst["value"].tolist() == [pytest.approx(test)]
+    assert (exp / "rules" / "lodo" / "table.csv").is_file() and (exp / "lodo_folds.csv").is_file()
+    assert "## Selection rule: leave-one-domain-out cross-validation" in (exp / "table.md").read_text()
+    for p in chosen[chosen["rule"] != "lodo"].itertuples():
         key = ("val/pair_acc_worst" if p.rule == "train_val" else "oracle:test_domain:noisy/pair_acc_worst")
         last = {t: results.read_jsonl(exp / tuning.TUNE_DIR / t / "epochs.jsonl")[-1][key]
                 for t in trials if t.startswith(p.method + "-")}
