@@ -158,6 +158,7 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     if "tune" in out:  # the runs to report are the rules' picks, known once the trials are done
         tp = tuning.plan_trials(out["tune"], out["methods"], own_spaces, out["data"], out["settings"],
                                 out["resources"], len(train_ds), domain_names)
+        tuning.check_lodo_data(tp)  # a lodo run holds out two domains: refuse data that cannot, now
         return BenchmarkSpec(out["name"], out, {}, pd.DataFrame(columns=["run", "method", "setting", "split", "seed"]),
                              domain_names, source, tp)
 

@@ -180,6 +180,19 @@ def check_lodo(rules: list[str], settings: list[str], domain_names: list[str]) -
                              f"{setting} leaves {len(left)} ({', '.join(left) or 'none'})")
 
 
+def check_lodo_data(tp: TunePlan) -> None:
+    """Every lodo run's data must exist before anything runs: it holds out two domains at once, which
+    split lists (the reference's come one set per held-out domain) may not provide."""
+    from tally.data import load_splits
+
+    for held in sorted({tuple(cfg["data"]["held_out"]) for cfg in tp.lodo.values()}):
+        try:
+            load_splits(next(c["data"] for c in tp.lodo.values() if tuple(c["data"]["held_out"]) == held))
+        except TallyError as e:
+            raise TallyError(f"tune.rules: lodo holds out {' and '.join(held)} together, and the data has no such "
+                             f"split ({e})") from None
+
+
 def lodo_domains(setting: str, domain_names: list[str]) -> list[str]:
     """The training domains of a held-out setting: the lodo runs hold out each in turn."""
     return [d for d in domain_names if d != setting.removeprefix("heldout-")]
