@@ -31,7 +31,8 @@ Selection rules (RULES). One rule chooses both the trial and the epoch:
   each re-run seed would then need its own k LODO runs to choose its epoch. The Di numbers come from each
   LODO run's final evaluation (metrics.json, every split), not from the per-epoch records, which hold the
   validation split (and an oracle's first test domain) only. Opt-in (it costs k extra runs per trial);
-  refused for a subpopulation setting and for fewer than 2 training domains.
+  refused for a subpopulation setting, for fewer than 2 training domains, and for data without a split
+  holding out two domains at once (the reference's published lists come one set per held-out domain).
 
 The config a rule picks is then re-run with ``tune.seeds`` seeds (1..seeds; the trials used
 trial_seed), selecting its epoch by the same rule; the benchmark's tables are per rule.
