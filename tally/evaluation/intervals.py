@@ -277,6 +277,12 @@ def _paired_var(n: np.ndarray, n10: np.ndarray, n01: np.ndarray) -> np.ndarray:
     return np.divide(n10 + n01 + pooled, n * (n + 1.0), out=np.zeros_like(n), where=n > 0)
 
 
+def _paired_halfwidth(w: np.ndarray, var: np.ndarray, cells, alpha: float) -> float:
+    """Half-width of the paired interval of the smooth metric ``sum w * (n10 - n01) / n`` at level
+    1 - alpha: a t quantile times sqrt(sum w^2 var), var = ``_paired_var`` of the split's cells."""
+    return _t(alpha / 2, cells, w > 0) * math.sqrt(float((w ** 2 * var).sum()))
+
+
 def _t(tail: float, cells, used: np.ndarray) -> float:
     """A t quantile for a paired SE, degrees of freedom the discordant images plus the cells used: the
     variance is estimated from those few images and the pooled pseudo-image of each cell (a z quantile
@@ -554,9 +560,7 @@ def paired_difference(
                 elif thresholds_b != thresholds and name.startswith("shot_"):
                     row["method"] = "n/a (shot thresholds differ)"
                 else:
-                    w = weights[name]
-                    se = math.sqrt(float((w ** 2 * var).sum()))
-                    half = _t(alpha / 2, cells, w > 0) * se
+                    half = _paired_halfwidth(weights[name], var, cells, alpha)
                     row.update(low=max(-1.0, va - vb - half), high=min(1.0, va - vb + half), method="normal")
             rows.append(row)
     return pd.DataFrame(rows, columns=DIFF_COLUMNS)
