@@ -251,6 +251,8 @@ def effect_cells(per_seed: pd.DataFrame) -> dict[str, str]:
     summ = summary(per_seed)
     out = {}
     for row, part in summ.groupby("row", sort=False):
+        if row not in SWITCHES:  # `reference` has no row of its own in the doc's table
+            continue
         said = [f"{HEADLINE[m]} {v}" for m, v in zip(part["metric"], part["verdict"], strict=True)
                 if v != "no clear difference"]
         seeds = int(part["seeds"].max())
@@ -270,13 +272,13 @@ def write_doc(section: str, cells: dict[str, str], doc: Path = DOC) -> None:
     if start < 0:
         raise TallyError(f"{doc}: no section {SECTION!r}")
     end = text.find("\n## ", start + len(SECTION))
-    text = text[:start] + SECTION + "\n\n" + section.rstrip() + "\n" + (text[end:] if end >= 0 else "")
+    head = text[:start]  # the differences table; the section's own tables are never touched
     for row, cell in cells.items():
         pattern = re.compile(rf"^(\| {re.escape(row)} \|.*\| )([^|]*)( \|)$", re.MULTILINE)
-        text, n = pattern.subn(lambda m, c=cell: m.group(1) + c + m.group(3), text, count=1)
+        head, n = pattern.subn(lambda m, c=cell: m.group(1) + c + m.group(3), head, count=1)
         if n != 1:
-            raise TallyError(f"{doc}: no table row {row!r}")
-    results.write_text(doc, text)
+            raise TallyError(f"{doc}: no table row {row!r} before {SECTION!r}")
+    results.write_text(doc, head + SECTION + "\n\n" + section.rstrip() + "\n" + (text[end:] if end >= 0 else ""))
 
 
 def main(argv=None) -> int:
@@ -292,7 +294,6 @@ def main(argv=None) -> int:
     from tally import results
     from tally.errors import TallyError
 
-    started = time.time()
     try:
         runs = plan(args.seeds, args.rows.split(",") if args.rows else None)
         out = Path(args.out)
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
         if args.deadline:
             day = time.strftime("%Y-%m-%d", time.gmtime())
             deadline = calendar.timegm(time.strptime(f"{day} {args.deadline}", "%Y-%m-%d %H:%M"))
-        took = train_all(runs, out, args.jobs, deadline)
+        train_all(runs, out, args.jobs, deadline)
         finished = {r.name for r in runs
                     if (results.read_json(out / "runs" / r.name / "status.json") or {}).get("status") == "done"}
         seeds = [s for s in range(args.seeds) if all(r.name in finished for r in runs if r.seed == s)]
@@ -311,7 +312,10 @@ def main(argv=None) -> int:
     except TallyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    wall = time.time() - started
+    # the runs' own start and end times (status.json): right also when a rerun only rewrites the table
+    status = [results.read_json(out / "runs" / r.name / "status.json") for r in runs]
+    first, last = min(x["started"] for x in status), max(x["ended"] for x in status)
+    training = sum(x["ended"] - x["started"] for x in status)
     t = runs[0].config["train"]
     cmd = ("flock /tmp/tally-ray.lock env PYTHONPATH=$PWD .venv/bin/python bench/protocol_effects.py "
            f"--seeds {args.seeds} --jobs {args.jobs}" + (f" --rows {args.rows}" if args.rows else "")
@@ -319,8 +323,9 @@ def main(argv=None) -> int:
     done = (f"seeds {', '.join(map(str, seeds))}" + ("" if len(seeds) == args.seeds else
                                                       f" (of {args.seeds} planned: the deadline stopped the rest)"))
     header = (f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} by `{cmd}`: {done}, "
-              f"{len(runs)} runs ({len(took)} trained now, {sum(took.values()) / 60:.1f} min of training; "
-              f"{wall / 60:.1f} min wall, {args.jobs} process(es) of one thread on a shared 2-core CPU). "
+              f"{len(runs)} runs trained {time.strftime('%H:%M', time.gmtime(first))}-"
+              f"{time.strftime('%H:%M', time.gmtime(last))} UTC ({training / 60:.1f} min of training in "
+              f"{(last - first) / 60:.1f} min wall, {args.jobs} process(es) of one thread on a shared 2-core CPU). "
               f"Run size: `tally reproduce embedded`'s fixed configuration (tally.reproduce.PAPERS), smaller than "
               f"the demo's: {t['epochs']} epochs ({t['warmup_epochs']} warm-up, then {t['steps_per_epoch']} TALLY "
               f"steps per epoch), batch {t['batch_size']}, lr {t['lr']:g}, resnet10 from scratch at 32 px; the "

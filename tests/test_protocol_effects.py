@@ -42,6 +42,34 @@ def test_plan_pairs_each_switch_with_the_paper_run_of_its_setting_and_seed():
         bench.plan(1, ["bogus"])
 
 
+def test_summary_verdicts_and_the_doc_update_on_fixed_differences(tmp_path):
+    """Over seeds: the mean of the per-seed differences, the verdict only when every seed's interval lies
+    on one side of 0; the doc's effect column gets the switches' rows only, the section is replaced."""
+    bench = load_bench()
+    rows = []
+    for row, diffs, lows in (("b", (0.05, 0.07), (0.01, 0.02)), ("reference", (0.02, -0.01), (-0.01, -0.03))):
+        for seed, (d, lo) in enumerate(zip(diffs, lows, strict=True)):
+            rows += [{"row": row, "seed": seed, "metric": m, "diff": d, "low": lo, "high": d + (d - lo),
+                      "a": 0.5 + d, "b": 0.5, "baseline": f"paper-sub-seed{seed}"} for m in bench.HEADLINE]
+    per_seed = pd.DataFrame(rows)
+    summ = bench.summary(per_seed).set_index(["row", "metric"])
+    assert summ.at[("b", "acc"), "mean"] == pytest.approx(0.06) and summ.at[("b", "acc"), "verdict"] == "higher"
+    assert summ.at[("b", "acc"), "excluding_0"] == 2 and summ.at[("reference", "acc"), "excluding_0"] == 0
+    assert summ.at[("reference", "acc"), "verdict"] == "no clear difference"
+    cells = bench.effect_cells(per_seed)
+    assert set(cells) == {"b"} and "higher on every seed" in cells["b"]
+    runs = bench.plan(2, ["b", "reference"])
+    text = bench.markdown(per_seed, runs, "HEADER")
+    doc = tmp_path / "PROTOCOL.md"
+    doc.write_text((ROOT / "docs" / "PROTOCOL.md").read_text())
+    bench.write_doc(text, cells, doc)
+    written = doc.read_text()
+    head, section = written.split(bench.SECTION)
+    assert text in section  # the section's own tables untouched by the effect column's update
+    assert next(x for x in head.splitlines() if x.startswith("| b |")).endswith(f"| {cells['b']} |")
+    assert "| reference |" not in head and section.count("| reference | `") == 1
+
+
 @pytest.mark.slow
 def test_tiny_measurement_differences_are_a_minus_b_of_the_eval_tables(tmp_path, one_thread):
     from tally.evaluation.metrics import all_metrics
