@@ -236,6 +236,29 @@ def test_tally_compare_prints_one_line_per_metric_and_refuses_other_test_sets(tm
     assert "shot thresholds differ" in capsys.readouterr().err
 
 
+def test_compare_allows_the_validation_protocol_fields_and_refuses_a_test_set_field(tmp_path):
+    """data.carve_validation / oracle_selection (docs/PROTOCOL.md row d) change training and validation
+    only (tally.data.uncarved_splits keeps every test split): compared; data.held_out changes the test
+    split: refused, naming the field."""
+    rng = np.random.default_rng(10)
+    lab, dom, pred = random_split(rng, N=120, p=0.7)
+    fake_run(tmp_path / "a", pred, lab, dom, "tally")
+    fake_run(tmp_path / "b", np.where(rng.random(120) < 0.5, pred, lab), lab, dom, "tally")
+
+    def set_data(run, **fields):
+        cfg = yaml.safe_load((tmp_path / run / "config.yaml").read_text())
+        cfg["data"].update(fields)
+        (tmp_path / run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    set_data("a", carve_validation=True, oracle_selection=False, held_out=["x"])
+    set_data("b", carve_validation=False, oracle_selection=True, held_out=["x"])
+    frame, _ = intervals.compare_runs(tmp_path / "a", tmp_path / "b", replicates=20)
+    assert set(frame["split"]) == {"test_sub"} and len(frame)
+    set_data("b", held_out=["y"])
+    with pytest.raises(TallyError, match=r"test sets differ \(data.held_out: \['x'\] vs \['y'\]\)"):
+        intervals.compare_runs(tmp_path / "a", tmp_path / "b", replicates=20)
+
+
 @pytest.mark.slow
 def test_training_keeps_the_test_predictions_of_the_kept_checkpoint(tmp_path, one_thread):
     from tally.training import train_run
