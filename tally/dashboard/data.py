@@ -227,6 +227,18 @@ def status_counts(frame: pd.DataFrame) -> dict[str, int]:
     return counts
 
 
+ORACLE_COLUMN = "config.data.oracle_selection"
+
+
+def oracle_trials(frame: pd.DataFrame) -> list[str]:
+    """Trials whose kept epoch was selected on test images (data.oracle_selection: the reference
+    protocol's held-out-domain selection): their test numbers are optimistic and must say so."""
+    if ORACLE_COLUMN not in frame.columns:
+        return []
+    oracle = frame[ORACLE_COLUMN].map(lambda v: v is True or str(v).lower() == "true")
+    return frame.loc[oracle, "trial_id"].astype(str).tolist()
+
+
 def experiment_overview(trials: TrialSet) -> dict:
     """One row of the experiment list: name, counts, best trial and its value."""
     best = results.select_trial(trials.frame, trials.selection)

@@ -104,9 +104,15 @@ def header(trials: dd.TrialSet) -> None:
     best = results.select_trial(trials.frame, trials.selection)
     if best is None:
         st.info(f"No finished trial has {dd.plain(sel.metric)} yet: the best trial appears when one finishes.")
-    else:
+    oracle = dd.oracle_trials(trials.frame)
+    if best is not None:
         st.success(f"Best trial: **{dd.plain(best['trial_id'])}**, {dd.plain(sel.metric)} = {_fmt(best[sel.metric])} "
-                   f"({sel.mode}, {dd.plain(sel.source)})")
+                   f"({sel.mode}, {dd.plain(sel.source)})"
+                   + (" — ORACLE: its epoch was selected on test images" if best["trial_id"] in oracle else ""))
+    if oracle:
+        st.warning(f"ORACLE selection: {len(oracle)} of {len(trials.frame)} trials selected their epoch on test "
+                   "images (data.oracle_selection, as the reference protocol does for a held-out domain); "
+                   "their test numbers are optimistic (docs/PROTOCOL.md).")
     spec = st.expander("Search spec (spec.yaml)", key=f"spec_open:{trials.name}", on_change="rerun")
     if spec.open:  # drawn only when opened: highlighted code costs the first page load ~0.15 s
         with spec:

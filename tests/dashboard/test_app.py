@@ -489,3 +489,26 @@ def test_bad_files_hide_only_what_they_hold(tmp_path, monkeypatch):
     captions = " ".join(c.value for c in at.caption)
     assert dd.plain(f"trial {trials[0]}: status.json: unreadable") in captions  # store text, escaped
     assert all("unreadable" not in n for n in dd.load_trials(healthy.path).notes)
+
+
+def test_oracle_selected_trials_are_labelled(tmp_path, monkeypatch):
+    """Trials that selected their epoch on test images (protocol: reference, a held-out domain) say
+    ORACLE beside the best trial and in a warning; an ordinary experiment says nothing of it."""
+    exp = sf.make_experiment(tmp_path, "reference-domain", 4, seed=3, summary=False)
+    oracle = sorted(p.name for p in (exp.path / results.TRIALS_DIR).iterdir())[:3]
+    for trial_id in oracle:
+        path = exp.path / results.TRIALS_DIR / trial_id / "config.yaml"
+        cfg = results.read_yaml(path)
+        cfg["data"]["oracle_selection"] = True
+        results.write_yaml(path, cfg)
+    at = run_app(tmp_path, monkeypatch)
+    assert_ok(at)
+    shown = texts(at)
+    assert "ORACLE selection: 3 of 4 trials selected their epoch on test images" in shown
+    assert ("ORACLE: its epoch was selected on test images" in shown) == (exp.best in oracle)
+    assert sorted(dd.oracle_trials(dd.load_trials(exp.path).frame)) == oracle
+
+    plain = sf.make_experiment(tmp_path / "other", "sub-plain", 4, seed=3, setting="sub")
+    at = run_app(tmp_path / "other", monkeypatch)
+    assert_ok(at)
+    assert "ORACLE" not in texts(at) and dd.oracle_trials(dd.load_trials(plain.path).frame) == []
