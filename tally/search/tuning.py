@@ -435,12 +435,15 @@ def tuning_markdown(curves: pd.DataFrame, chosen: pd.DataFrame, costs: pd.DataFr
              "| method | setting | rule | picked trial | its selection value | epoch |", "|---|---|---|---|---|---|"]
     lines += [f"| {p.method} | {p.setting} | {RULES[p.rule]} | t{p.trial} | {100 * p.value:.1f} | {p.epoch} |"
               for p in chosen.itertuples(index=False)]
-    lines += ["", "best training-domain validation value after n trials (%; 95% interval over trial orders)", "",
+    lines += ["", "best training-domain validation value after n trials (%; 95% interval over trial orders; a value "
+              "alone where every order gives the same: the validation set's own noise is not in these)", "",
               "| method | setting | " + " | ".join(f"n={n}" for n in range(1, tune["trials"] + 1)) + " |",
               "|---|---|" + "---|" * tune["trials"]]
     for (method, setting), r in curves.groupby(["method", "setting"], sort=False):
-        cells = [f"{100 * b:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" for b, lo, hi in zip(r["best"], r["low"], r["high"],
-                                                                                      strict=True)]
+        # where every order agrees (all trials seen, or one value dominates) there is no spread to show:
+        # the value alone, never a zero-width interval (it would read as a claim of no uncertainty)
+        cells = [f"{100 * b:.1f}" if hi - lo < 5e-4 else f"{100 * b:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+                 for b, lo, hi in zip(r["best"], r["low"], r["high"], strict=True)]
         lines.append(f"| {method} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", "| method | trials run | lodo runs | re-runs | wall h | CPU h | GPU h |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {c.method} | {c.trials} | {c.lodo_runs} | {c.reruns} | {c.wall_h:.3f} | {c.cpu_h:.3f} | {c.gpu_h:.3f} |"
