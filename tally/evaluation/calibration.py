@@ -69,9 +69,10 @@ from scipy.optimize import minimize_scalar
 from tally import results
 from tally.errors import TallyError
 from tally.evaluation import metrics as evaluation
+from tally.schema import mode_of
 
 LOGITS_FILE = "logits.npz"
-CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FILE = results.CALIBRATION_FILE  # "calibration.json": the store reads its metrics too
 BINS = 15
 COVERAGES = (0.9, 0.8)
 REPLICATES = 1000
@@ -97,9 +98,10 @@ HEADLINE: tuple[str, ...] = ("ece", "ece_worst_domain", "ece_worst_class", "brie
 SHOT_NAMES: tuple[str, ...] = ("ece_shot_many", "ece_shot_medium", "ece_shot_few", "ece_shot_zero")
 DOMAIN_PREFIX, CLASS_PREFIX = "ece_domain:", "ece_class:"
 METRIC_NAMES: tuple[str, ...] = HEADLINE + SHOT_NAMES
-# Directions of every calibration metric, with and without temperature scaling.
+# Directions of every calibration metric, with and without temperature scaling: tally.schema.mode_of,
+# the one definition that selection also reads (schema.CALIBRATION_METRICS names these same metrics).
 HIGHER_IS_BETTER: dict[str, bool] = {
-    prefix + name: name.startswith("acc_at_cov") for name in METRIC_NAMES for prefix in ("", TS_PREFIX)
+    prefix + name: mode_of(name) == "max" for name in METRIC_NAMES for prefix in ("", TS_PREFIX)
 }
 METRIC_LABELS: dict[str, str] = {
     "ece": "ECE", "ece_worst_domain": "worst-domain ECE", "ece_worst_class": "worst-class ECE",
@@ -124,7 +126,7 @@ def metric_label(name: str) -> str:
 
 def higher_is_better(name: str) -> bool:
     """Direction of any calibration metric name (per-domain and per-class ECE rows included)."""
-    return HIGHER_IS_BETTER.get(name, False)
+    return mode_of(name) == "max"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -592,6 +594,14 @@ def headline_metrics(logits: dict, table: pd.DataFrame, info: dict, thresholds=e
                            if m in METRIC_NAMES})
         out[split] = values
     return out
+
+
+def validation_metrics(arrays: tuple, table: pd.DataFrame, split: str = "val",
+                       thresholds=evaluation.DEFAULT_SHOT_THRESHOLDS, bins: int = BINS) -> dict[str, float]:
+    """``METRIC_NAMES`` of one split from its (logits, labels, domains) and long table, before any
+    temperature: what training records each epoch as ``val/<metric>`` for selection (a ``ts_`` value is
+    never computed here: T is fitted on validation, so it would be in-sample)."""
+    return headline_metrics({split: arrays}, table, {}, thresholds, bins, what=split)[split]
 
 
 def run_calibration(run_dir: str | Path, *, bins: int = BINS, thresholds: tuple[int, int] | None = None
