@@ -23,7 +23,10 @@ Definitions (top-label, as SubpopBench reports ECE beside worst-group accuracy):
   of metrics.py): ECE of that group's examples, binned within the group; ``ece_worst_domain`` and
   ``ece_worst_class`` are the largest.
 Lower is better for every ECE, Brier, NLL and AURC; higher for the accuracies at a coverage
-(``HIGHER_IS_BETTER``).
+(``HIGHER_IS_BETTER``, from tally.schema.mode_of, the one definition selection reads too).
+A search or benchmark may select on any of ``METRIC_NAMES`` (tally.schema.CALIBRATION_METRICS): training
+records them on validation every epoch (``validation_metrics``), BEFORE temperature scaling, since T is
+fitted on those same images and a ``ts_`` value there would be in-sample; selecting on ``ts_*`` is refused.
 
 Temperature scaling (Guo et al. 2017): one T > 0 divides every logit. It is fitted on the
 validation split only (minimum NLL over log T, bounded), never on a test split, and the test metrics
