@@ -78,6 +78,7 @@ def test_a_lower_is_better_metric_selects_the_lowest_validation_value(tmp_path, 
     best, selection = results.best_of_experiment(exp)
     assert selection.mode == "min" and best[f"val/{metric}"] == 0.10
     assert best["trial_id"] == "e"  # b and e tie at 0.10: e has the better mean pair accuracy
+    assert results.best_trial(results.summarise(exp), metric)["trial_id"] == "e"  # direction by default
     assert results.read_metrics(exp / "trials" / "a") == {"val": {"pair_acc_mean": 0.9, metric: 0.30},
                                                           "test_sub": {metric: 0.01}}
     # what the dashboard shows as the best trial and the runner-up follows the same direction
