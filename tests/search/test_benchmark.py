@@ -341,12 +341,12 @@ def test_multi_objective_search_then_benchmark_end_to_end(tmp_path, local_ray, c
     for trial_id, value in zip(done["trial_id"], done["val/ece_worst_domain"], strict=True):
         # every epoch recorded it on validation; the kept epoch is the lowest of the main phase
         epochs = pd.DataFrame(results.read_jsonl(exp / "trials" / trial_id / "epochs.jsonl"))
-        main = epochs[epochs["phase"] == "main"].set_index("epoch")["val/ece_worst_domain"]
+        kept_from = epochs[epochs["phase"] == "main"].set_index("epoch")["val/ece_worst_domain"]
         kept = results.read_json(exp / "trials" / trial_id / "status.json")
-        assert epochs["val/ece_worst_domain"].notna().all() and main[kept["best_epoch"]] == main.min()
+        assert epochs["val/ece_worst_domain"].notna().all() and kept_from[kept["best_epoch"]] == kept_from.min()
         assert kept["selection"]["metric"] == "ece_worst_domain" and kept["selection"]["value"] == value
-        assert main[kept["best_epoch"]] == pytest.approx(value, abs=1e-6)  # the kept weights re-evaluated
-        assert epochs["best_value"].dropna().iloc[-1] == main.min()
+        assert kept_from[kept["best_epoch"]] == pytest.approx(value, abs=1e-6)  # the kept weights re-evaluated
+        assert epochs["best_value"].dropna().iloc[-1] == kept_from.min()
     best, selection = results.best_of_experiment(exp)
     assert selection.modes == ("max", "min")
     assert best["trial_id"] == results.pick_from_front(summary, selection.objectives, 0.01)["trial_id"]
