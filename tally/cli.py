@@ -143,7 +143,7 @@ def cmd_benchmark(args) -> int:
         return 0
     out = benchmark.run_benchmark(spec, args.storage, address=args.address, quiet=not args.verbose)
     if spec.tuning is not None:  # one table per selection rule, then the tuning report
-        print("\n" + benchmark.tuned_markdown(out, spec.resolved["tune"]))
+        print("\n" + benchmark.tuned_markdown(out, spec.resolved["tune"], spec.resolved["selection_metric"]))
         print(f"results: {results.experiment_dir(args.storage, spec.name)} "
               "(table.md; rules/<rule>/: each rule's tables; picks.csv, curves.csv, cost.csv)")
         return 0

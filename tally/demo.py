@@ -90,7 +90,8 @@ def run_demo(storage: Path) -> int:
     print("\n2. the picks compared on test_sub\n")
     print(benchmark.markdown(out["train_val"], metrics=HEADLINE))
     t = out["tuning"]
-    print(tuning.tuning_markdown(t["curves"], t["picks"], t["cost"], bench.resolved["tune"]))
+    print(tuning.tuning_markdown(t["curves"], t["picks"], t["cost"], bench.resolved["tune"],
+                                 bench.resolved["selection_metric"]))
     for line in conclusion(out["train_val"]["difference_summary"], bench.resolved["tune"]):
         print(line)
 

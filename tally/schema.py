@@ -14,8 +14,31 @@ from dataclasses import dataclass
 
 from tally.errors import TallyError
 
+# Validation metrics a search, a benchmark or a run's kept epoch may be selected on; this block is the one
+# place their directions are defined (selection, Optuna's directions, ASHA and the dashboard read mode_of).
+# Accuracy-like metrics come from the per-(domain, class) table (evaluation/metrics.py): higher is better.
 METRICS = ("acc", "macro_recall", "macro_f1", "pair_acc_mean", "pair_acc_worst", "class_acc_mean",
            "class_acc_worst", "domain_acc_mean", "domain_acc_worst")
+# Calibration and selective prediction (evaluation/calibration.py), from the validation logits BEFORE
+# temperature scaling: T is fitted on those same validation images, so a `ts_` value there would be
+# in-sample (optimistic), and no selection may use one. Lower is better for every ECE, Brier, NLL and
+# AURC; higher for the accuracies at a coverage.
+CALIBRATION_METRICS = ("ece", "ece_worst_domain", "ece_worst_class", "brier", "nll", "aurc", "acc_at_cov90",
+                       "acc_at_cov80", "ece_shot_many", "ece_shot_medium", "ece_shot_few", "ece_shot_zero")
+HIGHER_IS_BETTER_CALIBRATION = ("acc_at_cov90", "acc_at_cov80")
+SELECTION_METRICS = METRICS + CALIBRATION_METRICS
+TEMPERATURE_PREFIX = "ts_"  # a metric after temperature scaling (calibration.TS_PREFIX)
+
+
+def mode_of(metric: str) -> str:
+    """'max' or 'min': which way a metric is better. Takes a name ('ece'), a column ('val/ece') or a
+    temperature-scaled or per-group calibration name ('ts_ece', 'ece_domain:photo'); every name outside
+    the calibration metrics (accuracies, F1, recall, shot-bucket accuracies) is higher-is-better."""
+    name = metric.rsplit("/", 1)[-1].removeprefix(TEMPERATURE_PREFIX)
+    if name in HIGHER_IS_BETTER_CALIBRATION:
+        return "max"
+    lower = name in CALIBRATION_METRICS or name.startswith("ece")
+    return "min" if lower else "max"
 
 
 # One rule for every integer field: it fits a 64-bit integer (numpy and torch index, count and seed with
@@ -138,7 +161,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "amsgrad": Field(bool, True),
         "sgd_momentum": Field(float, 0.9, low=0.0, high=1.0),
         "seed": Field(int, 0, low=0, high=SEED_MAX),
-        "selection_metric": Field(str, "pair_acc_mean", choices=METRICS),
+        "selection_metric": Field(str, "pair_acc_mean", choices=SELECTION_METRICS),
         # which epochs may be kept as the best: 'main' = only after the warm-up (the reference's protocol);
         # 'last' = no early stopping, the last epoch is kept (a tuned benchmark's leave-one-domain-out rule)
         "select_from": Field(str, "main", choices=("main", "all", "last")),

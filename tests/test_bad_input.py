@@ -123,6 +123,8 @@ CASES: dict[str, Case] = {
     "spec-gpus-negative": spec_case("resources", {"gpus_per_worker": -1}, "resources.gpus_per_worker"),
     "spec-name-escapes": spec_case("name", "../x", "name"),
     "spec-metric-unknown": spec_case("selection", {"metric": "top5"}, "selection.metric"),
+    "spec-metric-after-temperature": spec_case("selection", {"metric": "ts_ece"},
+                                               "s.yaml: selection.metric: 'ts_ece' cannot be selected on"),
     "spec-start-outside": spec_case("start_with", [{"train.lr": 5.0}], "start_with[0].train.lr"),
     "spec-not-utf8": spec_case(None, text=b"name: \xfe\n", names="s.yaml: not UTF-8"),
     "spec-root-env-unset": spec_case("base.data", {"source": "folder", "root": "${TALLY_NO_SUCH_VAR}"},

@@ -135,25 +135,39 @@ def progress_figure(frame: pd.DataFrame, metric: str) -> go.Figure:
     return fig.update_layout(margin={"t": 50}, height=360)
 
 
-def pareto_figure(points: pd.DataFrame, x: str, y: str, tolerance: float) -> go.Figure:
+def pareto_figure(points: pd.DataFrame, x: str, y: str, tolerance: float,
+                  modes: tuple[str, str] = ("max", "max")) -> go.Figure:
     """The two objectives of every finished trial: the Pareto front joined by a line, the picked trial
-    starred, and the band of trials within ``tolerance`` of the best ``x`` (where the pick is made)."""
+    starred, and the band of trials within ``tolerance`` of the best ``x`` (where the pick is made).
+    ``modes``: each objective's direction (results.Selection.modes); 'min' for an ECE, Brier, NLL, AURC."""
     fig = go.Figure()
     rest, front = points[~points["front"]], points[points["front"]].sort_values(x)
+    x_band = _tolerance_band(points[x], tolerance, modes[0])
     picked = points[points["picked"]]
     fig.add_trace(go.Scatter(x=rest[x], y=rest[y], mode="markers", name="dominated", text=rest["trial_id"],
                              marker={"color": "#adb5bd", "size": 8}))
     fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="markers+lines", name="Pareto front",
-                             text=front["trial_id"], line={"shape": "hv", "color": "#2a9d8f"},
+                             # the staircase's corners join the better x and the better y of neighbours
+                             text=front["trial_id"], line={"shape": "hv" if modes[0] == "max" else "vh",
+                                                           "color": "#2a9d8f"},
                              marker={"color": "#2a9d8f", "size": 10}))
     fig.add_trace(go.Scatter(x=picked[x], y=picked[y], mode="markers", name="picked", text=picked["trial_id"],
                              marker={"symbol": "star", "color": "#e63946", "size": 18}))
-    if len(points):
-        fig.add_vrect(x0=points[x].max() - tolerance, x1=points[x].max(), fillcolor="#e9c46a", opacity=0.2,
-                      line_width=0)
+    if x_band is not None:
+        fig.add_vrect(x0=x_band[0], x1=x_band[1], fillcolor="#e9c46a", opacity=0.2, line_width=0)
     fig.update_traces(hovertemplate="%{text}<br>" + x + ": %{x:.4f}<br>" + y + ": %{y:.4f}<extra></extra>")
     return fig.update_layout(title=f"Pareto front: {y} against {x}", xaxis_title=x, yaxis_title=y,
                              margin={"t": 50}, height=420)
+
+
+def _tolerance_band(values: pd.Series, tolerance: float, mode: str) -> tuple[float, float] | None:
+    """Where the Pareto pick is made on the first objective: within ``tolerance`` of its best value (the
+    highest, or for a lower-is-better metric the lowest); None without values."""
+    if values.empty:
+        return None
+    if mode == "max":
+        return float(values.max()) - tolerance, float(values.max())
+    return float(values.min()), float(values.min()) + tolerance
 
 
 def importance_bars(values: pd.Series, title: str) -> go.Figure:

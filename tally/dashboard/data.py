@@ -302,8 +302,9 @@ def table_columns(trials: TrialSet, metrics: list[str] | None = None) -> list[st
     frame = trials.frame
     metrics = list(metrics) if metrics is not None else list(DEFAULT_TABLE_METRICS)
     cols = ["order", "trial_id", "status", "duration_s", "epoch"]
-    if trials.selection.metric in frame.columns:
-        cols.append(trials.selection.metric)
+    for col in dict.fromkeys((*trials.selection.objectives, trials.selection.metric)):  # what the pick reads
+        if col in frame.columns:
+            cols.append(col)
     cols += param_columns(frame)
     for split in split_names(frame.columns):
         for name in metrics:

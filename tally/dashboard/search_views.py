@@ -109,7 +109,8 @@ def pareto_section(trials: dd.TrialSet) -> None:
     if points.empty:
         st.info(f"The Pareto front appears when a trial finishes with both {dd.plain(x)} and {dd.plain(y)}.")
         return
-    st.plotly_chart(charts.pareto_figure(points, x, y, trials.selection.tolerance), key="pareto")
+    st.plotly_chart(charts.pareto_figure(points, x, y, trials.selection.tolerance, trials.selection.modes),
+                    key="pareto")
     st.caption(f"Pick: {dd.plain(trials.selection.source)}. Shaded: within the tolerance of the best {dd.plain(x)}. "
                f"{int(points['front'].sum())} of {len(points)} finished trials are on the front.")
     views.data_table(points, "pareto", f"{trials.name}-pareto.csv")

@@ -23,7 +23,10 @@ Definitions (top-label, as SubpopBench reports ECE beside worst-group accuracy):
   of metrics.py): ECE of that group's examples, binned within the group; ``ece_worst_domain`` and
   ``ece_worst_class`` are the largest.
 Lower is better for every ECE, Brier, NLL and AURC; higher for the accuracies at a coverage
-(``HIGHER_IS_BETTER``).
+(``HIGHER_IS_BETTER``, from tally.schema.mode_of, the one definition selection reads too).
+A search or benchmark may select on any of ``METRIC_NAMES`` (tally.schema.CALIBRATION_METRICS): training
+records them on validation every epoch (``validation_metrics``), BEFORE temperature scaling, since T is
+fitted on those same images and a ``ts_`` value there would be in-sample; selecting on ``ts_*`` is refused.
 
 Temperature scaling (Guo et al. 2017): one T > 0 divides every logit. It is fitted on the
 validation split only (minimum NLL over log T, bounded), never on a test split, and the test metrics
@@ -69,9 +72,10 @@ from scipy.optimize import minimize_scalar
 from tally import results
 from tally.errors import TallyError
 from tally.evaluation import metrics as evaluation
+from tally.schema import mode_of
 
 LOGITS_FILE = "logits.npz"
-CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FILE = results.CALIBRATION_FILE  # "calibration.json": the store reads its metrics too
 BINS = 15
 COVERAGES = (0.9, 0.8)
 REPLICATES = 1000
@@ -97,9 +101,10 @@ HEADLINE: tuple[str, ...] = ("ece", "ece_worst_domain", "ece_worst_class", "brie
 SHOT_NAMES: tuple[str, ...] = ("ece_shot_many", "ece_shot_medium", "ece_shot_few", "ece_shot_zero")
 DOMAIN_PREFIX, CLASS_PREFIX = "ece_domain:", "ece_class:"
 METRIC_NAMES: tuple[str, ...] = HEADLINE + SHOT_NAMES
-# Directions of every calibration metric, with and without temperature scaling.
+# Directions of every calibration metric, with and without temperature scaling: tally.schema.mode_of,
+# the one definition that selection also reads (schema.CALIBRATION_METRICS names these same metrics).
 HIGHER_IS_BETTER: dict[str, bool] = {
-    prefix + name: name.startswith("acc_at_cov") for name in METRIC_NAMES for prefix in ("", TS_PREFIX)
+    prefix + name: mode_of(name) == "max" for name in METRIC_NAMES for prefix in ("", TS_PREFIX)
 }
 METRIC_LABELS: dict[str, str] = {
     "ece": "ECE", "ece_worst_domain": "worst-domain ECE", "ece_worst_class": "worst-class ECE",
@@ -124,7 +129,7 @@ def metric_label(name: str) -> str:
 
 def higher_is_better(name: str) -> bool:
     """Direction of any calibration metric name (per-domain and per-class ECE rows included)."""
-    return HIGHER_IS_BETTER.get(name, False)
+    return mode_of(name) == "max"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -592,6 +597,14 @@ def headline_metrics(logits: dict, table: pd.DataFrame, info: dict, thresholds=e
                            if m in METRIC_NAMES})
         out[split] = values
     return out
+
+
+def validation_metrics(arrays: tuple, table: pd.DataFrame, split: str = "val",
+                       thresholds=evaluation.DEFAULT_SHOT_THRESHOLDS, bins: int = BINS) -> dict[str, float]:
+    """``METRIC_NAMES`` of one split from its (logits, labels, domains) and long table, before any
+    temperature: what training records each epoch as ``val/<metric>`` for selection (a ``ts_`` value is
+    never computed here: T is fitted on validation, so it would be in-sample)."""
+    return headline_metrics({split: arrays}, table, {}, thresholds, bins, what=split)[split]
 
 
 def run_calibration(run_dir: str | Path, *, bins: int = BINS, thresholds: tuple[int, int] | None = None

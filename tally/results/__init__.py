@@ -4,6 +4,7 @@ selection rule. The front door re-exports store.py; storage.py puts a store on o
 """
 
 from tally.results.store import (  # noqa: F401
+    CALIBRATION_FILE,
     DEFAULT_SELECTION,
     HEARTBEAT,
     HEARTBEAT_S,
@@ -29,6 +30,7 @@ from tally.results.store import (  # noqa: F401
     problem,
     read_json,
     read_jsonl,
+    read_metrics,
     read_parquet,
     read_run,
     read_summary,

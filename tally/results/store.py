@@ -27,10 +27,12 @@ import yaml
 from tally import files
 from tally.config import parse_yaml
 from tally.errors import TallyError
+from tally.schema import mode_of
 
 STATUSES = ("pending", "running", "done", "failed", "stopped")
 TRIALS_DIR = "trials"
 DEFAULT_SELECTION = {"metric": "pair_acc_worst", "mode": "max"}  # a spec without `selection:`
+CALIBRATION_FILE = "calibration.json"  # evaluation/calibration.py: the temperature and calibration metrics
 NO_SPEC_METRIC = "pair_acc_mean"  # a folder of `tally train` runs: no spec says what to select on
 
 
@@ -228,6 +230,21 @@ def clean_metrics(raw) -> dict | None:
             for split, values in raw.items() if isinstance(values, dict)}
 
 
+def read_metrics(run_dir: Path) -> dict | None:
+    """Every metric of a run's kept checkpoint, {split: {metric: value}}: metrics.json (from the long
+    table) and the calibration metrics training writes to calibration.json (from the logits), the
+    former winning a name both hold. What selection, a trial's reports and summaries read; None when
+    the run has neither file."""
+    metrics = clean_metrics(read_json(Path(run_dir) / "metrics.json"))
+    calibration = clean_metrics((read_json(Path(run_dir) / CALIBRATION_FILE) or {}).get("metrics"))
+    if metrics is None and calibration is None:
+        return None
+    out = {split: dict(values) for split, values in (calibration or {}).items()}
+    for split, values in (metrics or {}).items():
+        out.setdefault(split, {}).update(values)
+    return out
+
+
 def run_state(run_dir: Path, status: dict) -> str:
     """The status a reader should show: the stored one, or "lost" for a "running" run whose owner is
     gone (same host: its pid is dead; another host: no heartbeat for LOST_AFTER_S)."""
@@ -371,7 +388,7 @@ def trial_row(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     status = read_json(run_dir / "status.json") or {}
     config = read_yaml(run_dir / "config.yaml") or {}
-    metrics = clean_metrics(read_json(run_dir / "metrics.json")) or {}
+    metrics = read_metrics(run_dir) or {}  # calibration metrics (calibration.json) are columns too
     unreadable = {name: why for name in ("status.json", "config.yaml", "metrics.json")
                   if (why := problem(run_dir / name))}
 
@@ -395,11 +412,6 @@ def trial_row(run_dir: Path) -> dict:
     for split, values in metrics.items():
         for name, value in values.items():
             row[f"{split}/{name}"] = value
-    # calibration metrics (evaluation/calibration.py writes them beside the temperature): extra columns
-    calibration = read_json(run_dir / "calibration.json") if (run_dir / "calibration.json").is_file() else None
-    for split, values in (clean_metrics((calibration or {}).get("metrics")) or {}).items():
-        for name, value in values.items():
-            row.setdefault(f"{split}/{name}", value)
     return row
 
 
@@ -429,6 +441,8 @@ def read_summary(exp_dir: Path) -> pd.DataFrame:
 # One rule (as DomainBed's model_selection.py), used by the search, `tally export`, the report and the
 # dashboard: the spec says which validation metric; only finished trials compete; ties go to the
 # better validation mean pair accuracy, then to the first trial id. Test numbers never take part.
+# Each metric's direction is tally.schema.mode_of (lower is better for ECE, Brier, NLL and AURC), never
+# the spec's word alone.
 @dataclass(frozen=True)
 class Selection:
     """How the best trial is chosen: a validation metric column, a direction, and where that came from."""
@@ -436,9 +450,14 @@ class Selection:
     metric: str
     mode: str
     source: str
-    # a multi-objective search: (mean-like, worst-like) validation columns and the pick's tolerance
+    # a multi-objective search: (first, second) validation columns and the pick's tolerance
     objectives: tuple[str, ...] = ()
     tolerance: float = 0.0
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Each objective's direction ('max' or 'min')."""
+        return tuple(mode_of(m) for m in self.objectives)
 
 
 def selection_of(spec: dict | None) -> Selection:
@@ -450,18 +469,22 @@ def selection_of(spec: dict | None) -> Selection:
     metric = str(sel.get("metric") or DEFAULT_SELECTION["metric"])
     if "/" not in metric:
         metric = f"val/{metric}"
-    mode = str(sel.get("mode") or "max").lower()
-    if mode not in ("max", "min"):
-        mode = "max"
+    mode = mode_of(metric)  # the metric's own direction: a spec.yaml's `mode` cannot turn an ECE around
     source = "spec.yaml selection" if sel.get("metric") else f"spec.yaml without selection: default {metric}"
     objectives = sel.get("objectives")
     if isinstance(objectives, list) and len(objectives) == 2 and all(isinstance(m, str) for m in objectives):
         columns = tuple(m if "/" in m else f"val/{m}" for m in objectives)
         tolerance = sel.get("tolerance", 0.01)
         tolerance = float(tolerance) if isinstance(tolerance, int | float) and not isinstance(tolerance, bool) else 0.01
-        return Selection(columns[1], "max", f"Pareto front of ({columns[0]}, {columns[1]}): the best {columns[1]} "
-                         f"among finished trials within {tolerance:g} of the best {columns[0]}", columns, tolerance)
+        return Selection(columns[1], mode_of(columns[1]), f"Pareto front of ({_directed(columns[0])}, "
+                         f"{_directed(columns[1])}): the best {columns[1]} among finished trials within "
+                         f"{tolerance:g} of the best {columns[0]}", columns, tolerance)
     return Selection(metric, mode, source)
+
+
+def _directed(column: str) -> str:
+    """A column with its direction when lower is better: 'val/ece (lower is better)'."""
+    return column if mode_of(column) == "max" else f"{column} (lower is better)"
 
 
 def best_of_experiment(exp_dir: Path, summary: pd.DataFrame | None = None) -> tuple[pd.Series | None, Selection]:
@@ -478,15 +501,17 @@ def select_trial(summary: pd.DataFrame, selection: Selection) -> pd.Series | Non
     return best_trial(summary, selection.metric, selection.mode)
 
 
-def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Series | None:
+def best_trial(summary: pd.DataFrame, metric: str, mode: str | None = None) -> pd.Series | None:
     """The best finished trial by a VALIDATION metric; test numbers never take part.
 
-    ``metric`` is a column ('val/pair_acc_worst') or a metric name ('pair_acc_worst'). Only trials
+    ``metric`` is a column ('val/pair_acc_worst') or a metric name ('pair_acc_worst'); ``mode`` defaults
+    to its direction (tally.schema.mode_of: 'min' for an ECE, Brier, NLL or AURC). Only trials
     that ran to the end ('done') compete: a stopped trial's early numbers are not comparable. Ties go
     to the better mean pair accuracy (also validation), then to the first trial id. One rule for
     the search, `tally export` and the dashboard.
     """
     column = metric if "/" in metric else f"val/{metric}"
+    mode = mode or mode_of(column)
     if summary.empty or column not in summary or "status" not in summary:
         return None
     values = pd.to_numeric(summary[column], errors="coerce")
@@ -504,29 +529,34 @@ def best_trial(summary: pd.DataFrame, metric: str, mode: str = "max") -> pd.Seri
 
 
 # ---------------------------------------------------------------- multi-objective selection
-# A multi-objective search keeps a Pareto front of (mean-like, worst-like) validation metrics, both
-# higher-is-better. One rule picks from it (search, `tally export`, `tally benchmark`, the dashboard):
-# among finished trials whose first objective is within `tolerance` of the best first objective, the
-# best second objective; ties go to the better first objective, then to the first trial id. The pick
-# is always on the front: a trial dominating it would be eligible too and win the comparison or the tie.
+# A multi-objective search keeps a Pareto front of two validation metrics, each in its own direction
+# (tally.schema.mode_of: e.g. pair_acc_mean up, ece_worst_domain down). One rule picks from it (search,
+# `tally export`, `tally benchmark`, the dashboard): among finished trials whose first objective is
+# within `tolerance` of the best first objective, the best second objective; ties go to the better
+# first objective, then to the first trial id. The pick is always on the front: a trial dominating it
+# would be eligible too and win the comparison or the tie.
 def _finished_objectives(summary: pd.DataFrame, objectives: tuple[str, ...]) -> pd.DataFrame | None:
+    """Finished trials' objective values, each ORIENTED so that higher is better (a lower-is-better
+    metric negated); None when no finished trial has them all."""
     columns = [m if "/" in m else f"val/{m}" for m in objectives]
     if summary.empty or "status" not in summary or any(c not in summary for c in columns):
         return None
     values = summary[columns].apply(pd.to_numeric, errors="coerce")
     keep = (summary["status"] == "done") & values.notna().all(axis=1)
-    return values[keep] if keep.any() else None
+    signs = [1.0 if mode_of(c) == "max" else -1.0 for c in columns]
+    return values[keep] * signs if keep.any() else None
 
 
 def pareto_front(summary: pd.DataFrame, objectives: tuple[str, ...]) -> pd.Series:
-    """True for each finished trial that no other finished trial dominates (>= on every objective and
-    > on one), on validation columns; False for the others and for unfinished trials."""
+    """True for each finished trial that no other finished trial dominates (at least as good on every
+    objective and better on one, each in its direction), on validation columns; False for the others and
+    for unfinished trials."""
     front = pd.Series(False, index=summary.index)
     values = _finished_objectives(summary, objectives)
     if values is None:
         return front
     v = values.to_numpy(dtype=float)
-    geq = (v[:, None, :] >= v[None, :, :]).all(axis=2)  # geq[i, j]: i at least as good as j everywhere
+    geq = (v[:, None, :] >= v[None, :, :]).all(axis=2)  # geq[i, j]: i at least as good as j everywhere (oriented)
     gt = (v[:, None, :] > v[None, :, :]).any(axis=2)
     dominated = (geq & gt).any(axis=0)
     front[values.index[~dominated]] = True
@@ -538,7 +568,7 @@ def pick_from_front(summary: pd.DataFrame, objectives: tuple[str, ...], toleranc
     values = _finished_objectives(summary, objectives)
     if values is None:
         return None
-    first, second = values.columns
+    first, second = values.columns  # oriented: higher is better for both
     near = values[values[first] >= values[first].max() - tolerance - 1e-12]  # 1e-12: float round-off
     ordered = near.assign(_id=summary.loc[near.index, "trial_id"]).sort_values(
         [second, first, "_id"], ascending=[False, False, True], kind="stable")

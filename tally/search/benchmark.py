@@ -51,9 +51,9 @@ from tally.evaluation.benchmark_tables import (  # noqa: F401 - the tables part,
     wide_table,
     write_tables,
 )
-from tally.schema import METRICS, SEED_MAX, check_int, check_section
+from tally.schema import SEED_MAX, check_int, check_section
 from tally.search import tuning
-from tally.search.spec import check_resources, expand_roots
+from tally.search.spec import check_metric, check_resources, expand_roots
 
 TOP_KEYS = ("name", "data", "base", "methods", "baseline", "settings", "seeds", "selection_metric",
             "concurrency", "resources", "report", "tune")
@@ -108,9 +108,10 @@ def benchmark_spec_from_raw(raw, source: str = "benchmark spec", name: str | Non
     out["base"] = copy.deepcopy(base)
     out["selection_metric"] = raw.get("selection_metric") or (base.get("train") or {}).get(
         "selection_metric") or results.DEFAULT_SELECTION["metric"]
-    if out["selection_metric"] not in METRICS:
-        raise TallyError(f"selection_metric: expected one of {', '.join(METRICS)}, "
-                         f"got {out['selection_metric']!r}")
+    try:  # any validation metric, in its own direction (tally.schema.mode_of); never a ts_ one
+        check_metric("selection_metric", out["selection_metric"])
+    except TallyError as e:
+        raise TallyError(f"{source}: {e}") from None
     tune = raw.get("tune")
     if tune is not None:
         out["tune"] = tuning.check_tune(tune)
@@ -377,9 +378,11 @@ def run_tuned(spec: BenchmarkSpec, exp_dir: Path, address: str | None, quiet: bo
         for rule, rule_out in out.items():
             write_tables(exp_dir / "rules" / rule, rule_out)
         values = tuning.trial_values(exp_dir, tp, "train_val")
-        out["tuning"] = {"picks": chosen, "curves": tuning.tuning_curves(values), "trial_values": values,
+        out["tuning"] = {"picks": chosen, "trial_values": values,
+                         "curves": tuning.tuning_curves(values, mode=tuning.selection_mode(tp)),
                          "cost": tuning.cost(exp_dir, tp, plan)}
-        results.write_text(exp_dir / "table.md", tuned_markdown(out, spec.resolved["tune"]))
+        results.write_text(exp_dir / "table.md", tuned_markdown(out, spec.resolved["tune"],
+                                                                spec.resolved["selection_metric"]))
         if tp.lodo:
             out["tuning"]["lodo_folds"] = tuning.lodo_folds(exp_dir, tp)
         for key in ("picks", "curves", "cost", "lodo_folds"):
@@ -388,12 +391,12 @@ def run_tuned(spec: BenchmarkSpec, exp_dir: Path, address: str | None, quiet: bo
     return out
 
 
-def tuned_markdown(out: dict, tune: dict, metrics=DIFFERENCE_METRICS) -> str:
+def tuned_markdown(out: dict, tune: dict, selection_metric: str = "pair_acc_mean", metrics=DIFFERENCE_METRICS) -> str:
     """Each rule's tables under its own heading (the oracle's labelled so), then the tuning report."""
     blocks = [f"## Selection rule: {tuning.RULES[rule]}\n\n" + markdown(rule_out, metrics)
               for rule, rule_out in out.items() if rule in tuning.RULES]
     t = out["tuning"]
-    blocks.append(tuning.tuning_markdown(t["curves"], t["picks"], t["cost"], tune))
+    blocks.append(tuning.tuning_markdown(t["curves"], t["picks"], t["cost"], tune, selection_metric))
     return "\n".join(blocks)
 
 

@@ -26,6 +26,7 @@ from tally import results
 from tally.cluster import start_or_join
 from tally.errors import TallyError
 from tally.results import storage as bucket
+from tally.schema import mode_of
 from tally.search.banks import prepare_for_configs, prepare_for_spec
 from tally.search.lean import reuse_trial_actors
 from tally.search.searcher import PruneAwareOptunaSearch
@@ -209,10 +210,10 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
             optuna.logging.set_verbosity(optuna.logging.WARNING)
         selection = spec.resolved["selection"]
         storage_url = f"sqlite:///{exp_dir / 'study.db'}"
-        metric, mode, sampler = OBJECTIVE, selection["mode"], optuna.samplers.TPESampler
-        if selection.get("objectives"):  # a Pareto front of validation metrics (results.pick_from_front)
-            metric, mode = [f"val/{m}" for m in selection["objectives"]], ["max"] * len(selection["objectives"])
-            sampler = optuna.samplers.NSGAIISampler if selection["sampler"] == "nsga2" else sampler
+        metric, mode = optuna_objectives(selection)
+        sampler = optuna.samplers.TPESampler
+        if selection.get("objectives") and selection["sampler"] == "nsga2":
+            sampler = optuna.samplers.NSGAIISampler
         searcher = PruneAwareOptunaSearch(
             space=DefineByRun(spec.resolved["space"]), metric=metric, mode=mode,
             points_to_evaluate=spec.resolved.get("start_with") or None,
@@ -222,7 +223,7 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
         stopping = budget["early_stopping"]
         scheduler = None
         if stopping["enabled"]:
-            scheduler = ASHAScheduler(time_attr="training_iteration", metric=OBJECTIVE, mode=selection["mode"],
+            scheduler = ASHAScheduler(time_attr="training_iteration", metric=OBJECTIVE, mode=mode_of(selection["metric"]),
                                       max_t=spec.resolved["base"]["train"]["epochs"] + 1,
                                       grace_period=stopping["grace_epochs"],
                                       reduction_factor=stopping["reduction_factor"])
@@ -242,6 +243,15 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
     summary = results.refresh_summary(exp_dir)
     bucket.push(exp_dir)
     return summary
+
+
+def optuna_objectives(selection: dict) -> tuple[str | list[str], str | list[str]]:
+    """(metric, mode) for the searcher: a trial's `objective` in its metric's direction, or for a Pareto
+    search (results.pick_from_front) its validation columns with one direction each (tally.schema.mode_of:
+    'min' for an ECE, Brier, NLL, AURC), which OptunaSearch turns into the study's `directions`."""
+    if selection.get("objectives"):
+        return [f"val/{m}" for m in selection["objectives"]], [mode_of(m) for m in selection["objectives"]]
+    return OBJECTIVE, mode_of(selection["metric"])
 
 
 def _close_orphans(exp_dir: Path, study_name: str) -> None:
@@ -292,7 +302,8 @@ def _run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: d
     with _console(quiet=True):
         tuner.fit()
     bucket.pull(exp_dir, group)
-    return {run_id: results.read_json(exp_dir / group / run_id / "metrics.json") or {} for run_id in configs}
+    # metrics.json and the calibration metrics: confirmation seeds and robustness runs report both
+    return {run_id: results.read_metrics(exp_dir / group / run_id) or {} for run_id in configs}
 
 
 # ---------------------------------------------------------------- one run at a chosen scale

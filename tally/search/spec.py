@@ -21,7 +21,17 @@ from tally import config as config_mod
 from tally.config import set_path
 from tally.errors import TallyError
 from tally.results import DEFAULT_SELECTION
-from tally.schema import METRICS, SECTIONS, SEED_MAX, check_int, check_number, check_section
+from tally.schema import (
+    CALIBRATION_METRICS,
+    SECTIONS,
+    SEED_MAX,
+    SELECTION_METRICS,
+    TEMPERATURE_PREFIX,
+    check_int,
+    check_number,
+    check_section,
+    mode_of,
+)
 from tally.search.space import NOT_SEARCHED_FINAL, check_space, upper_bound
 
 TOP_KEYS = ("name", "base", "space", "start_with", "selection", "budget", "resources", "seed", "robustness")
@@ -135,11 +145,14 @@ def validate_spec(raw, source: str = "spec", *, name: str | None = None) -> dict
     if "seed" in out["base"]["method"] and (raw_base.get("method") or {}).get("seed") is None:
         out["base"]["method"]["seed"] = None  # follows train.seed; filled in each trial config
     out["space"] = check_space(raw.get("space"), raw_base, out["base"])
-    out["selection"] = _check_selection(raw.get("selection"))
+    try:  # the file, the field and the value in one line
+        out["selection"] = _check_selection(raw.get("selection"))
+    except TallyError as e:
+        raise TallyError(f"{source}: {e}") from None
     # a trial's best epoch and the search's best trial are picked by the same validation metric
     given = (raw_base.get("train") or {}).get("selection_metric")
     if given is not None and given != out["selection"]["metric"]:
-        raise TallyError(f"base.train.selection_metric: expected the search's selection.metric "
+        raise TallyError(f"{source}: base.train.selection_metric: expected the search's selection.metric "
                          f"{out['selection']['metric']!r} (or leave it out), got {given!r}")
     out["base"]["train"]["selection_metric"] = out["selection"]["metric"]
     out["budget"] = _check_budget(raw.get("budget"), out)
@@ -201,27 +214,46 @@ def _validate_base(raw_base: dict) -> dict:
         raise TallyError(f"base.{e}") from None
 
 
+def check_metric(field: str, metric) -> str:
+    """A validation metric a selection may use (tally.schema.SELECTION_METRICS), or a one-line error
+    naming the field: a temperature-scaled metric is refused (T is fitted on validation, so its value
+    there is in-sample), and so is any metric not computed on validation."""
+    if isinstance(metric, str) and metric.startswith(TEMPERATURE_PREFIX) \
+            and metric.removeprefix(TEMPERATURE_PREFIX) in CALIBRATION_METRICS:
+        raise TallyError(f"{field}: {metric!r} cannot be selected on: the temperature is fitted on validation, "
+                         f"so its value there is in-sample; select on {metric.removeprefix(TEMPERATURE_PREFIX)!r} "
+                         "(before temperature scaling)")
+    if metric not in SELECTION_METRICS:
+        raise TallyError(f"{field}: expected a validation metric, one of {', '.join(SELECTION_METRICS)}, "
+                         f"got {metric!r}")
+    return metric
+
+
 def _check_selection(raw) -> dict:
     multi = isinstance(raw, dict) and "objectives" in raw  # keys absent otherwise: old spec.yaml files resume
     sel = check_section("selection", raw, {**DEFAULT_SELECTION, **(MULTI_OBJECTIVE if multi else {})})
     if multi:
         sel = _check_objectives(sel, given_metric="metric" in raw)
-    if sel["metric"] not in METRICS:
-        raise TallyError(f"selection.metric: expected one of {', '.join(METRICS)}, "
-                         f"got {sel['metric']!r}")
-    if sel["mode"] != "max":  # every metric is an accuracy, F1 or recall; epochs are kept by max too
-        raise TallyError(f"selection.mode: expected 'max' (every metric is higher-is-better), got {sel['mode']!r}")
-    return sel
+    check_metric("selection.metric", sel["metric"])
+    # the direction is the metric's (tally.schema.mode_of: lower is better for ECE, Brier, NLL, AURC):
+    # `mode` may be left out, and a mode that contradicts it is refused rather than obeyed
+    mode = mode_of(sel["metric"])
+    if isinstance(raw, dict) and "mode" in raw and raw["mode"] != mode:
+        raise TallyError(f"selection.mode: {sel['metric']!r} is {'higher' if mode == 'max' else 'lower'}-is-better: "
+                         f"expected {mode!r} (or leave it out), got {raw['mode']!r}")
+    return {**sel, "mode": mode}
 
 
 def _check_objectives(sel: dict, given_metric: bool) -> dict:
-    """Multi-objective search: Optuna's study has one direction per objective; the pick from its Pareto
-    front is results.pick_from_front (best objectives[1] within `tolerance` of the best objectives[0])."""
+    """Multi-objective search: Optuna's study has one direction per objective (tally.schema.mode_of); the
+    pick from its Pareto front is results.pick_from_front (best objectives[1] within `tolerance` of the
+    best objectives[0])."""
     objectives = sel["objectives"]
-    if (not isinstance(objectives, list) or len(objectives) != 2 or objectives[0] == objectives[1]
-            or any(m not in METRICS for m in objectives)):
-        raise TallyError(f"selection.objectives: expected two different metrics [mean-like, worst-like] of "
-                         f"{', '.join(METRICS)}, got {objectives!r}")
+    if not isinstance(objectives, list) or len(objectives) != 2 or objectives[0] == objectives[1]:
+        raise TallyError(f"selection.objectives: expected two different validation metrics [first, second] of "
+                         f"{', '.join(SELECTION_METRICS)}, got {objectives!r}")
+    for i, metric in enumerate(objectives):
+        check_metric(f"selection.objectives[{i}]", metric)
     tolerance = check_number("selection.tolerance", sel["tolerance"], "a number in [0, 1]")
     if not 0 <= tolerance <= 1:
         raise TallyError(f"selection.tolerance: expected a number in [0, 1], got {tolerance!r}")

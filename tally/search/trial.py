@@ -20,6 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from tally import results
 from tally.results import storage as bucket
+from tally.schema import mode_of
 from tally.search.lean import LeanTorchTrainer
 from tally.search.rendezvous import BoundTorchConfig
 from tally.search.spec import Spec
@@ -39,7 +40,8 @@ def train_worker(loop_config: dict) -> None:
 
     context = ray.train.get_context()
     metric = loop_config["config"]["train"]["selection_metric"]
-    best = {"value": -math.inf}
+    better = max if mode_of(metric) == "max" else min  # lower is better for ECE, Brier, NLL, AURC
+    best = {"value": -math.inf if better is max else math.inf}
     run_dir = Path(loop_config["run_dir"])
     if loop_config.get("run_uri"):  # a bucket store: each rank works on its own local copy of the run
         run_dir = bucket.stage(loop_config["run_uri"], f"rank{context.get_world_rank()}")
@@ -53,7 +55,7 @@ def train_worker(loop_config: dict) -> None:
         if value is None:
             value = record.get(f"val/{metric}")
         if value is not None and not math.isnan(value):
-            best["value"] = value if record.get("best_value") is not None else max(best["value"], value)
+            best["value"] = value if record.get("best_value") is not None else better(best["value"], value)
         numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         if main:
             bucket.push(run_dir)  # before Tune hears of the epoch: a scheduler may stop the trial right after
@@ -76,10 +78,12 @@ def train_worker(loop_config: dict) -> None:
             bucket.push(run_dir)  # the final state: done with its tables, or failed with its error
     final = {OBJECTIVE: best["value"], FINAL: 1}
     if metrics:
-        selection = metrics.get("val", {}).get(metric)
+        # the kept checkpoint's validation numbers, calibration ones included (calibration.json):
+        # a multi-objective searcher reads its objectives here
+        val = (results.read_metrics(run_dir) or metrics).get("val", {})
+        selection = val.get(metric)
         final[OBJECTIVE] = selection if selection is not None else best["value"]
-        # the kept checkpoint's validation numbers: a multi-objective searcher reads its objectives here
-        final.update({f"val/{k}": v for k, v in metrics.get("val", {}).items()})
+        final.update({f"val/{k}": v for k, v in val.items()})
     ray.train.report(final)
 
 
@@ -128,7 +132,7 @@ def trial_function(params: dict, *, plan: dict) -> None:
         bucket.pull(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     status = results.read_json(run_dir / "status.json") or {}
-    metrics = results.clean_metrics(results.read_json(run_dir / "metrics.json"))
+    metrics = results.read_metrics(run_dir)  # calibration metrics included: a search may select on them
     value = (metrics or {}).get("val", {}).get(config["train"]["selection_metric"])
     if status.get("status") == "done" and value is not None:
         # A resumed search replays a trial that finished after the killed driver's last Tune

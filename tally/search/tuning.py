@@ -60,7 +60,7 @@ from tally.evaluation.benchmark_tables import (  # noqa: F401 - re-exported
     budget_text,
 )
 from tally.method.methods import METHODS
-from tally.schema import check_int, check_section
+from tally.schema import check_int, check_section, mode_of
 from tally.search import space as space_mod
 
 TUNE_DIR = "tune"
@@ -314,12 +314,13 @@ def trial_values(exp_dir: Path, tp: TunePlan, rule: str) -> pd.DataFrame:
             continue
         cfg = tp.trials[p.run]
         split = "test_sub" if p.setting == "sub" else f"test_domain:{p.setting.removeprefix('heldout-')}"
+        sign = 1.0 if mode_of(cfg["train"]["selection_metric"]) == "max" else -1.0  # lower is better: ECE, ...
         best = None
         for record in results.read_jsonl(run_dir / "epochs.jsonl"):
             if record.get("phase") != "main" and cfg["train"]["select_from"] != "all":
                 continue
             key = epoch_value(record, rule, cfg["train"]["selection_metric"], split)
-            if key is not None and (best is None or key > best[0]):
+            if key is not None and (best is None or (sign * key[0], key[1]) > (sign * best[0][0], best[0][1])):
                 best = (key, record["epoch"])
         if best is not None:
             rows.append({"run": p.run, "method": p.method, "setting": p.setting, "trial": p.trial,
@@ -339,7 +340,9 @@ def lodo_folds(exp_dir: Path, tp: TunePlan) -> pd.DataFrame:
             continue
         value = split.get(tp.lodo[p.run]["train"]["selection_metric"])
         tie = split.get("pair_acc_mean")
-        rows.append({**p._asdict(), "value": _number(value), "tiebreak": _number(tie), "epoch": status.get("best_epoch")})
+        # a missing value is NaN, never +-inf: it sorts last in either direction (lower-is-better metrics too)
+        value = float(value) if value is not None and math.isfinite(value) else math.nan
+        rows.append({**p._asdict(), "value": value, "tiebreak": _number(tie), "epoch": status.get("best_epoch")})
     return pd.DataFrame(rows, columns=[*LODO_COLUMNS, "value", "tiebreak", "epoch"])
 
 
@@ -353,7 +356,7 @@ def lodo_values(exp_dir: Path, tp: TunePlan) -> pd.DataFrame:
             continue  # a score from some of the training domains would favour the trials that ran first
         first = r.iloc[0]
         rows.append({"run": trial_run, "method": first["method"], "setting": first["setting"], "trial": first["trial"],
-                     "value": r["value"].mean(), "tiebreak": r["tiebreak"].mean(), "epoch": int(r["epoch"].max())})
+                     "value": r["value"].mean(skipna=False), "tiebreak": r["tiebreak"].mean(), "epoch": int(r["epoch"].max())})
     return pd.DataFrame(rows, columns=["run", "method", "setting", "trial", "value", "tiebreak", "epoch"])
 
 
@@ -361,16 +364,24 @@ def _number(x) -> float:
     return float(x) if x is not None and math.isfinite(x) else -math.inf
 
 
+def selection_mode(tp: TunePlan) -> str:
+    """'max' or 'min': the direction of the metric every trial selects on (the benchmark's one
+    selection_metric; tally.schema.mode_of)."""
+    metrics = {cfg["train"]["selection_metric"] for cfg in tp.trials.values()}
+    return mode_of(next(iter(metrics))) if metrics else "max"
+
+
 def picks(exp_dir: Path, tp: TunePlan) -> pd.DataFrame:
-    """Per method, setting and rule: the trial the rule picks (best value, then tie-break, then the
-    lower trial number) once every trial of that method and setting is done."""
+    """Per method, setting and rule: the trial the rule picks (best value in the metric's direction,
+    then tie-break, then the lower trial number) once every trial of that method and setting is done."""
     rows = []
+    lower = selection_mode(tp) == "min"
     for rule in tp.tune["rules"]:
         values = trial_values(exp_dir, tp, rule)
         for (method, setting), r in values.groupby(["method", "setting"], sort=False):
             if len(r) < tp.tune["trials"]:
                 continue  # a rule compares all the trials every method got, or none
-            best = r.sort_values(["value", "tiebreak", "trial"], ascending=[False, False, True]).iloc[0]
+            best = r.sort_values(["value", "tiebreak", "trial"], ascending=[lower, False, True]).iloc[0]
             rows.append({"method": method, "setting": setting, "rule": rule, "trial": int(best["trial"]),
                          "run": best["run"], "value": float(best["value"]), "epoch": int(best["epoch"])})
     return pd.DataFrame(rows, columns=["method", "setting", "rule", "trial", "run", "value", "epoch"])
@@ -393,16 +404,18 @@ def final_runs(tp: TunePlan, chosen: pd.DataFrame) -> tuple[dict[str, dict], pd.
 
 
 # ---------------------------------------------------------------- curves and cost
-def tuning_curves(values: pd.DataFrame, replicates: int = 200, seed: int = 0) -> pd.DataFrame:
+def tuning_curves(values: pd.DataFrame, replicates: int = 200, seed: int = 0, mode: str = "max") -> pd.DataFrame:
     """Best value found against the number of trials, per method and setting: the value in trial order,
-    and a 95% interval over random trial orders (the trials are exchangeable draws)."""
+    and a 95% interval over random trial orders (the trials are exchangeable draws). ``mode`` 'min': the
+    best is the lowest (an ECE, Brier, NLL or AURC)."""
     rows = []
     rng = np.random.default_rng(seed)
+    best_so_far = np.maximum if mode == "max" else np.minimum
     for (method, setting), r in values.groupby(["method", "setting"], sort=False):
         v = r.sort_values("trial")["value"].to_numpy(float)
         orders = np.argsort(rng.random((replicates, len(v))), axis=1)
-        running = np.maximum.accumulate(v[orders], axis=1)
-        in_order = np.maximum.accumulate(v)
+        running = best_so_far.accumulate(v[orders], axis=1)
+        in_order = best_so_far.accumulate(v)
         low, high = np.percentile(running, [2.5, 97.5], axis=0)
         rows += [{"method": method, "setting": setting, "trials": n + 1, "best": in_order[n],
                   "low": low[n], "high": high[n]} for n in range(len(v))]
@@ -428,21 +441,30 @@ def cost(exp_dir: Path, tp: TunePlan, final_plan: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["method", "trials", "lodo_runs", "reruns", "wall_h", "cpu_h", "gpu_h"])
 
 
-def tuning_markdown(curves: pd.DataFrame, chosen: pd.DataFrame, costs: pd.DataFrame, tune: dict) -> str:
-    """The tuning report: the equal budget, what each rule picked, curves, cost."""
+def tuning_markdown(curves: pd.DataFrame, chosen: pd.DataFrame, costs: pd.DataFrame, tune: dict,
+                    metric: str = "pair_acc_mean") -> str:
+    """The tuning report: the equal budget, what each rule picked, curves, cost. Accuracy-like selection
+    values read in %, a lower-is-better one (ECE, Brier, NLL, AURC) as it is."""
+    lower = mode_of(metric) == "min"
+
+    def fmt(v: float) -> str:
+        return f"{v:.4f}" if lower else f"{100 * v:.1f}"
+
+    unit = f"{metric}, lower is better" if lower else f"{metric}, %"
     lines = [f"## Tuning: {budget_text(tune)}", "",
              *[f"- {RULES[r]}: {RULE_NOTES[r]}." for r in tune["rules"]], "",
-             "| method | setting | rule | picked trial | its selection value | epoch |", "|---|---|---|---|---|---|"]
-    lines += [f"| {p.method} | {p.setting} | {RULES[p.rule]} | t{p.trial} | {100 * p.value:.1f} | {p.epoch} |"
+             f"| method | setting | rule | picked trial | its selection value ({unit}) | epoch |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {p.method} | {p.setting} | {RULES[p.rule]} | t{p.trial} | {fmt(p.value)} | {p.epoch} |"
               for p in chosen.itertuples(index=False)]
-    lines += ["", "best training-domain validation value after n trials (%; 95% interval over trial orders; a value "
-              "alone where every order gives the same: the validation set's own noise is not in these)", "",
+    lines += ["", f"best training-domain validation value after n trials ({unit}; 95% interval over trial orders; "
+              "a value alone where every order gives the same: the validation set's own noise is not in these)", "",
               "| method | setting | " + " | ".join(f"n={n}" for n in range(1, tune["trials"] + 1)) + " |",
               "|---|---|" + "---|" * tune["trials"]]
     for (method, setting), r in curves.groupby(["method", "setting"], sort=False):
         # where every order agrees (all trials seen, or one value dominates) there is no spread to show:
         # the value alone, never a zero-width interval (it would read as a claim of no uncertainty)
-        cells = [f"{100 * b:.1f}" if hi - lo < 5e-4 else f"{100 * b:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+        cells = [fmt(b) if abs(hi - lo) < 5e-6 else f"{fmt(b)} [{fmt(lo)}, {fmt(hi)}]"
                  for b, lo, hi in zip(r["best"], r["low"], r["high"], strict=True)]
         lines.append(f"| {method} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", "| method | trials run | lodo runs | re-runs | wall h | CPU h | GPU h |", "|---|---|---|---|---|---|---|"]

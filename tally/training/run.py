@@ -47,6 +47,7 @@ from tally.method.methods import Method, TrainInfo, build_method
 from tally.method.perf import keep_cpu_memory
 from tally.method.samplers import build_sampler
 from tally.method.stats import to_device
+from tally.schema import mode_of
 from tally.training.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tally.training.distributed import (
     broadcast_object,
@@ -446,7 +447,8 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     step = TrainStep(loss_module, optimizer, device, autocast=device.type == "cuda" and tcfg["bf16"],
                      compile_mode=tcfg["compile_mode"] if tcfg["compile"] else None)
 
-    start_epoch, best = 0, {"value": -math.inf, "epoch": None}
+    mode = mode_of(tcfg["selection_metric"])  # lower is better for ECE, Brier, NLL, AURC (tally.schema)
+    start_epoch, best = 0, {"value": _worst(mode), "epoch": None}
     last_path = run_dir / "checkpoints" / "last.pt"
     resume_path = (ctx.resume_from / "last.pt") if ctx.resume_from else last_path
     if resume and resume_path.exists():
@@ -471,7 +473,7 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
             # the reference keeps only TALLY-phase epochs: a warm-up epoch is never the kept model
             # unless train.select_from is 'all'; 'last' keeps every epoch in turn, so the last one stays
             eligible = phase == "main" or tcfg["select_from"] != "main"
-            if eligible and (tcfg["select_from"] == "last" or improves(key, best, tcfg["tie_rule"])):
+            if eligible and (tcfg["select_from"] == "last" or improves(key, best, tcfg["tie_rule"], mode)):
                 best = {"value": key[0], "tiebreak": key[1], "epoch": epoch}
                 save_checkpoint(run_dir / "checkpoints" / "best.pt",
                                 {"model": method.state_dict(), "epoch": epoch})
@@ -505,16 +507,18 @@ def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, st
     return finalize(cfg, run_dir, method, banks, splits, train_counts, device)
 
 
-def improves(key: tuple[float, float], best: dict, tie_rule: str) -> bool:
+def improves(key: tuple[float, float], best: dict, tie_rule: str, mode: str = "max") -> bool:
     """Does an epoch with selection key (value, tie-break) replace the best so far?
 
-    earliest: strictly better value, equal values decided by the tie-break (mean pair accuracy), the
-    earlier epoch kept when both tie. latest: the reference's `val >= max(previous)` (utils.py:41): the
-    value alone, the latest of tied epochs kept.
+    earliest: strictly better value, equal values decided by the tie-break (mean pair accuracy, always
+    higher-is-better), the earlier epoch kept when both tie. latest: the reference's
+    `val >= max(previous)` (utils.py:41): the value alone, the latest of tied epochs kept. ``mode``
+    'min' (an ECE, Brier, NLL or AURC: tally.schema.mode_of) compares the negated value.
     """
+    sign = 1.0 if mode == "max" else -1.0
     if tie_rule == "latest":
-        return key[0] >= best["value"]
-    return key > (best["value"], best.get("tiebreak", -math.inf))
+        return sign * key[0] >= sign * best["value"]
+    return (sign * key[0], key[1]) > (sign * best["value"], best.get("tiebreak", -math.inf))
 
 
 def _train_epoch(step: TrainStep, source: BatchSource, kinds, phase, steps, epoch, ctx: RunContext) -> float:
@@ -560,8 +564,13 @@ def _print_epoch(record: dict, best: dict, tcfg: dict) -> None:
           f"val/{metric} {record[f'val/{metric}']:.4f} (best {kept}) {record['seconds']:.1f}s", flush=True)
 
 
-def _finite(x: float) -> float:
-    return -math.inf if x is None or math.isnan(x) else x
+def _finite(x: float, mode: str = "max") -> float:
+    """A selection value, with a missing one (NaN: e.g. an empty shot bucket) as the worst possible."""
+    return _worst(mode) if x is None or math.isnan(x) else x
+
+
+def _worst(mode: str) -> float:
+    return -math.inf if mode == "max" else math.inf
 
 
 # ---------------------------------------------------------------- evaluation
@@ -621,20 +630,28 @@ def selection_split(cfg: dict, splits: dict) -> str:
     return held[0]
 
 
+def _epoch_metrics(method, name: str, cfg, splits, banks, train_counts, device) -> dict[str, float]:
+    """One split's accuracy metrics (the long table) and calibration metrics (its logits, before any
+    temperature: T is fitted on validation only at the end, and a value after it would be in-sample)."""
+    logits: dict = {}
+    table = evaluate_split(method.net, name, banks[name], splits[name], train_counts, cfg, device, keep_logits=logits)
+    thresholds = evaluation.shot_thresholds_of(cfg["data"])
+    return {**calibration.validation_metrics(logits[name], table, name, thresholds),
+            **evaluation.split_metrics(table)}
+
+
 def _validate_epoch(method, cfg, splits, banks, train_counts, device, selection: str,
                     record: dict) -> tuple[float, float]:
     """Validation metrics into `record`; returns the epoch's selection key (value, tie-break)."""
     metric = cfg["train"]["selection_metric"]
-    val = evaluation.split_metrics(evaluate_split(method.net, "val", banks["val"], splits["val"],
-                                                  train_counts, cfg, device))
+    val = _epoch_metrics(method, "val", cfg, splits, banks, train_counts, device)
     record.update({f"val/{k}": v for k, v in val.items()})
     value = val[metric]
     if selection != "val":  # oracle (test-domain) selection, only when asked for; labelled
-        table = evaluate_split(method.net, selection, banks[selection], splits[selection], train_counts,
-                               cfg, device)
-        value = record[f"oracle:{selection}/{metric}"] = evaluation.split_metrics(table)[metric]
+        value = record[f"oracle:{selection}/{metric}"] = _epoch_metrics(
+            method, selection, cfg, splits, banks, train_counts, device)[metric]
     # ties (frequent for worst-pair metrics on small validation sets) go to the better mean
-    return _finite(value), _finite(val["pair_acc_mean"])
+    return _finite(value, mode_of(metric)), _finite(val["pair_acc_mean"])
 
 
 def finalize(cfg, run_dir: Path, method, banks, splits, train_counts, device) -> dict:
@@ -664,7 +681,8 @@ def finalize(cfg, run_dir: Path, method, banks, splits, train_counts, device) ->
         selection = {"split": None, "rule": "final retrain on train + val: the last epoch"}
     else:
         metric, split = cfg["train"]["selection_metric"], selection_split(cfg, splits)
-        selection = {"split": split, "metric": metric, "value": metrics[split][metric], "oracle": split != "val"}
+        values = {**temperature["metrics"].get(split, {}), **metrics[split]}  # a calibration metric: calibration.json
+        selection = {"split": split, "metric": metric, "value": values.get(metric), "oracle": split != "val"}
         if cfg["train"]["select_from"] == "last":
             selection["rule"] = "the last epoch (no early stopping)"
     results.write_status(run_dir, "done", ended=time.time(), best_epoch=state["epoch"], selection=selection)

@@ -256,3 +256,15 @@ def test_compare_command_prints_paired_calibration_with_its_direction(tmp_path, 
                       "(lower is better; no interval: its coverage is not measured yet)")
     assert out[3].startswith("  a - b on accuracy at 90% coverage:") and "(higher is better;" in out[3]
     assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--metric", "ece_nope"]) == 2
+
+
+def test_the_selectable_calibration_metrics_are_the_computed_ones_with_one_direction_each():
+    """tally.schema names what a selection may use and each direction; this module computes them."""
+    from tally import schema
+
+    assert set(schema.CALIBRATION_METRICS) == set(cal.METRIC_NAMES)
+    lower = {m for m in schema.CALIBRATION_METRICS if schema.mode_of(m) == "min"}
+    assert lower == {"ece", "ece_worst_domain", "ece_worst_class", "brier", "nll", "aurc", *cal.SHOT_NAMES}
+    assert all(cal.higher_is_better(m) == (m not in lower) for m in cal.METRIC_NAMES)
+    assert schema.mode_of("val/ts_ece") == schema.mode_of("ece_domain:photo") == "min"
+    assert schema.mode_of("test_sub/acc_at_cov80") == schema.mode_of("val/pair_acc_worst") == "max"

@@ -53,9 +53,41 @@ def test_truncate_epochs_for_resume(tmp_path):
 def test_selection_of_spec_variants():
     assert results.selection_of(None).metric == "val/pair_acc_mean"  # a folder of `tally train` runs
     assert results.selection_of({}).metric == "val/pair_acc_worst"  # the spec default
+    # the direction is the metric's own (tally.schema.mode_of): a stored `mode` cannot turn it around
     sel = results.selection_of({"selection": {"metric": "macro_f1", "mode": "min"}})
-    assert (sel.metric, sel.mode) == ("val/macro_f1", "min")
+    assert (sel.metric, sel.mode) == ("val/macro_f1", "max")
+    assert (results.selection_of({"selection": {"metric": "ece"}}).mode, results.selection_of(
+        {"selection": {"metric": "acc_at_cov90", "mode": "min"}}).mode) == ("min", "max")
     assert results.selection_of({"selection": {"metric": "val/acc"}}).metric == "val/acc"
+
+
+@pytest.mark.parametrize("metric", ["ece", "ece_worst_domain", "brier", "nll", "aurc"])
+def test_a_lower_is_better_metric_selects_the_lowest_validation_value(tmp_path, metric):
+    """Trial folders as training writes them: accuracy in metrics.json, calibration in calibration.json.
+    The pick is the LOWEST validation value among finished trials; test values and unfinished trials never
+    count; ties go to the better mean pair accuracy."""
+    exp = tmp_path / "exp"
+    rows = [("a", "done", 0.30, 0.01, 0.9), ("b", "done", 0.10, 0.50, 0.5), ("c", "done", 0.20, 0.00, 0.9),
+            ("d", "stopped", 0.01, 0.00, 0.9), ("e", "done", 0.10, 0.40, 0.6), ("f", "failed", 0.0, 0.0, 0.9)]
+    for trial, status, val, test, mean in rows:
+        write_json(exp / "trials" / trial / "status.json", {"status": status})
+        write_json(exp / "trials" / trial / "metrics.json", {"val": {"pair_acc_mean": mean}})
+        write_json(exp / "trials" / trial / "calibration.json",
+                   {"temperature": 1.0, "metrics": {"val": {metric: val}, "test_sub": {metric: test}}})
+    results.write_yaml(exp / "spec.yaml", {"name": "exp", "selection": {"metric": metric, "mode": "min"}})
+    best, selection = results.best_of_experiment(exp)
+    assert selection.mode == "min" and best[f"val/{metric}"] == 0.10
+    assert best["trial_id"] == "e"  # b and e tie at 0.10: e has the better mean pair accuracy
+    assert results.best_trial(results.summarise(exp), metric)["trial_id"] == "e"  # direction by default
+    assert results.read_metrics(exp / "trials" / "a") == {"val": {"pair_acc_mean": 0.9, metric: 0.30},
+                                                          "test_sub": {metric: 0.01}}
+    # what the dashboard shows as the best trial and the runner-up follows the same direction
+    from tally.dashboard import data as dd
+
+    trials = dd.load_trials(exp)
+    assert results.select_trial(trials.frame, trials.selection)["trial_id"] == "e"
+    assert dd.default_comparison(trials, "e") == "d"  # the lowest of the others that ended (max: a)
+    assert dd.experiment_overview(trials)["best_value"] == 0.10
 
 
 def test_export_and_dashboard_pick_the_same_trial(tmp_path):

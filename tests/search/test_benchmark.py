@@ -313,27 +313,42 @@ def test_pending_runs_skip_done_and_refuse_a_changed_config(store):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_multi_objective_search_then_benchmark_end_to_end(tmp_path, local_ray, capsys):
-    """A 2-trial multi-objective search, then `tally benchmark` of its pick against ERM on the
-    subpopulation split over 2 seeds: the table equals the runs' metrics.json."""
+    """A 2-trial multi-objective search on accuracy and a lower-is-better calibration metric (validation
+    worst-domain ECE, issue 24), then `tally benchmark` of its pick against ERM on the subpopulation
+    split over 2 seeds: the table equals the runs' metrics.json."""
     import optuna
 
     from tally.cli import main
 
+    # 2 main epochs: the kept one is chosen by the lower-is-better metric
     base = {"data": RAW["data"], "model": RAW["base"]["model"], "method": {"name": "tally"},
-            "train": RAW["base"]["train"]}
+            "train": {**RAW["base"]["train"], "epochs": 3}}
     search = {"name": "mo", "base": base, "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3}},
-              "selection": {"objectives": ["pair_acc_mean", "pair_acc_worst"], "tolerance": 0.01},
+              "selection": {"objectives": ["pair_acc_mean", "ece_worst_domain"], "tolerance": 0.01},
               "budget": {"trials": 2, "concurrency": 2}}
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
     assert main(["search", str(tmp_path / "search.yaml"), "--storage", str(tmp_path / "store")]) == 0
     exp = tmp_path / "store" / "mo"
     study = optuna.load_study(study_name="mo", storage=f"sqlite:///{exp / 'study.db'}")
-    assert len(study.directions) == 2
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
     summary = results.summarise(exp)
     done = summary[summary["status"] == "done"]
+    assert len(done) == 2
+    # the kept checkpoint's validation calibration metric reached the trial's final report, which
+    # Optuna was told, and equals what the store's selection reads (calibration.json)
     told = {tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
-    assert told == {(r["val/pair_acc_mean"], r["val/pair_acc_worst"]) for _, r in done.iterrows()}
+    assert told == {(r["val/pair_acc_mean"], r["val/ece_worst_domain"]) for _, r in done.iterrows()}
+    for trial_id, value in zip(done["trial_id"], done["val/ece_worst_domain"], strict=True):
+        # every epoch recorded it on validation; the kept epoch is the lowest of the main phase
+        epochs = pd.DataFrame(results.read_jsonl(exp / "trials" / trial_id / "epochs.jsonl"))
+        kept_from = epochs[epochs["phase"] == "main"].set_index("epoch")["val/ece_worst_domain"]
+        kept = results.read_json(exp / "trials" / trial_id / "status.json")
+        assert epochs["val/ece_worst_domain"].notna().all() and kept_from[kept["best_epoch"]] == kept_from.min()
+        assert kept["selection"]["metric"] == "ece_worst_domain" and kept["selection"]["value"] == value
+        assert kept_from[kept["best_epoch"]] == pytest.approx(value, abs=1e-6)  # the kept weights re-evaluated
+        assert epochs["best_value"].dropna().iloc[-1] == kept_from.min()
     best, selection = results.best_of_experiment(exp)
+    assert selection.modes == ("max", "min")
     assert best["trial_id"] == results.pick_from_front(summary, selection.objectives, 0.01)["trial_id"]
 
     # a subpopulation search's pick: the subpopulation split only (a held-out domain would be refused: the

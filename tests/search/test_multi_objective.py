@@ -115,3 +115,53 @@ def test_report_and_export_follow_the_pareto_rule(tmp_path, capsys):
     assert resolve_trial(exp, None).name == expected
     assert cli.main(["report", str(exp), "--replicates", "10"]) == 0
     assert f"selected: {expected} (Pareto front of (val/pair_acc_mean, val/pair_acc_worst)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a lower-is-better objective
+CAL = ("val/pair_acc_mean", "val/ece_worst_domain")
+
+
+def test_objectives_with_a_calibration_metric_resolve_each_direction():
+    spec = spec_from_raw({**SPEC, "selection": {"objectives": ["pair_acc_mean", "ece_worst_domain"]}})
+    assert spec.resolved["selection"]["mode"] == "min"  # the kept epoch: the lowest validation worst-domain ECE
+    assert spec.base["train"]["selection_metric"] == "ece_worst_domain"
+    selection = results.selection_of(spec.resolved)
+    assert selection.objectives == CAL and selection.modes == ("max", "min") and selection.mode == "min"
+    assert "val/ece_worst_domain (lower is better)" in selection.source
+
+    from tally.search.run import optuna_objectives
+
+    metric, mode = optuna_objectives(spec.resolved["selection"])
+    assert (metric, mode) == (list(CAL), ["max", "min"])
+    searcher = PruneAwareOptunaSearch(space=DefineByRun(SPEC["space"]), metric=metric, mode=mode,
+                                      sampler=optuna.samplers.TPESampler(seed=0), study_name="s",
+                                      storage=optuna.storages.InMemoryStorage())
+    assert searcher._ot_study.directions == [optuna.study.StudyDirection.MAXIMIZE,
+                                             optuna.study.StudyDirection.MINIMIZE]
+    single = spec_from_raw({**SPEC, "selection": {"metric": "nll"}}).resolved["selection"]
+    assert optuna_objectives(single) == (OBJECTIVE, "min")
+
+
+def test_pareto_front_and_pick_take_each_objective_in_its_direction():
+    table = pd.DataFrame([{"trial_id": t, "status": s, CAL[0]: m, CAL[1]: e} for t, s, m, e in [
+        ("a", "done", 0.80, 0.30), ("b", "done", 0.795, 0.10), ("c", "done", 0.70, 0.10),
+        ("d", "done", 0.60, 0.05), ("e", "failed", 0.99, 0.00), ("f", "done", 0.60, 0.40)]])
+    # c is dominated by b (worse mean, same ECE); f by d. Read as higher-is-better, the ECE would make
+    # f (the least calibrated) part of the front and d (the best calibrated) dominated by f
+    assert table["trial_id"][results.pareto_front(table, CAL)].tolist() == ["a", "b", "d"]
+    for tolerance, expected in ((0.0, "a"), (0.01, "b"), (0.2, "d")):
+        assert results.pick_from_front(table, CAL, tolerance)["trial_id"] == expected
+    # the first objective may be the lower-is-better one: within 0.06 of the lowest ECE, the best mean
+    assert results.pick_from_front(table, CAL[::-1], 0.06)["trial_id"] == "b"
+    assert results.pick_from_front(table, CAL[::-1], 0.0)["trial_id"] == "d"
+
+
+def test_the_dashboards_pareto_band_follows_the_first_objectives_direction():
+    from tally.dashboard import charts
+
+    points = pd.DataFrame({"trial_id": ["a", "b"], "x": [0.1, 0.3], "y": [0.5, 0.6], "front": [True, True],
+                           "picked": [True, False]})
+    band = charts.pareto_figure(points, "x", "y", 0.05, ("min", "max")).layout.shapes[0]
+    assert (band.x0, band.x1) == pytest.approx((0.1, 0.15))  # the lowest ECE and 0.05 above it
+    band = charts.pareto_figure(points, "x", "y", 0.05).layout.shapes[0]
+    assert (band.x0, band.x1) == pytest.approx((0.25, 0.3))

@@ -162,8 +162,21 @@ MALFORMED = [
      + BUDGET, "space.model.cut.choices[1]: 'layer4' gives an invalid run config"),
     ("uniform-on-a-switch", BASE + "space:\n  method.fold: {type: uniform, low: 0.1, high: 0.9}\n" + BUDGET,
      "space.method.fold.low: 0.1 gives an invalid run config (method.fold: expected true or false"),
-    ("bad-metric", BASE + SPACE + BUDGET + "selection: {metric: accuracy}\n", "selection.metric: expected one of"),
-    ("bad-mode", BASE + SPACE + BUDGET + "selection: {mode: maximize}\n", "selection.mode: expected 'max'"),
+    ("bad-metric", BASE + SPACE + BUDGET + "selection: {metric: accuracy}\n",
+     "selection.metric: expected a validation metric, one of acc, "),
+    ("bad-mode", BASE + SPACE + BUDGET + "selection: {mode: maximize}\n",
+     "selection.mode: 'pair_acc_worst' is higher-is-better: expected 'max' (or leave it out), got 'maximize'"),
+    # calibration metrics: their direction is theirs, and only what validation can measure honestly
+    ("ece-mode-max", BASE + SPACE + BUDGET + "selection: {metric: ece, mode: max}\n",
+     "selection.mode: 'ece' is lower-is-better: expected 'min' (or leave it out), got 'max'"),
+    ("ts-ece", BASE + SPACE + BUDGET + "selection: {metric: ts_ece}\n",
+     "selection.metric: 'ts_ece' cannot be selected on: the temperature is fitted on validation"),
+    ("ts-objective", BASE + SPACE + BUDGET + "selection: {objectives: [pair_acc_mean, ts_nll]}\n",
+     "selection.objectives[1]: 'ts_nll' cannot be selected on"),
+    ("per-domain-ece", BASE + SPACE + BUDGET + "selection: {metric: 'ece_domain:photo'}\n",
+     "selection.metric: expected a validation metric, one of"),
+    ("selection-metric-mismatch", BASE.replace("lr: 1.0e-3}", "lr: 1.0e-3, selection_metric: acc}") + SPACE + BUDGET
+     + "selection: {metric: brier}\n", "base.train.selection_metric: expected the search's selection.metric 'brier'"),
     ("workers-zero", BASE + SPACE + BUDGET + "resources: {workers: 0}\n", "resources.workers: expected an integer >= 1"),
     ("cpus-zero", BASE + SPACE + BUDGET + "resources: {cpus_per_worker: 0}\n", "resources.cpus_per_worker:"),
     ("gpus-negative", BASE + SPACE + BUDGET + "resources: {gpus_per_worker: -1}\n", "resources.gpus_per_worker:"),
@@ -181,10 +194,22 @@ MALFORMED = [
 @pytest.mark.parametrize(("text", "message"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
 def test_malformed_spec_names_the_field(tmp_path, text, message):
     yaml.safe_load(text)  # the case itself is valid YAML: the spec is what's wrong
+    path = write(tmp_path, text)
     with pytest.raises(TallyError) as err:
-        load_spec(write(tmp_path, text))
-    assert str(err.value).startswith(message), str(err.value)
+        load_spec(path)
+    # selection errors also name the file (the other fields' errors predate that and do not)
+    assert str(err.value).removeprefix(f"{path}: ").startswith(message), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_selection_error_names_the_file_the_field_and_the_value(tmp_path):
+    path = write(tmp_path, BASE + SPACE + BUDGET + "selection: {metric: ts_ece}\n")
+    with pytest.raises(TallyError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: selection.metric: 'ts_ece' cannot be selected on"), str(err.value)
+    ok = load_spec(write(tmp_path, BASE + SPACE + BUDGET + "selection: {metric: acc_at_cov90}\n"))
+    assert ok.resolved["selection"] == {"metric": "acc_at_cov90", "mode": "max"}  # higher is better
+    assert load_spec(write(tmp_path, BASE + SPACE + BUDGET + "selection: {metric: aurc}\n")).mode == "min"
 
 
 def test_file_problems_are_one_line(tmp_path):

@@ -331,6 +331,40 @@ def test_tuning_curves_and_cost(tuned_store):
     assert row.startswith("| erm | heldout-noisy | 30.0 [30.0, 60.0] | 60.0 [") and row.endswith("] | 60.0 |"), row
 
 
+def test_a_lower_is_better_selection_metric_picks_the_lowest_epoch_trial_and_curve(tmp_path):
+    """selection_metric: ece (lower is better): the kept epoch, the picked trial and the tuning curve all
+    take the LOWEST value; read as higher-is-better every one of them would differ."""
+    spec = benchmark_spec_from_raw(raw(settings=["domain:noisy"], selection_metric="ece",
+                                       methods={"erm": {"method": {"name": "erm"}},
+                                                "tally": {"method": {"name": "tally"}}}))
+    tp, exp = spec.tuning, tmp_path / "bench"
+    assert tuning.selection_mode(tp) == "min" and {c["train"]["selection_metric"] for c in tp.trials.values()} == {"ece"}
+    # per main epoch (validation ECE, test-domain ECE); the warm-up's 0.99 is never kept
+    values = {"t0": ([0.20, 0.15], [0.30, 0.20]), "t1": ([0.05, 0.30], [0.40, 0.50]), "t2": ([0.10, 0.08], [0.25, 0.01])}
+    for run_id, cfg in tp.trials.items():
+        _trial(exp, run_id, cfg, _epochs(*values[run_id.split("-")[-1]], metric="ece"))
+    chosen = tuning.picks(exp, tp).set_index(["method", "rule"])
+    assert chosen.loc[("erm", "train_val"), ["trial", "epoch", "value"]].tolist() == [1, 1, 0.05]
+    assert chosen.loc[("erm", "oracle"), ["trial", "epoch", "value"]].tolist() == [2, 2, 0.01]
+    trial_values = tuning.trial_values(exp, tp, "train_val")
+    erm = trial_values[trial_values["method"] == "erm"]
+    assert erm.sort_values("trial")["value"].tolist() == [0.15, 0.05, 0.08]
+    curves = tuning.tuning_curves(trial_values, replicates=50, mode=tuning.selection_mode(tp))
+    erm = curves[curves["method"] == "erm"]
+    assert erm["best"].tolist() == [0.15, 0.05, 0.05] and (erm["low"] <= erm["best"]).all()
+    costs = tuning.cost(exp, tp, pd.DataFrame(columns=["run", "method"]))
+    text = tuning.tuning_markdown(curves, tuning.picks(exp, tp), costs, tp.tune, "ece")
+    assert "| erm | heldout-noisy | training-domain validation | t1 | 0.0500 | 1 |" in text
+    assert "(ece, lower is better" in text
+
+
+def test_benchmark_selection_metric_is_checked_like_a_search_selection():
+    with pytest.raises(TallyError, match="selection_metric: 'ts_brier' cannot be selected on"):
+        benchmark_spec_from_raw(raw(selection_metric="ts_brier"))
+    with pytest.raises(TallyError, match="selection_metric: expected a validation metric"):
+        benchmark_spec_from_raw(raw(selection_metric="ece_class:0"))
+
+
 # ---------------------------------------------------------------- no selection with test data
 def _search(tmp_path, setting, held_out):
     exp = tmp_path / f"search-{setting}-{'-'.join(held_out)}"

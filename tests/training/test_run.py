@@ -332,3 +332,22 @@ def test_a_compiled_step_computes_the_eager_losses(stem_pass):
     # of 20480 values); at least 99.9% of the values agree to 1e-3
     diff = (compiled_memory["prototypes"] - eager_memory["prototypes"]).abs()
     assert (diff > 1e-3).float().mean() <= 1e-3 and diff.max() < 0.1
+
+
+@pytest.mark.parametrize("tie_rule,expected", [("earliest", 3), ("latest", 4)])
+def test_a_lower_is_better_selection_metric_keeps_the_lowest_epoch(tie_rule, expected):
+    """The kept-epoch rule in a metric's direction (tally.schema.mode_of): for an ECE the lowest value
+    wins; 'earliest' breaks ties by the better mean pair accuracy, 'latest' keeps the later epoch; a
+    missing value (NaN) counts as the worst."""
+    from tally.schema import mode_of
+    from tally.training.run import _finite, _worst, improves
+
+    mode = mode_of("ece_worst_domain")
+    keys = [(0.30, 0.5), (0.10, 0.4), (0.20, 0.9), (0.10, 0.6), (0.10, 0.5), (float("nan"), 1.0)]
+    best = {"value": _worst(mode), "epoch": None}
+    for epoch, (value, tiebreak) in enumerate(keys):
+        key = (_finite(value, mode), tiebreak)
+        if improves(key, best, tie_rule, mode):
+            best = {"value": key[0], "tiebreak": key[1], "epoch": epoch}
+    assert (best["epoch"], best["value"]) == (expected, 0.10)
+    assert improves((0.9, 0.0), {"value": _worst("max"), "epoch": None}, tie_rule)  # accuracy: up is better
