@@ -36,8 +36,8 @@ Per kind of metric (level 1 - a, a = 0.05 by default):
   runs' Laplace variances, correlated as the paired variance implies), spread placed around the
   observed difference and widened by the smooth metrics' t / z.
 
-Measured (bench/coverage.py; docs/CONTRACTS.md has the tables; 1000 simulated test sets per balanced,
-long-tailed and tiny cell, 602 per DomainNet-like cell): every coverage >= 0.93 (macro F1 >= 0.943);
+Measured (bench/coverage.py; docs/CONTRACTS.md has the tables; 1000 simulated test sets per cell of
+the balanced, long-tailed, tiny and DomainNet-like layouts): every coverage >= 0.93 (macro F1 >= 0.943);
 equal models called different in <= 0.054 of test sets except balanced cells' means (0.064-0.067, the
 suite's random stream: 8000 fresh sets from the same accuracies give 0.046). Worst-case intervals are conservative by construction
 (coverage near 1), as are paired means on long-tailed and tiny cells (0.966-1.00). The fixed-seed suite
