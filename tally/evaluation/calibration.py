@@ -23,7 +23,7 @@ Definitions (top-label, as SubpopBench reports ECE beside worst-group accuracy):
   of metrics.py): ECE of that group's examples, binned within the group; ``ece_worst_domain`` and
   ``ece_worst_class`` are the largest.
 Lower is better for every ECE, Brier, NLL and AURC; higher for the accuracies at a coverage
-(``HIGHER_IS_BETTER``, from tally.schema.mode_of, the one definition selection reads too).
+(``higher_is_better``: tally.schema.mode_of, the one definition selection reads too).
 A search or benchmark may select on any of ``METRIC_NAMES`` (tally.schema.CALIBRATION_METRICS): training
 records them on validation every epoch (``validation_metrics``), BEFORE temperature scaling, since T is
 fitted on those same images and a ``ts_`` value there would be in-sample; selecting on ``ts_*`` is refused.
@@ -101,11 +101,6 @@ HEADLINE: tuple[str, ...] = ("ece", "ece_worst_domain", "ece_worst_class", "brie
 SHOT_NAMES: tuple[str, ...] = ("ece_shot_many", "ece_shot_medium", "ece_shot_few", "ece_shot_zero")
 DOMAIN_PREFIX, CLASS_PREFIX = "ece_domain:", "ece_class:"
 METRIC_NAMES: tuple[str, ...] = HEADLINE + SHOT_NAMES
-# Directions of every calibration metric, with and without temperature scaling: tally.schema.mode_of,
-# the one definition that selection also reads (schema.CALIBRATION_METRICS names these same metrics).
-HIGHER_IS_BETTER: dict[str, bool] = {
-    prefix + name: mode_of(name) == "max" for name in METRIC_NAMES for prefix in ("", TS_PREFIX)
-}
 METRIC_LABELS: dict[str, str] = {
     "ece": "ECE", "ece_worst_domain": "worst-domain ECE", "ece_worst_class": "worst-class ECE",
     "brier": "Brier score", "nll": "NLL", "aurc": "AURC (risk-coverage area)",

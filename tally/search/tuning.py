@@ -186,9 +186,9 @@ def check_lodo_data(tp: TunePlan) -> None:
     split lists (the reference's come one set per held-out domain) may not provide."""
     from tally.data import load_splits
 
-    for held in sorted({tuple(cfg["data"]["held_out"]) for cfg in tp.lodo.values()}):
+    for held, data in sorted({tuple(c["data"]["held_out"]): c["data"] for c in tp.lodo.values()}.items()):
         try:
-            load_splits(next(c["data"] for c in tp.lodo.values() if tuple(c["data"]["held_out"]) == held))
+            load_splits(data)
         except TallyError as e:
             raise TallyError(f"tune.rules: lodo holds out {' and '.join(held)} together, and the data has no such "
                              f"split ({e})") from None
