@@ -376,6 +376,8 @@ def _record_ending(run_dir: Path, e: BaseException) -> None:
         return
     if isinstance(e, KeyboardInterrupt):
         status, error = "stopped", f"interrupted ({e or 'SIGINT'}); continue it with --resume"
+    elif isinstance(e, SystemExit):  # Ray Tune ends a trial's training thread so when it stops the trial
+        status, error = "stopped", "stopped by Ray Tune (its scheduler or the search's end)"
     elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
         status, error = "failed", f"disk full: no space left on device writing {e.filename or run_dir}"
     else:
@@ -413,12 +415,14 @@ def _prepare_run_dir(run_dir: Path, cfg: dict, resume: bool) -> None:
 
 def _train(cfg, splits, run_dir: Path, resume: bool, ctx: RunContext, device, stop_after_epoch) -> dict:
     tcfg, dcfg = cfg["train"], cfg["data"]
-    seed_everything(tcfg["seed"])
     train_ds = splits["train"]
     train_counts = train_ds.counts()
     # only rank 0 evaluates: the other ranks decode the training split alone
     banks = {name: bank_for_training(ds, dcfg["image_size"], workers=dcfg["decode_workers"])
              for name, ds in splits.items() if ctx.is_main or name == "train"}
+    # seeded after the banks: decoding one (a DataLoader draws its base seed from the global stream)
+    # must not change the model's initialisation, or a run would differ with its bank cached or not
+    seed_everything(tcfg["seed"])
     if device.type == "cuda":
         # shapes are fixed, so cuDNN may time its algorithms once per shape and keep the fastest; that
         # choice can differ between runs (the reference's defect 6), so train.deterministic keeps it off

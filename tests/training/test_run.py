@@ -3,6 +3,7 @@ only epochs after the warm-up, and refuses settings that cannot work before anyt
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -351,3 +352,21 @@ def test_a_lower_is_better_selection_metric_keeps_the_lowest_epoch(tie_rule, exp
             best = {"value": key[0], "tiebreak": key[1], "epoch": epoch}
     assert (best["epoch"], best["value"]) == (expected, 0.10)
     assert improves((0.9, 0.0), {"value": _worst("max"), "epoch": None}, tie_rule)  # accuracy: up is better
+
+
+def test_a_run_is_the_same_with_its_banks_cached_or_decoded_in_the_run(tmp_path, monkeypatch, one_thread):
+    """A search decodes its banks once before the trials (tally.search.banks); `tally train` decodes them
+    itself. Decoding draws from torch's global stream (a DataLoader's base seed), so the run is seeded after
+    its banks are in hand: an exported trial retrained alone reproduces the trial bit for bit."""
+    from tally.config import validate
+    from tally.data.bank import BANK_DIR_ENV, cached_bank, use_bank_dir
+    from tally.training.run import run_splits
+
+    cfg = validate(tiny_config(epochs=2, steps_per_epoch=3, batch_size=16))
+    monkeypatch.delenv(BANK_DIR_ENV, raising=False)
+    decoded = train_run(cfg, tmp_path / "decoded")
+    for ds in run_splits(cfg).values():  # what a search's pre-flight leaves for its trials
+        cached_bank(ds, cfg["data"]["image_size"], tmp_path / "banks")
+    use_bank_dir(tmp_path / "banks")
+    cached = train_run(cfg, tmp_path / "cached")
+    assert json.dumps(cached, sort_keys=True) == json.dumps(decoded, sort_keys=True)  # NaN-aware, exact
