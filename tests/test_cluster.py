@@ -117,10 +117,12 @@ def test_a_local_search_listens_on_loopback_only_with_token_auth(tmp_path):
     """`tally search` on a local Ray: while the trial trains, every socket that Ray's processes (GCS,
     raylet, dashboard and its agents, workers) listen on is on 127.0.0.1; they run with token auth
     and without usage stats. torch.distributed's rendezvous store, opened by rank 0 of the trial's Train
-    run, is among them: torch binds it to all interfaces unless given a bound socket (tally.search.rendezvous).
+    run (a data-parallel trial), is among them: torch binds it to all interfaces unless given a bound socket
+    (tally.search.rendezvous).
     """
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(SPEC))
+    # two workers: a 1-worker trial trains in its own Tune actor, without Train or torch.distributed
+    spec.write_text(yaml.safe_dump({**SPEC, "resources": {"workers": 2, "cpus_per_worker": 1}}))
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env["PYTHONPATH"] = str(ROOT)

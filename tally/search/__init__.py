@@ -5,7 +5,7 @@ The front door of searches (as optuna/study/__init__.py is Optuna's): callers im
 - spec.py      the spec: every section checked before Ray starts; a trial's complete run config
 - space.py     `space:` - its checks, and its define-by-run sampling for Optuna
 - searcher.py  the Optuna searcher that tells pruned trials from complete and failed ones
-- trial.py     the Ray side of one trial: a Tune function that fits a TorchTrainer
+- trial.py     the Ray side of one trial: a Tune function that trains (1 worker) or fits a TorchTrainer (N)
 - run.py       the Tuner, its store callback, and the follow-ups (confirmation seeds, robustness)
 - dry_run.py   what `tally search --dry-run` prints
 - benchmark.py `tally benchmark`: methods x seeds x settings as fixed trials, the MDLT table, paired differences

@@ -1,15 +1,19 @@
-"""Trials that start fast: what each trial's Ray Train run does not need to start.
+"""Trials that start fast: what a trial does not need to start.
 
-Ray Train V2 starts a handful of processes per trial (bench/search_overhead.py lists them with
-their CPU seconds). Each costs a Python start, Ray's imports, and often torch's: 1-2 s of CPU here.
+Ray Train V2 starts a handful of processes per run (bench/search_overhead.py lists them with their
+CPU seconds). Each costs a Python start, Ray's imports, and often torch's: 1-2 s of CPU here.
 What can go without changing what a trial computes:
 
+- all of Train, for a trial of one worker: the trial is the worker (tally.search.trial); Train's
+  controller, worker, placement group and its cleaner start only for data-parallel trials.
 - the DatasetManager actor (and, once per cluster, Ray Data's autoscaling coordinator): Train
   creates them for every run, also one without Ray Datasets; our trials read image banks.
-- the trial actor itself, between trials that end normally: Tune reuses it when no scheduler stops
-  trials early (an ASHA stop leaves its TorchTrainer thread running, and reuse then fails the next
-  trial: docs/STATUS.md), so its start and its imports (torch among them) are paid once per
-  concurrent slot, not once per trial.
+- the trial actor itself, between trials: Tune reuses it, so its start and its imports (torch
+  among them) are paid once per concurrent slot, not once per trial. A 1-worker trial that ASHA
+  stops ends its training thread at its next report (Tune's synchronous reporting), so its actor
+  is reused too. A data-parallel trial's thread waits in TorchTrainer.fit, which an ASHA stop does
+  not end in time, and reuse then fails the next trial (docs/STATUS.md): with early stopping, those
+  trials get fresh actors.
 
 And one thing a trial needs to end cleanly: Train's PlacementGroupCleaner frees the workers of a
 trial whose controller died (an ASHA stop). It asks the State API of "the" local Ray, found through
@@ -35,6 +39,11 @@ class LeanTorchTrainer(TorchTrainer):
         return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
 
 
-def reuse_trial_actors(early_stopping: bool) -> bool:
+def one_worker(resources: dict) -> bool:
+    """Whether a trial runs in its own process, without Ray Train (see the module docstring)."""
+    return resources.get("workers", 1) == 1
+
+
+def reuse_trial_actors(early_stopping: bool, resources: dict) -> bool:
     """Whether Tune may run the next trial in the previous trial's actor (see the module docstring)."""
-    return not early_stopping
+    return one_worker(resources) or not early_stopping

@@ -28,7 +28,7 @@ from tally.errors import TallyError
 from tally.results import storage as bucket
 from tally.schema import mode_of
 from tally.search.banks import prepare_for_configs, prepare_for_spec
-from tally.search.lean import reuse_trial_actors
+from tally.search.lean import one_worker, reuse_trial_actors
 from tally.search.searcher import PruneAwareOptunaSearch
 from tally.search.space import DefineByRun
 from tally.search.trial import OBJECTIVE, launch_trainer, trial_function
@@ -75,11 +75,18 @@ def _console(quiet: bool):
             os.environ["RAY_AIR_NEW_OUTPUT"] = previous
 
 
-def driver_resources() -> dict:
-    """What a trial's driver function takes: the custom resource if the cluster has it, else 1 CPU."""
-    if ray.cluster_resources().get(TRAIN_DRIVER):
-        return {TRAIN_DRIVER: 1}
-    return {"cpu": 1}
+def trial_resources(resources: dict) -> dict:
+    """What a trial's Tune actor takes. One worker: the trial is the worker (tally.search.trial), so it
+    holds the worker's CPUs and GPU. N workers: Train's workers hold those, and the trial (their driver)
+    takes only a driver slot. Either way the driver slot is the custom resource if the cluster has it
+    (it caps concurrent trials without costing a CPU), else, for a driver alone, 1 CPU."""
+    slot = {TRAIN_DRIVER: 1} if ray.cluster_resources().get(TRAIN_DRIVER) else {}
+    if one_worker(resources):
+        own = {"cpu": resources.get("cpus_per_worker", 1)}
+        if resources.get("gpus_per_worker"):
+            own["gpu"] = resources["gpus_per_worker"]
+        return {**slot, **own}
+    return slot or {"cpu": 1}
 
 
 # ---------------------------------------------------------------- store callback
@@ -199,7 +206,8 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
     plan = {"exp_dir": str(exp_dir), "exp_uri": bucket.remote_of(exp_dir), "group": results.TRIALS_DIR,
             "spec": spec.resolved, "resources": spec.resolved["resources"],
             "bank_dir": str(bank_dir) if bank_dir else None}
-    trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
+    trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan),
+                                    trial_resources(spec.resolved["resources"]))
     if resume and tune.Tuner.can_restore(tuner_path):
         tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -231,7 +239,7 @@ def _run_search(spec, exp_dir: Path, address: str | None, resume: bool, quiet: b
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=budget["trials"], max_concurrent_trials=budget["concurrency"],
-                                        reuse_actors=reuse_trial_actors(stopping["enabled"])),
+                                        reuse_actors=reuse_trial_actors(stopping["enabled"], spec.resolved["resources"])),
             run_config=tune.RunConfig(name="tune", storage_path=bucket.ray_path(exp_dir),
                                       callbacks=[StoreCallback(str(exp_dir))], verbose=0 if quiet else 1,
                                       failure_config=tune.FailureConfig(max_failures=0)),
@@ -292,11 +300,11 @@ def _run_fixed(exp_dir: Path, group: str, configs: dict[str, dict], resources: d
     bank_dir = prepare_for_configs(list(configs.values()), exp_dir.parent)
     plan = {"exp_dir": str(exp_dir), "exp_uri": bucket.remote_of(exp_dir), "group": group, "configs": configs,
             "resources": resources, "bank_dir": str(bank_dir)}
-    trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), driver_resources())
+    trainable = tune.with_resources(tune.with_parameters(trial_function, plan=plan), trial_resources(resources))
     tuner = tune.Tuner(
         trainable, param_space={"fixed_id": tune.grid_search(sorted(configs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
-                                    reuse_actors=reuse_trial_actors(early_stopping=False)),
+                                    reuse_actors=reuse_trial_actors(False, resources)),
         run_config=tune.RunConfig(name=group, storage_path=bucket.ray_path(exp_dir), verbose=0,
                                   callbacks=[StoreCallback(str(exp_dir), group)]))
     with _console(quiet=True):

@@ -1,14 +1,25 @@
-"""The Ray side of one trial: a Tune function that launches a TorchTrainer over the training run.
+"""The Ray side of one trial: a Tune function that trains the run itself (one worker) or through a
+TorchTrainer (N workers, DDP).
 
-Train V2 (Ray 2.60): a Tune trial is a function that builds and fits a TorchTrainer; rank 0's
-reports reach Tune through TuneReportCallback. The trial's run folder in the results store holds
-its own checkpoints, so a restarted trial resumes from there (shared storage on a cluster).
+One worker, the usual case: the Tune trial is the worker. It holds the worker's CPUs, GPU and the
+TRAIN_DRIVER slot, and runs the same training function in its own process, reporting each epoch with
+ray.tune.report. Ray Train's supervision stack (controller, placement group and its cleaner, worker
+actor, synchronisation actor), about five processes each importing Ray and torch, is what a 1-worker
+trial paid for nothing (bench/search_overhead.py measures the difference).
+
+N workers: Train V2 (Ray 2.60): the Tune trial builds and fits a TorchTrainer; rank 0's reports reach
+Tune through TuneReportCallback.
+
+Either way the trial's run folder in the results store holds its own checkpoints, so a restarted trial
+resumes from there (shared storage on a cluster).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import resource
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -21,7 +32,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from tally import results
 from tally.results import storage as bucket
 from tally.schema import mode_of
-from tally.search.lean import LeanTorchTrainer
+from tally.search.lean import LeanTorchTrainer, one_worker
 from tally.search.rendezvous import BoundTorchConfig
 from tally.search.spec import Spec
 
@@ -30,23 +41,30 @@ FINAL = "final"          # 1 on a trial's last report: it ran to the end (the se
 
 
 def train_worker(loop_config: dict) -> None:
-    """Runs in every Train worker: the same training function as `tally train`."""
-    # imported here, not at the top: the trial actor and the Train controller unpickle this
-    # module too, and torchvision's import (torch._dynamo) costs them seconds per trial
+    """Runs in every Train worker (a trial of N workers, or `tally train --workers N`)."""
+    context = ray.train.get_context()
+    train_trial(loop_config, rank=context.get_world_rank(), world_size=context.get_world_size(),
+                device=ray.train.torch.get_device(), report_to=ray.train.report)
+
+
+def train_trial(loop_config: dict, rank: int, world_size: int, device, report_to: Callable[[dict], None]) -> None:
+    """The same training function as `tally train`, reporting each epoch to Ray (``report_to``:
+    ray.train.report in a Train worker, ray.tune.report in a 1-worker trial)."""
+    # imported here, not at the top: a Train controller unpickles this module too, and torchvision's
+    # import (torch._dynamo) costs it seconds per trial
     from tally.data.bank import use_bank_dir
     from tally.training import RunContext, train_run
 
     use_bank_dir(loop_config.get("bank_dir"))  # the search's pre-decoded banks (tally.search.banks)
 
-    context = ray.train.get_context()
     metric = loop_config["config"]["train"]["selection_metric"]
     better = max if mode_of(metric) == "max" else min  # lower is better for ECE, Brier, NLL, AURC
     best = {"value": -math.inf if better is max else math.inf}
     run_dir = Path(loop_config["run_dir"])
     if loop_config.get("run_uri"):  # a bucket store: each rank works on its own local copy of the run
-        run_dir = bucket.stage(loop_config["run_uri"], f"rank{context.get_world_rank()}")
+        run_dir = bucket.stage(loop_config["run_uri"], f"rank{rank}")
         bucket.pull(run_dir, skip=())  # with its checkpoints: a resumed trial continues from them
-    main = context.get_world_rank() == 0
+    main = rank == 0
 
     def report(record: dict, _checkpoint_dir) -> None:
         # the objective follows the kept-epoch rule (train.select_from): the kept epoch's value; before
@@ -59,10 +77,9 @@ def train_worker(loop_config: dict) -> None:
         numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         if main:
             bucket.push(run_dir)  # before Tune hears of the epoch: a scheduler may stop the trial right after
-        ray.train.report({**numbers, OBJECTIVE: best["value"], FINAL: 0})
+        report_to({**numbers, OBJECTIVE: best["value"], FINAL: 0})
 
-    ctx = RunContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
-                     device=ray.train.torch.get_device(), report=report, progress=False,
+    ctx = RunContext(rank=rank, world_size=world_size, device=device, report=report, progress=False,
                      extra_status={"params": loop_config.get("params", {}),
                                    "ray_node_id": ray.get_runtime_context().get_node_id()},
                      memory_dump_dir=Path(loop_config["memory_dump_dir"]) if loop_config.get("memory_dump_dir") else None)
@@ -84,7 +101,23 @@ def train_worker(loop_config: dict) -> None:
         selection = val.get(metric)
         final[OBJECTIVE] = selection if selection is not None else best["value"]
         final.update({f"val/{k}": v for k, v in val.items()})
-    ray.train.report(final)
+    report_to(final)
+
+
+def _loop_config(config: dict, run_dir: Path, params: dict, memory_dump_dir: Path | None, bank_dir: str | None) -> dict:
+    return {"config": config, "run_dir": str(run_dir), "run_uri": bucket.remote_of(run_dir), "params": params,
+            "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None, "bank_dir": bank_dir}
+
+
+def trial_device(resources: dict):
+    """The device of a 1-worker trial: its GPU (Ray sets CUDA_VISIBLE_DEVICES to the one it gave the
+    trial, so it is cuda:0 here, as ray.train.torch.get_device says in a worker), else the CPU."""
+    import torch
+
+    if resources.get("gpus_per_worker", 0) and ray.get_gpu_ids():
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
 
 
 def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, name: str,
@@ -100,10 +133,7 @@ def launch_trainer(config: dict, run_dir: Path, params: dict, resources: dict, n
         per_worker["GPU"] = gpus
     trainer = LeanTorchTrainer(  # a TorchTrainer without Ray Data's actors (tally.search.lean)
         train_worker,
-        train_loop_config={"config": config, "run_dir": str(run_dir), "run_uri": bucket.remote_of(run_dir),
-                           "params": params,
-                           "memory_dump_dir": str(memory_dump_dir) if memory_dump_dir else None,
-                           "bank_dir": bank_dir},
+        train_loop_config=_loop_config(config, run_dir, params, memory_dump_dir, bank_dir),
         torch_config=BoundTorchConfig(backend="nccl" if gpus else "gloo"),  # its store on the node address
         scaling_config=ScalingConfig(num_workers=resources.get("workers", 1), use_gpu=bool(gpus),
                                      resources_per_worker=per_worker),
@@ -144,6 +174,14 @@ def trial_function(params: dict, *, plan: dict) -> None:
         bucket.push(run_dir)
     # Final states the worker cannot write (stopped early, killed) are written by the driver's
     # StoreCallback: only it knows whether an ending was the scheduler's decision or an error.
-    launch_trainer(config, run_dir, shown_params, plan["resources"], name=f"train-{run_id}",
+    resources = plan["resources"]
+    if one_worker(resources):  # this trial is the worker (module docstring)
+        # an ASHA stop ends the training thread at its next report (SystemExit); the store push in its
+        # `finally` must fit in the time Tune gives it before reusing this actor (default 2 s)
+        os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
+        train_trial(_loop_config(config, run_dir, shown_params, None, plan.get("bank_dir")), rank=0, world_size=1,
+                    device=trial_device(resources), report_to=ray.tune.report)
+        return
+    launch_trainer(config, run_dir, shown_params, resources, name=f"train-{run_id}",
                    storage_path=f"{plan['exp_uri']}/ray/train" if plan.get("exp_uri") else exp_dir / "ray" / "train",
                    bank_dir=plan.get("bank_dir"))

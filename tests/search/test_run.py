@@ -86,6 +86,21 @@ def test_a_failing_trial_is_marked_failed_with_its_error(searched):
     assert (failed["param.train.lr"] == 1.0e30).all()
 
 
+def test_the_trial_after_an_early_stop_runs_in_the_stopped_trials_actor(searched):
+    """One worker: ASHA's stop ends the training thread at its next report, so Tune reuses the actor
+    (its start and its torch import are paid once per concurrent slot); a failed trial's actor is not."""
+    _, exp_dir, summary = searched
+    by_lr = {}
+    for run_dir in results.iter_trial_dirs(exp_dir):
+        status = results.read_json(run_dir / "status.json")
+        by_lr.setdefault(status["params"]["train.lr"], []).append((status["started"], status["owner"]["pid"],
+                                                                   status["status"]))
+    (_, done_pid, _), (_, stopped_pid, stopped), (_, failed_pid, failed) = (
+        min(by_lr[lr]) for lr in (3.0e-3, 1.0e-9, 1.0e30))
+    assert (stopped, failed) == ("stopped", "failed")
+    assert done_pid == stopped_pid == failed_pid
+
+
 def test_optuna_study_separates_complete_pruned_and_failed(searched):
     spec, exp_dir, summary = searched
     study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{exp_dir / 'study.db'}")

@@ -84,7 +84,7 @@ def test_a_search_decodes_once_and_trials_stay_small(tmp_path, local_ray, monkey
     print("peak RSS of the trials (MiB):", peaks)
 
 
-def test_trials_start_no_ray_data_machinery_and_reuse_actors_only_without_early_stopping(tmp_path):
+def test_trials_start_no_ray_data_machinery_and_reuse_actors_where_safe(tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback
@@ -102,7 +102,11 @@ def test_trials_start_no_ray_data_machinery_and_reuse_actors_only_without_early_
     plain, lean = callbacks(TorchTrainer), callbacks(LeanTorchTrainer)
     assert DatasetsCallback in plain and DatasetsCallback not in lean  # no DatasetManager actor per trial
     assert [c for c in plain if c is not DatasetsCallback] == lean  # everything else as Ray has it
-    assert reuse_trial_actors(early_stopping=False) and not reuse_trial_actors(early_stopping=True)
+    one, two = {"workers": 1}, {"workers": 2}
+    # a 1-worker trial's thread ends at its next report when ASHA stops it: its actor is reused anyway
+    assert reuse_trial_actors(False, one) and reuse_trial_actors(True, one)
+    # a data-parallel trial's thread waits in TorchTrainer.fit: reuse after an ASHA stop would fail
+    assert reuse_trial_actors(False, two) and not reuse_trial_actors(True, two)
 
 
 def test_a_local_ray_names_itself_to_its_processes(monkeypatch):
