@@ -86,7 +86,7 @@ stage() { echo; echo "== $* ($((SECONDS - START)) s)"; }
 
 if [[ $BUDGET == full ]]; then
   CONFIGS=r18-64,r50-224
-  BENCH_STEPS=(--steps 10 --blocks 5 --warmup 10)
+  BENCH_STEPS=(--steps 10 --blocks 9 --warmup 10)
   ARCH=resnet50; DATA="{source: embedded, image_size: 32}"; STEPS=40; BATCH=18
   COMPILE_SECONDS=${COMPILE_SECONDS:-150}
 else

@@ -11,7 +11,9 @@ Timing: on CUDA, CUDA events around blocks of steps (no synchronisation between 
 steps, and the GPU memory peak of each runner; on the CPU, wall and process-CPU time around the same
 blocks (the CPU time is the steadier measure on a shared machine: it does not count time spent waiting
 for a core). Blocks of runners are interleaved in rotating order so that drifting load hits all alike;
-img/s are medians over blocks of labelled images (B per step for every runner). "compile s" is the time
+img/s are medians over blocks of labelled images (B per step for every runner). The TALLY step against
+its FLOP floor (the ERM step times TALLY/ERM FLOPs) is a ratio per rotation of blocks (TALLY's block over
+the ERM block beside it), printed as the median and range of those ratios. "compile s" is the time
 of a compiled runner's first steps (both phases' graphs) beyond its steady step time.
 
     PYTHONPATH=. python bench/train_step.py [--device cpu|cuda] [--configs r18-64,r50-224] [--modes eager,compiled]
@@ -150,7 +152,13 @@ def bench(arch: str, size: int, args, device) -> list[dict]:
         cpu = statistics.median(c for _, c in times[(name, mode)])
         row = {"config": f"{arch} {size}px", "runner": name, "mode": mode, "img/s": args.batch / wall,
                "ms/step": 1000 * wall, "steps": args.blocks * args.steps,
-               "compile s": max(first - first_steps * wall, 0.0) if mode == "compiled" else None, "floor": floor}
+               "compile s": max(first - first_steps * wall, 0.0) if mode == "compiled" else None, "floor": floor,
+               "over floor": None}
+        if floor and name != "erm" and ("erm", mode) in times:
+            # paired by block: each block's step against the ERM block of the same rotation, over the FLOP
+            # floor; the median and the spread of those ratios say how far one run can be trusted
+            ratios = sorted(t[0] / e[0] / floor for t, e in zip(times[(name, mode)], times[("erm", mode)], strict=True))
+            row["over floor"] = (statistics.median(ratios), ratios[0], ratios[-1])
         if device.type == "cuda":
             row["peak MB"] = gpu_peak(runner) / 2**20
             row["syncs/step"] = host_syncs_per_step(runner)
@@ -171,7 +179,7 @@ def gpu_peak(runner: Runner) -> int:
     return runner.resident + torch.cuda.max_memory_allocated() - base
 
 
-def print_rows(rows: list[dict], device) -> None:
+def print_rows(rows: list[dict], device, args) -> None:
     cols = ["config", "runner", "mode", "img/s", "ms/step"]
     cols += ["peak MB", "syncs/step"] if device.type == "cuda" else ["cpu img/s"]
     cols += ["compile s", "steps"]
@@ -199,6 +207,11 @@ def print_rows(rows: list[dict], device) -> None:
         if floor:
             parts.append(f"FLOP floor TALLY/ERM {floor:.3f}")
         print(f"{config}: " + "; ".join(parts), flush=True)
+        for r in rows:
+            if r["config"] == config and r["over floor"]:
+                median, low, high = r["over floor"]
+                print(f"  {r['runner']} {r['mode']} step / its FLOP floor (ERM step x {floor:.3f}): median {median:.3f}x "
+                      f"over {args.blocks} paired blocks (min {low:.3f}, max {high:.3f}; goal <= 1.05)", flush=True)
 
 
 def main(argv=None) -> None:
@@ -211,14 +224,14 @@ def main(argv=None) -> None:
     p.add_argument("--placement", default="auto", choices=("auto", "device", "host"), help="of the image bank")
     p.add_argument("--batch", type=int, default=18)
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (CUDA 10, CPU 2)")
-    p.add_argument("--blocks", type=int, default=None, help="timed blocks per runner (CUDA 5, CPU 4)")
+    p.add_argument("--blocks", type=int, default=None, help="timed blocks per runner (CUDA 9, CPU 9)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (CUDA 10, CPU 2)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.steps = args.steps or (10 if gpu else 2)
-    args.blocks = args.blocks or (5 if gpu else 4)
+    args.blocks = args.blocks or 9  # the spread of 9 paired blocks: one run is enough to judge a ratio
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     args.runners, args.modes = args.runners.split(","), args.modes.split(",")
     if gpu:
@@ -234,7 +247,7 @@ def main(argv=None) -> None:
           f"{args.warmup} warm-up steps, {args.blocks} blocks x {args.steps} steps", flush=True)
     for key in args.configs.split(","):
         arch, size = CONFIGS[key]
-        print_rows(bench(arch, size, args, device), device)
+        print_rows(bench(arch, size, args, device), device, args)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
