@@ -60,7 +60,8 @@ def budget_text(spec: Spec) -> str:
         f"per trial       {up_to}{epochs} epochs x {steps} steps (warm-up {train['warmup_epochs']}"
         f"{', searched' if 'train.warmup_epochs' in r['space'] else ''}), batch {train['batch_size']}",
         f"total           at most {budget['trials'] * epochs} epochs = {budget['trials'] * epochs * steps} steps",
-        f"resources       {res['workers']} worker(s) x ({worker}) per trial + 1 TRAIN_DRIVER slot; "
+        f"resources       {res['workers']} worker(s) x ({worker}) per trial"
+        f"{' (the trial is its worker)' if res['workers'] == 1 else ' + 1 TRAIN_DRIVER slot'}; "
         f"{at_once} at once: {_fmt(at_once * res['workers'] * res['cpus_per_worker'])} CPU, "
         f"{_fmt(at_once * res['workers'] * res['gpus_per_worker'])} GPU",
         f"early stopping  {stopping}",

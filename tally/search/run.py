@@ -76,17 +76,20 @@ def _console(quiet: bool):
 
 
 def trial_resources(resources: dict) -> dict:
-    """What a trial's Tune actor takes. One worker: the trial is the worker (tally.search.trial), so it
-    holds the worker's CPUs and GPU. N workers: Train's workers hold those, and the trial (their driver)
-    takes only a driver slot. Either way the driver slot is the custom resource if the cluster has it
-    (it caps concurrent trials without costing a CPU), else, for a driver alone, 1 CPU."""
-    slot = {TRAIN_DRIVER: 1} if ray.cluster_resources().get(TRAIN_DRIVER) else {}
+    """What a trial's Tune actor takes.
+
+    One worker: the trial is the worker (tally.search.trial), so it holds the worker's CPUs and GPU, and
+    nothing else: a cluster declares the TRAIN_DRIVER slots on its head node, and a trial that asked for
+    one would be placed there, never beside the CPUs and GPUs of the other nodes
+    (tests/search/test_multinode.py). The search's concurrency caps trials as it is.
+    N workers: Train's workers hold those, and the trial (their driver) takes a driver slot: the custom
+    resource if the cluster has it (no CPU spent on a process that only waits), else 1 CPU."""
     if one_worker(resources):
         own = {"cpu": resources.get("cpus_per_worker", 1)}
         if resources.get("gpus_per_worker"):
             own["gpu"] = resources["gpus_per_worker"]
-        return {**slot, **own}
-    return slot or {"cpu": 1}
+        return own
+    return {TRAIN_DRIVER: 1} if ray.cluster_resources().get(TRAIN_DRIVER) else {"cpu": 1}
 
 
 # ---------------------------------------------------------------- store callback

@@ -1,8 +1,8 @@
 """The Ray side of one trial: a Tune function that trains the run itself (one worker) or through a
 TorchTrainer (N workers, DDP).
 
-One worker, the usual case: the Tune trial is the worker. It holds the worker's CPUs, GPU and the
-TRAIN_DRIVER slot, and runs the same training function in its own process, reporting each epoch with
+One worker, the usual case: the Tune trial is the worker. It holds the worker's CPUs and GPU (on any
+node: tally.search.run.trial_resources), and runs the same training function in its own process, reporting each epoch with
 ray.tune.report. Ray Train's supervision stack (controller, placement group and its cleaner, worker
 actor, synchronisation actor), about five processes each importing Ray and torch, is what a 1-worker
 trial paid for nothing (bench/search_overhead.py measures the difference).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tally import results
+from tally.method.perf import peak_rss_mib, release_cpu_memory, reset_peak_rss
 from tally.results import storage as bucket
 from tally.schema import mode_of
 from tally.search.lean import LeanTorchTrainer, one_worker
@@ -57,6 +57,7 @@ def train_trial(loop_config: dict, rank: int, world_size: int, device, report_to
 
     use_bank_dir(loop_config.get("bank_dir"))  # the search's pre-decoded banks (tally.search.banks)
 
+    reset_peak_rss()  # a reused trial actor: this trial's peak, not an earlier one's
     metric = loop_config["config"]["train"]["selection_metric"]
     better = max if mode_of(metric) == "max" else min  # lower is better for ECE, Brier, NLL, AURC
     best = {"value": -math.inf if better is max else math.inf}
@@ -86,10 +87,9 @@ def train_trial(loop_config: dict, rank: int, world_size: int, device, report_to
     try:  # validated once, by Spec.trial_config (or run_fixed on the driver)
         with bucket.heartbeat(run_dir, enabled=main):
             metrics = train_run(loop_config["config"], run_dir, resume=True, ctx=ctx, validated=True)
-        if main:  # what the trial's process held at most (tests/search/test_scale.py bounds it)
+        if main:  # what the trial's process held at most during it (tests/search/test_scale.py bounds it)
             status = results.read_json(run_dir / "status.json") or {}
-            results.write_status(run_dir, status.get("status", "done"),
-                                 peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+            results.write_status(run_dir, status.get("status", "done"), peak_rss_mib=peak_rss_mib())
     finally:
         if main:
             bucket.push(run_dir)  # the final state: done with its tables, or failed with its error
@@ -179,8 +179,11 @@ def trial_function(params: dict, *, plan: dict) -> None:
         # an ASHA stop ends the training thread at its next report (SystemExit); the store push in its
         # `finally` must fit in the time Tune gives it before reusing this actor (default 2 s)
         os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
-        train_trial(_loop_config(config, run_dir, shown_params, None, plan.get("bank_dir")), rank=0, world_size=1,
-                    device=trial_device(resources), report_to=ray.tune.report)
+        try:
+            train_trial(_loop_config(config, run_dir, shown_params, None, plan.get("bank_dir")), rank=0,
+                        world_size=1, device=trial_device(resources), report_to=ray.tune.report)
+        finally:
+            release_cpu_memory()  # this actor runs the next trial: no heap kept from this one
         return
     launch_trainer(config, run_dir, shown_params, resources, name=f"train-{run_id}",
                    storage_path=f"{plan['exp_uri']}/ray/train" if plan.get("exp_uri") else exp_dir / "ray" / "train",

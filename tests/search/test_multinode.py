@@ -15,9 +15,19 @@ from tally import results
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_search_runs_on_both_nodes_of_a_cluster(tmp_path):
+def test_search_runs_on_both_nodes_of_a_cluster(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
+    from tally.cluster import require_token_auth, token_available
+
+    # the cluster runs with token auth, as every cluster of ours does (tally.cluster). Without it (this
+    # test run alone, before any local Ray of the session switched this process to token mode) the
+    # cluster calls the driver's own server without a token, the driver refuses, the cluster takes the
+    # driver for dead and cancels its trials ("The actor never ran"). The token: the one this machine's
+    # local Ray uses, if any (this process may hold a connection to it), else a fresh one.
+    if not token_available():
+        monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    require_token_auth()
     # head: 1 CPU and the trial drivers' resource; second node: 1 CPU. A 1-CPU trial fits on either,
     # and with two at a time both nodes must take one.
     cluster = Cluster(initialize_head=True, connect=False,

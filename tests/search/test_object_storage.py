@@ -46,6 +46,19 @@ def _bucket_view(uri: str) -> Path:
     return storage.read_mirror(uri, max_age_s=0)
 
 
+def _tune_recorded(exp_uri: str, trial_id: str) -> bool:
+    """Whether Tune's experiment state in the bucket lists the trial. A trial started after Tune's last
+    experiment checkpoint is an orphan when the driver dies (run._close_orphans fails it and the search
+    draws a new one); 1-worker trials start within a second, often before that checkpoint."""
+    fs, base = storage.filesystem(exp_uri)
+    for key in storage._listing(fs, base):
+        if key.startswith("ray/tune/experiment_state") and key.endswith(".json"):
+            with fs.open_input_stream(f"{base}/{key}") as f:
+                if trial_id in f.read().decode(errors="replace"):
+                    return True
+    return False
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(bucket, tmp_path_factory):
     """Two trials one at a time; the driver is killed while the second trains, then resumed."""
@@ -70,7 +83,8 @@ def killed_and_resumed(bucket, tmp_path_factory):
             state = (results.read_json(run_dir / "status.json") or {}).get("status")
             if state == "done":
                 first_done = first_done or run_dir.name
-            elif state == "running" and first_done and results.read_jsonl(run_dir / "epochs.jsonl"):
+            elif (state == "running" and first_done and results.read_jsonl(run_dir / "epochs.jsonl")
+                  and _tune_recorded(exp_uri, run_dir.name)):
                 interrupted = run_dir.name
         assert driver.poll() is None, "the search ended before it could be killed"
     assert interrupted is not None, "no trial was caught mid-training"
