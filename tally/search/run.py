@@ -41,6 +41,10 @@ def connect(address: str | None, concurrency: int, quiet: bool = True) -> None:
     """Join a cluster (--address, its token required) or start a local, loopback-only Ray sized for
     this machine (tally.cluster)."""
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    # Tune saves (and uploads) its experiment state every 10 s at first ("auto"); a 1-worker trial starts
+    # within a second, so a driver killed in between left it out of the state, and the resumed search
+    # failed it as an orphan and drew a new one. Every 2 s: a kill loses at most that much bookkeeping.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if not address:
         # One machine: nothing preempts it, and the Train controller's default 2 s poll only delays
         # the end of every trial (bench/search_overhead.py: teardown 4.7 s -> 1.7 s per trial).
