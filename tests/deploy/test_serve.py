@@ -320,9 +320,22 @@ def test_slow_uploads_fill_the_queue_not_health_and_are_dropped_at_the_body_dead
     import time
 
     encoded, expected, predictor = images
-    held = [slow_upload(server) for _ in range(MAX_ONGOING + MAX_QUEUED)]  # every slot of the replica and the queue
+    # every slot of the replica and the queue. Ray's router sees the replica's load with a lag, so it may
+    # refuse some uploads (503) while the queue still has room: replace those until every held upload
+    # stays held (the bound itself is checked below: the next request must still be refused)
+    held: list[socket.socket] = []
     try:
-        time.sleep(3)  # the proxy hands each to the replica as soon as its headers are in
+        for _ in range(4):  # within the first uploads' body deadline (BODY_TIMEOUT_S)
+            held += [slow_upload(server) for _ in range(MAX_ONGOING + MAX_QUEUED - len(held))]
+            time.sleep(1.5)  # the proxy hands each to the replica (or the queue) as soon as its headers are in
+            refused = select.select(held, [], [], 0)[0]
+            for client in refused:
+                assert b" 503 " in client.recv(4096).split(b"\r\n")[0]
+                client.close()
+            held = [c for c in held if c not in refused]
+            if not refused:
+                break
+        assert len(held) == MAX_ONGOING + MAX_QUEUED
         req = urllib.request.Request(f"{server}/predict", data=encoded[0], headers={"Content-Type": "image/png"})
         with pytest.raises(urllib.error.HTTPError) as e:  # the queue is full: refused at once, not queued
             urllib.request.urlopen(req, timeout=60)
