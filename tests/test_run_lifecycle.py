@@ -66,7 +66,7 @@ def test_sigterm_stops_the_run_and_keeps_its_checkpoint(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     status = results.read_json(run / "status.json")
-    assert proc.returncode == 130
+    assert proc.returncode == 130, proc.stderr.read()[-3000:]  # what ended the run otherwise
     assert status["status"] == "stopped" and "SIGTERM" in status["error"]
     assert results.read_run(run).state == "stopped"
     assert (run / "checkpoints" / "last.pt").is_file() and temp_files(run) == []
