@@ -10,7 +10,8 @@ torch.compile with train.compile). A step is the whole hot path from the sampler
 Timing: on CUDA, CUDA events around blocks of steps (no synchronisation between steps) after warm-up
 steps, and the GPU memory peak of each runner; on the CPU, wall and process-CPU time around the same
 blocks (the CPU time is the steadier measure on a shared machine: it does not count time spent waiting
-for a core). Blocks of runners are interleaved in rotating order so that drifting load hits all alike;
+for a core), after rounds of all runners until none page-faults (their shared heap
+stopped growing; "faults/step" says whether it stayed so). Blocks of runners are interleaved in rotating order so that drifting load hits all alike;
 img/s are medians over blocks of labelled images (B per step for every runner). The TALLY step against
 its FLOP floor (the ERM step times TALLY/ERM FLOPs) is a ratio per rotation of blocks (TALLY's block over
 the ERM block beside it), printed as the median and range of those ratios. "compile s" is the time
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 import warnings
@@ -97,18 +99,32 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_block(runner: Runner, steps: int) -> tuple[float, float]:
-    """(wall s, process-CPU s) per step over one block; on CUDA the wall time is from CUDA events."""
+def timed_block(runner: Runner, steps: int) -> tuple[float, float, float]:
+    """(wall s, process-CPU s, page faults) per step over one block; on CUDA the wall time is from CUDA
+    events (and the last two are nan)."""
     if runner.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         runner.run(steps)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000 / steps, float("nan")
+        return start.elapsed_time(end) / 1000 / steps, float("nan"), float("nan")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t, c = time.perf_counter(), time.process_time()
     runner.run(steps)
-    return (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
+    wall, cpu = (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
+    return wall, cpu, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+
+
+def settle(runners: list[Runner], steps: int, most: int = 6) -> int:
+    """CPU: rounds of every runner in turn until a round page-faults no more (at most `most`); returns
+    the rounds run. The runners share one heap (kept, never trimmed: keep_cpu_memory), and it grows
+    while their steps alternate: a block that faults pays the kernel for fresh pages (0.2-0.6 s of a
+    4 s ResNet-50 TALLY step here), which a run of one method pays only in its first steps."""
+    for rounds in range(1, most + 1):
+        if all(timed_block(runner, steps)[2] == 0 for runner in runners):
+            return rounds
+    return most
 
 
 def host_syncs_per_step(runner: Runner, steps: int = 3) -> float:
@@ -144,12 +160,13 @@ def bench(arch: str, size: int, args, device) -> list[dict]:
         floor = runners[("tally", "eager")][0].flops() / runners[("erm", "eager")][0].flops()
     times = {key: [] for key in runners}
     order = list(runners)
+    settled = settle([runners[key][0] for key in order], args.steps) if device.type == "cpu" else 0
     for b in range(args.blocks):
         for key in order[b % len(order):] + order[: b % len(order)]:
             times[key].append(timed_block(runners[key][0], args.steps))
     for (name, mode), (runner, first, first_steps) in runners.items():
-        wall = statistics.median(w for w, _ in times[(name, mode)])
-        cpu = statistics.median(c for _, c in times[(name, mode)])
+        wall = statistics.median(w for w, _, _ in times[(name, mode)])
+        cpu = statistics.median(c for _, c, _ in times[(name, mode)])
         row = {"config": f"{arch} {size}px", "runner": name, "mode": mode, "img/s": args.batch / wall,
                "ms/step": 1000 * wall, "steps": args.blocks * args.steps,
                "compile s": max(first - first_steps * wall, 0.0) if mode == "compiled" else None, "floor": floor,
@@ -164,6 +181,8 @@ def bench(arch: str, size: int, args, device) -> list[dict]:
             row["syncs/step"] = host_syncs_per_step(runner)
         else:
             row["cpu img/s"] = args.batch / cpu
+            row["faults/step"] = statistics.median(f for _, _, f in times[(name, mode)])
+            row["settle rounds"] = settled
         rows.append(row)
     return rows
 
@@ -181,7 +200,7 @@ def gpu_peak(runner: Runner) -> int:
 
 def print_rows(rows: list[dict], device, args) -> None:
     cols = ["config", "runner", "mode", "img/s", "ms/step"]
-    cols += ["peak MB", "syncs/step"] if device.type == "cuda" else ["cpu img/s"]
+    cols += ["peak MB", "syncs/step"] if device.type == "cuda" else ["cpu img/s", "faults/step", "settle rounds"]
     cols += ["compile s", "steps"]
     print(" ".join(f"{c:>13}" for c in cols))
     for r in rows:

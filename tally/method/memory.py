@@ -121,6 +121,35 @@ class FeatureMemory(nn.Module):
         self._apply_domains(mean_sum, std_sum, domain_count)
 
     @torch.no_grad()
+    def _update_classes_local(self, zhat: torch.Tensor, y: torch.Tensor) -> None:
+        """One process's class update: a matmul when there are no more classes than rows, else sparse."""
+        if self.num_classes <= y.shape[0]:
+            self._update_classes_matmul(zhat, y)
+        else:
+            self._update_classes_sparse(zhat, y)
+
+    @torch.no_grad()
+    def _update_classes_matmul(self, zhat: torch.Tensor, y: torch.Tensor) -> None:
+        """Same result as batch_sums + apply for the class part: P <- keep * P + W @ zhat, in place.
+
+        W (K x B) holds each row's weight in its class's new prototype ((1-m)/n_c, or 1/n_c on a first
+        observation), keep is m, 0 (first observation) or 1 (class absent). One GEMM reads the batch once
+        and two passes touch the K prototypes, where the sparse path gathers, subtracts, scales and
+        scatters B maps (ResNet-50 at 224 px on the CPU: ~30 -> ~5 ms). Pays off while K <= B.
+        """
+        p, m = self.prototypes, self.momentum
+        k = self.num_classes
+        members = (y[None, :] == torch.arange(k, device=y.device)[:, None]).to(p.dtype)  # (K, B)
+        count = members.sum(1)
+        weight = torch.where(self.class_seen, 1.0 - m, 1.0) / count.clamp_min(1)
+        keep = torch.where(count > 0, torch.where(self.class_seen, m, 0.0), 1.0)
+        order = sorted(range(1, p.dim()), key=lambda dim: -p.stride(dim))  # p's memory order (NCHW or NHWC)
+        rows = p.permute(0, *order).view(k, -1)  # a view: the update lands in p
+        batch = zhat.detach().to(p.dtype).permute(0, *order).reshape(y.shape[0], -1)
+        rows.mul_(keep[:, None]).addmm_(members * weight[:, None], batch)
+        self.class_seen |= count > 0
+
+    @torch.no_grad()
     def _update_classes_sparse(self, zhat: torch.Tensor, y: torch.Tensor) -> None:
         """Same result as batch_sums + apply for the class part, in O(B*C*H*W) rather than O(K*C*H*W).
 
@@ -173,8 +202,8 @@ class FeatureMemory(nn.Module):
     ) -> None:
         """Update from class_part = (zhat, y) and domain_part = (mu, sigma, d); inputs are detached.
 
-        Without sync (one process) the class part takes a sparse path that touches only the batch's
-        classes. With sync (DDP) every worker applies the same global update and keeps identical
+        Without sync (one process) the class part is a matmul (K <= B) or a sparse path that touches only
+        the batch's classes. With sync (DDP) every worker applies the same global update and keeps identical
         memories: either the dense per-class and per-domain sums are all-reduced, or (gather_classes,
         which moves less when the global batch has fewer rows than twice the classes) the batch's
         rows are all-gathered and the small domain sums all-reduced. Every worker must call update in the same
@@ -189,7 +218,7 @@ class FeatureMemory(nn.Module):
     def _update(self, class_part, domain_part, sync) -> None:
         if sync is None:
             if class_part is not None:
-                self._update_classes_sparse(*class_part)
+                self._update_classes_local(*class_part)
             if domain_part is not None:
                 self._apply_domains(*self._domain_sums(*domain_part))
             return

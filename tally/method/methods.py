@@ -36,7 +36,7 @@ from tally.method.losses import (
     weighted_cross_entropy,
 )
 from tally.method.memory import FeatureMemory, MemorySync
-from tally.method.stats import mix, moments, sample_lambdas, to_device
+from tally.method.stats import mix, moments, sample_lambdas, tally_mix, to_device
 
 PHASES = ("warmup", "main")
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x float (B,3,H,W), y int64 (B,), d int64 (B,))
@@ -473,13 +473,10 @@ class Tally(Method):
         lam1, lam2, proto, mem_mu, mem_sig = self._mixing_inputs(ya, dn)
         za, zn = self._stem_pair(xa, xn)
         with _full_precision(za):
-            za, zn = za.float(), zn.float()
-            mu_a, sig_a = self._moments(za)
-            mu_n, sig_n = self._moments(zn)
-            zhat_a = (za - mu_a) / sig_a
-            z_mix = mix(zhat_a, zhat_a if proto is None else proto, mu_n, sig_n, mem_mu, mem_sig, lam1, lam2)
+            z_mix, zhat_a, mu_n, sig_n = tally_mix(za.float(), zn.float(), proto, mem_mu, mem_sig, lam1, lam2,
+                                                   unbiased=self.cfg["unbiased_std"])
         loss = weighted_cross_entropy(self.net.head(z_mix), ya, self.class_weight, self.sync)
-        self.memory.update((zhat_a.detach(), ya), (mu_n.detach(), sig_n.detach(), dn), self.sync)
+        self.memory.update((zhat_a, ya), (mu_n, sig_n, dn), self.sync)
         return loss
 
 

@@ -97,6 +97,24 @@ def test_updates_follow_formula_first_observation_and_absent_untouched():
         assert mem.class_seen[[0, 1, 3]].all() and mem.domain_seen[[0, 2]].all()
 
 
+def test_one_process_class_paths_follow_the_formula_in_either_memory_layout():
+    # K <= B takes the matmul, K > B the sparse path; both must give the formula, also on prototypes kept
+    # channels_last (training's layout) fed with batches of the other layout
+    for rows in (6, 3):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            mem = FeatureMemory(K, D, SHAPE, 0.8)
+            # junk in unseen entries (a state dict may hold any): a first observation must replace it
+            junk = torch.randn(K, *SHAPE, generator=torch.Generator().manual_seed(9))
+            mem.prototypes = junk.contiguous(memory_format=layout)
+            for step, classes in enumerate([(0, 1), (0, 1, 3), (1,)]):
+                batch = _batch(rows, step, classes=classes)
+                before = _copy(mem)
+                mem.update(batch[:2], batch[2:])
+                _check(mem, *_expected(before, *batch, 0.8))
+            assert mem.prototypes.is_contiguous(memory_format=layout)  # updated in place, not replaced
+            assert mem.class_seen.tolist() == [True, True, False, True]
+
+
 def test_first_observation_is_the_batch_mean():
     mem = FeatureMemory(K, D, SHAPE, 0.8)
     zhat, y, mu, sigma, d = _batch(8, 1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from tally.method.stats import feature_stats, mix, moments, sample_lambdas
+from tally.method.stats import feature_stats, mix, moments, sample_lambdas, tally_mix
 
 
 def _maps(b=4, c=3, h=5, w=6, seed=0):
@@ -109,3 +109,65 @@ def test_lambdas_are_reproducible_and_checkpointable():
 def test_small_alpha_is_finite():
     lam = sample_lambdas(2000, 0.05, False, torch.Generator().manual_seed(0))
     assert torch.isfinite(lam).all() and lam.min() >= 0 and lam.max() <= 1
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("with_prototype", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_tally_mix_equals_moments_then_mix_with_its_gradients(unbiased, with_prototype, layout):
+    """The fused main-step op gives the values of the composition and, with its hand-written backward,
+    autograd's gradients of it (and gradcheck's numerical ones), for either memory layout."""
+    g = torch.Generator().manual_seed(3)
+    b, c, h, w = 4, 3, 5, 6
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    za = (rand(b, c, h, w) * 2 + 1).contiguous(memory_format=layout).requires_grad_()
+    zn = (rand(b, c, h, w) * 3 - 1).contiguous(memory_format=layout).requires_grad_()
+    proto = rand(b, c, h, w) if with_prototype else None
+    mem_mu, mem_sig = rand(b, c), rand(b, c).abs() + 0.5
+    lam1, lam2 = torch.rand(b, generator=g, dtype=torch.float64), torch.rand(b, generator=g, dtype=torch.float64)
+    z, zhat_a, mu_n, sig_n = tally_mix(za, zn, proto, mem_mu, mem_sig, lam1, lam2, unbiased=unbiased)
+
+    mu_a, sig_a = moments(za, unbiased=unbiased)
+    expected_zhat = (za - mu_a) / sig_a
+    expected_mu, expected_sig = moments(zn, unbiased=unbiased)
+    lam1_used = lam1 if with_prototype else torch.ones_like(lam1)
+    expected = mix(expected_zhat, expected_zhat if proto is None else proto, expected_mu, expected_sig,
+                   mem_mu, mem_sig, lam1_used, lam2)
+    torch.testing.assert_close(z, expected)
+    torch.testing.assert_close(zhat_a, expected_zhat.detach())
+    torch.testing.assert_close((mu_n, sig_n), (expected_mu.detach(), expected_sig.detach()))
+    assert not (zhat_a.requires_grad or mu_n.requires_grad or sig_n.requires_grad)
+
+    weights = rand(b, c, h, w)
+    torch.testing.assert_close(torch.autograd.grad((z * weights).sum(), (za, zn)),
+                               torch.autograd.grad((expected * weights).sum(), (za, zn)))
+    assert torch.autograd.gradcheck(
+        lambda a, n: tally_mix(a, n, proto, mem_mu, mem_sig, lam1, lam2, unbiased=unbiased)[0], (za, zn))
+
+
+def test_tally_mix_leaves_a_map_unchanged_when_it_takes_its_own_statistics():
+    z = _maps().double()
+    mu, sigma = moments(z)
+    out, zhat, _, _ = tally_mix(z, z, torch.randn_like(z) * 100, mu, sigma, torch.ones(4), torch.rand(4))
+    torch.testing.assert_close(out, z)
+    torch.testing.assert_close(zhat, feature_stats(z)[0])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_tally_mix_keeps_the_stem_layout_for_the_head_and_for_each_gradient(layout):
+    # the head gets the layout a plain forward gives it (on the CPU, oneDNN returns channels_last maps from
+    # a contiguous ResNet); a gradient in another layout than its activation costs a copy in the stem
+    leaves = [_maps(seed=s).contiguous(memory_format=layout).requires_grad_() for s in (1, 2)]
+    za, zn = (leaf * 1 for leaf in leaves)  # not leaves: autograd would lay a leaf's .grad out like it
+    grads = {}
+    za.register_hook(lambda g: grads.setdefault("a", g))
+    zn.register_hook(lambda g: grads.setdefault("n", g))
+    mu, sigma = moments(za.detach())
+    z, zhat, _, _ = tally_mix(za, zn, torch.randn(4, 3, 5, 6), mu, sigma, torch.rand(4), torch.rand(4))
+    assert z.is_contiguous(memory_format=layout) and zhat.is_contiguous(memory_format=layout)
+    other = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+    z.backward(torch.randn(4, 3, 5, 6).contiguous(memory_format=other))  # the head's gradient may differ
+    assert grads["a"].is_contiguous(memory_format=layout) and grads["n"].is_contiguous(memory_format=layout)
