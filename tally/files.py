@@ -12,6 +12,7 @@ readers and the checkpoints:
 - ``write_atomic`` / ``append_line`` / ``open_lock`` / ``touch``: writes never follow a symlink at
   the target (a ``.lock`` linked to ~/.bashrc must not truncate it) and create files with the mode
   open() would give (0o666 minus the umask), so a team sharing a store can read each other's results.
+- ``stops_deferred``: Ctrl-C or SIGTERM during an atomic write takes effect when the write is done.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -108,7 +111,11 @@ def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> 
     A temporary sibling (created exclusively, umask honoured) is written, then renamed onto ``path``:
     a reader sees the old file or the new one, and a symlink at ``path`` is replaced, never followed.
     """
-    path = Path(path)
+    with stops_deferred():
+        _write_atomic(Path(path), data)
+
+
+def _write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
@@ -128,6 +135,31 @@ def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def stops_deferred():
+    """SIGINT and SIGTERM arriving while the body runs reach their handlers right after it, not inside it.
+
+    A KeyboardInterrupt raised inside torch.save's zip writer surfaced as a RuntimeError from its
+    __exit__ ("unexpected pos"), hiding the stop: a run stopped by SIGTERM while saving its checkpoint
+    exited 1, recorded "failed". Signals reach Python only in the main thread: elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not None:  # None: a handler set outside Python, left alone
+            previous[signum] = signal.signal(signum, lambda received, frame: caught.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)  # its own handler now: KeyboardInterrupt, or the default action
 
 
 def append_line(path: str | Path, line: str) -> None:
