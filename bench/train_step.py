@@ -10,11 +10,11 @@ torch.compile with train.compile). A step is the whole hot path from the sampler
 Timing: on CUDA, CUDA events around blocks of steps (no synchronisation between steps) after warm-up
 steps, and the GPU memory peak of each runner; on the CPU, wall and process-CPU time around the same
 blocks (the CPU time is the steadier measure on a shared machine: it does not count time spent waiting
-for a core), after rounds of all runners until none page-faults (their shared heap
-stopped growing; "faults/step" says whether it stayed so). Blocks of runners are interleaved in rotating order so that drifting load hits all alike;
-img/s are medians over blocks of labelled images (B per step for every runner). The TALLY step against
-its FLOP floor (the ERM step times TALLY/ERM FLOPs) is a ratio per rotation of blocks (TALLY's block over
-the ERM block beside it), printed as the median and range of those ratios. "compile s" is the time
+for a core), after rounds of all runners until none page-faults (their shared heap stopped growing;
+"faults/step" says whether it stayed so). Blocks of runners are interleaved in rotating order so that
+drifting load hits all alike; img/s are medians over blocks of labelled images (B per step for every
+runner). The TALLY step against its FLOP floor (the ERM step times TALLY/ERM FLOPs) is a ratio per
+rotation of blocks (TALLY's block over the ERM block beside it), printed as the median and range of those ratios. "compile s" is the time
 of a compiled runner's first steps (both phases' graphs) beyond its steady step time.
 
     PYTHONPATH=. python bench/train_step.py [--device cpu|cuda] [--configs r18-64,r50-224] [--modes eager,compiled]
@@ -122,7 +122,8 @@ def settle(runners: list[Runner], steps: int, most: int = 6) -> int:
     while their steps alternate: a block that faults pays the kernel for fresh pages (0.2-0.6 s of a
     4 s ResNet-50 TALLY step here), which a run of one method pays only in its first steps."""
     for rounds in range(1, most + 1):
-        if all(timed_block(runner, steps)[2] == 0 for runner in runners):
+        faults = [timed_block(runner, steps)[2] for runner in runners]  # every runner, every round
+        if not any(faults):
             return rounds
     return most
 

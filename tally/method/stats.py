@@ -144,7 +144,7 @@ class _TallyMix(torch.autograd.Function):
         r_a = sig_a.reciprocal()
         zhat_a = centred_a.mul_(r_a)
         mu_n, _, sig_n = _centred(z_n, eps, correction)
-        l1 = _per_example(lam1, z_a) if proto is not None else torch.ones_like(_per_example(lam1, z_a))
+        l1 = _per_example(lam1 if proto is not None else torch.ones_like(lam1), z_a)
         l2 = _per_example(lam2, mu_n)
         mu_mix = torch.lerp(mem_mu.reshape(mu_n.shape).to(mu_n.dtype), mu_n, l2)
         sig_mix = torch.lerp(mem_sig.reshape(sig_n.shape).to(sig_n.dtype), sig_n, l2)
@@ -167,7 +167,6 @@ class _TallyMix(torch.autograd.Function):
         hw, corr = zhat_a.shape[2] * zhat_a.shape[3], ctx.correction
         s_g = g.sum((2, 3), keepdim=True)  # d loss / d mu_mix
         s_ga = _dot_hw(g, zhat_a)
-        d_sig_mix = s_ga if proto is None else torch.lerp(_dot_hw(g, proto.to(g.dtype)), s_ga, l1)
         d_a = d_n = None
         if ctx.needs_input_grad[0]:
             # dzhat = rk/r * g; dz = r * (dzhat - mean(dzhat)) - r * zhat * sum(dzhat * zhat) / (HW - corr)
@@ -176,6 +175,7 @@ class _TallyMix(torch.autograd.Function):
             d_a.addcmul_(zhat_a, -rk * s_ga / (hw - corr))
         if ctx.needs_input_grad[1]:
             # dz = d_mu / HW + d_sigma * (z - mu) / ((HW - corr) * sigma), an affine map of z per channel
+            d_sig_mix = s_ga if proto is None else torch.lerp(_dot_hw(g, proto.to(g.dtype)), s_ga, l1)
             b = l2 * d_sig_mix / ((hw - corr) * sig_n)
             d_n = torch.addcmul(l2 * s_g / hw - b * mu_n, z_n, b, out=torch.empty_like(z_n))
         return (d_a, d_n, *none)
