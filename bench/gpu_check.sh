@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check of the CUDA path (issue 17), in under 5 minutes on one GPU:
-#   1. bench/train_step.py, eager: ResNet-18 at 64 px and ResNet-50 at 224 px, ERM and TALLY (both stem
-#      passes): img/s, GPU memory peak, host syncs per step;
+#   1. bench/train_step.py, eager: ResNet-18 at 64 px and ResNet-50 at 224 px, ERM, the stem pass and TALLY
+#      (both stem passes): img/s, GPU memory peak, host syncs per step;
 #   2. `python3 -m tally.cli train`: 3 short epochs of ResNet-50 on the embedded data, bf16, final metrics;
 #   3. a resume: the same run's first epoch on the CPU, then `tally train --resume` on the device (a CPU
 #      checkpoint resumed on the GPU), final metrics side by side with step 2;

@@ -14,11 +14,15 @@ for a core), after rounds of all runners until none page-faults (their shared he
 "faults/step" says whether it stayed so). Blocks of runners are interleaved in rotating order so that
 drifting load hits all alike; img/s are medians over blocks of labelled images (B per step for every
 runner). The TALLY step against its FLOP floor (the ERM step times TALLY/ERM FLOPs) is a ratio per
-rotation of blocks (TALLY's block over the ERM block beside it), printed as the median and range of those ratios. "compile s" is the time
-of a compiled runner's first steps (both phases' graphs) beyond its steady step time.
+rotation of blocks (TALLY's block over the ERM block beside it), printed as the median and range of those
+ratios. The FLOP floor counts the second stem pass at the whole network's FLOP/s, but the stem's
+convolutions (large maps, few channels) run at fewer: the "stem" runner times that pass alone (StemPass),
+and TALLY is also printed against ERM + stem pass, its time floor, block by block (beyond 1: its own
+mixing and memories). "compile s" is the time of a compiled runner's first steps (both phases' graphs)
+beyond its steady step time.
 
     PYTHONPATH=. python bench/train_step.py [--device cpu|cuda] [--configs r18-64,r50-224] [--modes eager,compiled]
-        [--runners erm,tally,tally-joint] [--steps N] [--blocks N] [--warmup N] [--batch 18] [--threads N]
+        [--runners erm,stem,tally,tally-joint] [--steps N] [--blocks N] [--warmup N] [--batch 18] [--threads N]
         [--compile-mode default|reduce-overhead] [--placement auto|device|host]
 """
 
@@ -40,8 +44,8 @@ from tally.method import SplitResNet, TrainInfo, build_method
 from tally.method.perf import keep_cpu_memory
 from tally.training.run import BatchSource, TrainStep, _LossModule, build_optimizer
 
-# runner -> (method, stem pass, the phase it is timed in)
-RUNNERS = {"erm": ("erm", None, "warmup"), "tally": ("tally", "separate", "main"),
+# runner -> (method, stem pass, the phase it is timed in); "stem" times the ERM network's stem alone (StemPass)
+RUNNERS = {"erm": ("erm", None, "warmup"), "stem": ("erm", None, "warmup"), "tally": ("tally", "separate", "main"),
            "tally-joint": ("tally", "joint", "main")}
 CONFIGS = {"r18-64": ("resnet18", 64), "r50-224": ("resnet50", 224), "r10-32": ("resnet10", 32)}
 K, D, BANK = 7, 4, 256  # PACS-like: 7 classes, 4 domains; a small bank of pre-decoded images
@@ -91,6 +95,29 @@ class Runner:
         with FlopCounterMode(display=False) as counter, self.step.amp:
             self.method(batches, self.phase).backward()
         self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+class StemPass(Runner):
+    """The work TALLY's second stem pass adds to an ERM step: one more batch drawn and augmented, the stem's
+    forward, and its backward from a fixed gradient map (no head, no optimiser step: the TALLY step has one
+    of each, as ERM's). ERM step + stem pass is the time floor of the default (separate) stem pass: what
+    the FLOP floor misses is that the stem's convolutions, on large maps with few channels, run at fewer
+    FLOP/s than the head's."""
+
+    def run(self, steps: int, phase: str | None = None) -> torch.Tensor:
+        stem, grad, out = self.method.net.stem, None, None
+        for (x, _, _), in self.source.batches(self.method.batch_kinds(self.phase), steps):
+            with self.step.amp:
+                out = stem(x)
+            grad = torch.ones_like(out) if grad is None else grad
+            out.backward(grad)
+            self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def flops(self) -> int:
+        with FlopCounterMode(display=False) as counter:
+            self.run(1)
         return counter.get_total_flops()
 
 
@@ -146,7 +173,10 @@ def bench(arch: str, size: int, args, device) -> list[dict]:
     for name in args.runners:
         for mode in args.modes:
             before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-            runner = Runner(name, arch, size, bank, device, args, compiled=mode == "compiled")
+            if name == "stem" and mode != "eager":
+                continue  # the stem pass is the floor of the eager step only
+            runner = (StemPass if name == "stem" else Runner)(name, arch, size, bank, device, args,
+                                                              compiled=mode == "compiled")
             t0 = time.perf_counter()
             if runner.phase == "main":  # fill TALLY's memories (and compile its warm-up graph)
                 runner.run(1, "warmup")
@@ -172,11 +202,19 @@ def bench(arch: str, size: int, args, device) -> list[dict]:
                "ms/step": 1000 * wall, "steps": args.blocks * args.steps,
                "compile s": max(first - first_steps * wall, 0.0) if mode == "compiled" else None, "floor": floor,
                "over floor": None}
-        if floor and name != "erm" and ("erm", mode) in times:
+        if floor and name not in ("erm", "stem") and ("erm", mode) in times:
             # paired by block: each block's step against the ERM block of the same rotation, over the FLOP
             # floor; the median and the spread of those ratios say how far one run can be trusted
             ratios = sorted(t[0] / e[0] / floor for t, e in zip(times[(name, mode)], times[("erm", mode)], strict=True))
             row["over floor"] = (statistics.median(ratios), ratios[0], ratios[-1])
+            if ("stem", mode) in times:  # and against ERM + the stem pass, block by block
+                ratios = sorted(t[0] / (e[0] + s[0]) for t, e, s in
+                                zip(times[(name, mode)], times[("erm", mode)], times[("stem", mode)], strict=True))
+                row["over work floor"] = (statistics.median(ratios), ratios[0], ratios[-1])
+        if name == "stem" and ("erm", mode) in times:
+            row["stem share"] = statistics.median(s[0] / e[0] for s, e in zip(times[(name, mode)], times[("erm", mode)],
+                                                                             strict=True))
+            row["stem flop share"] = runner.flops() / runners[("erm", mode)][0].flops()
         if device.type == "cuda":
             row["peak MB"] = gpu_peak(runner) / 2**20
             row["syncs/step"] = host_syncs_per_step(runner)
@@ -232,13 +270,24 @@ def print_rows(rows: list[dict], device, args) -> None:
                 median, low, high = r["over floor"]
                 print(f"  {r['runner']} {r['mode']} step / its FLOP floor (ERM step x {floor:.3f}): median {median:.3f}x "
                       f"over {args.blocks} paired blocks (min {low:.3f}, max {high:.3f}; goal <= 1.05)", flush=True)
+        stem = by.get((config, "stem", "eager"))
+        if stem and "stem share" in stem:
+            share, flop_share = stem["stem share"], stem["stem flop share"]
+            print(f"  stem pass (one more batch through the stem, forward and backward): {share:.3f} of the ERM step's "
+                  f"time, {flop_share:.3f} of its FLOPs; so ERM + stem pass = {(1 + share) / (1 + flop_share):.3f}x "
+                  "the FLOP floor", flush=True)
+            for r in rows:
+                if r["config"] == config and r.get("over work floor"):
+                    median, low, high = r["over work floor"]
+                    print(f"  {r['runner']} {r['mode']} step / (ERM step + stem pass): median {median:.3f}x (min {low:.3f}, "
+                          f"max {high:.3f}; beyond 1: the time of its mixing and memories)", flush=True)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--configs", default="r18-64,r50-224", help=f"comma-separated, of {', '.join(CONFIGS)}")
-    p.add_argument("--runners", default="erm,tally,tally-joint", help=f"comma-separated, of {', '.join(RUNNERS)}")
+    p.add_argument("--runners", default="erm,stem,tally,tally-joint", help=f"comma-separated, of {', '.join(RUNNERS)}")
     p.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
     p.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead"))
     p.add_argument("--placement", default="auto", choices=("auto", "device", "host"), help="of the image bank")

@@ -36,8 +36,9 @@ def test_the_device_check_runs_on_the_cpu_with_a_tiny_budget(tmp_path):
     for stage in ("== 1. training's step, eager", "== 2. tally train", "== 3. resume", "== 4. compiled", "== summary"):
         assert stage in text
     # the bench timed training's step for ERM and both TALLY stem passes
-    for runner in ("erm", "tally", "tally-joint"):
+    for runner in ("erm", "stem", "tally", "tally-joint"):
         assert any(line.split()[2:4] == [runner, "eager"] for line in text.splitlines() if "32px" in line), runner
+    assert "tally eager step / (ERM step + stem pass): median" in text  # TALLY against its time floor too
     assert "compiled r10-32 tally: skipped" in text  # no compile budget unless asked
     # the run resumed from its CPU checkpoint ends where the straight run ends (on the CPU, exactly)
     straight = json.loads((out / "run" / "metrics.json").read_text())
