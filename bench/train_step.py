@@ -186,9 +186,10 @@ def bench(arch: str, size: int, args, device) -> list[dict]:
             # what stays allocated between steps: weights, optimiser state, memories, bank, graphs
             runner.resident = torch.cuda.memory_allocated() - before if device.type == "cuda" else 0
             runners[(name, mode)] = (runner, first, 1 + args.warmup if runner.phase == "main" else args.warmup)
-    floor = None
-    if {"erm", "tally"} <= set(args.runners) and "eager" in args.modes:
-        floor = runners[("tally", "eager")][0].flops() / runners[("erm", "eager")][0].flops()
+    # FLOPs of one eager step of each runner, counted once: the floor and the stem's share are against ERM's
+    flops = {name: runners[(name, "eager")][0].flops() for name in ("erm", "stem", "tally")
+             if (name, "eager") in runners and ("erm", "eager") in runners}
+    floor = flops["tally"] / flops["erm"] if {"erm", "tally"} <= flops.keys() else None
     times = {key: [] for key in runners}
     order = list(runners)
     settled = settle([runners[key][0] for key in order], args.steps) if device.type == "cpu" else 0
@@ -214,7 +215,7 @@ def bench(arch: str, size: int, args, device) -> list[dict]:
         if name == "stem" and ("erm", mode) in times:
             row["stem share"] = statistics.median(s[0] / e[0] for s, e in zip(times[(name, mode)], times[("erm", mode)],
                                                                              strict=True))
-            row["stem flop share"] = runner.flops() / runners[("erm", mode)][0].flops()
+            row["stem flop share"] = flops["stem"] / flops["erm"]
         if device.type == "cuda":
             row["peak MB"] = gpu_peak(runner) / 2**20
             row["syncs/step"] = host_syncs_per_step(runner)

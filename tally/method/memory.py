@@ -41,7 +41,8 @@ class FeatureMemory(nn.Module):
         # channels_last, the layout of the stem's maps in training on either device (augmented batches are
         # gathered as (B, H, W, C); CUDA training converts the model): the mix and the class update then
         # read one layout, not two (ResNet-50 at 224 px on the CPU: the mix 58 -> 42 ms, no copy of zhat)
-        self.register_buffer("prototypes", torch.zeros(num_classes, c, h, w).contiguous(memory_format=torch.channels_last))
+        prototypes = torch.empty(num_classes, c, h, w, memory_format=torch.channels_last).zero_()
+        self.register_buffer("prototypes", prototypes)
         self.register_buffer("domain_mean", torch.zeros(num_domains, c))
         self.register_buffer("domain_std", torch.ones(num_domains, c))
         self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))

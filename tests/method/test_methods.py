@@ -347,14 +347,12 @@ def test_the_mix_reads_prototypes_in_the_layout_of_trainings_stem_maps(monkeypat
     from tally.data.augment import augment
     from tally.method import methods
 
-    seen = []
+    seen, mix_fn, cl = [], methods.tally_mix, torch.channels_last
 
     def spy(za, zn, proto, *rest, **kw):
-        cl = torch.channels_last
         seen.append((za.is_contiguous(memory_format=cl), proto.is_contiguous(memory_format=cl)))
         return mix_fn(za, zn, proto, *rest, **kw)
 
-    mix_fn = methods.tally_mix
     monkeypatch.setattr(methods, "tally_mix", spy)
     m = build_method("tally", _net(), INFO, {"seed": 0})
     g = torch.Generator().manual_seed(0)
