@@ -4,8 +4,8 @@ op's wall time per step, and TALLY's ops minus ERM's minus the stem pass's (what
 Why not torch.profiler: on the CPU, training keeps its heap (keep_cpu_memory) so that steps stop
 page-faulting once it has grown, and the profiler's own allocations break that: a profiled ResNet-50 stem
 pass at 224 px page-faulted 200-330 k times per step and took 2.2-2.9x its unprofiled time here, so its
-per-op times measured the kernel's page zeroing. This times each aten op from a TorchDispatchMode instead (a few microseconds per
-op, no large allocations), after steps that no longer fault; "faults" says whether the timed steps stayed
+per-op times measured the kernel's page zeroing. This times each aten op from a TorchDispatchMode instead
+(a few microseconds per op, no large allocations), after steps that no longer fault; "faults" says whether the timed steps stayed
 so, and "ops / wall" how much of the step the ops account for. Op calls are keyed by the shapes of their
 first two tensor arguments; counts are exact, times are one process's and move with the machine's load.
 
@@ -28,14 +28,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tally.method.perf import keep_cpu_memory
 
 
-def _train_step_bench():
-    """bench/train_step.py's runners (bench/ is a folder of scripts, not a package)."""
-    path = Path(__file__).with_name("train_step.py")
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+def _load_train_step():
+    """bench/train_step.py, for its runners and settle (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_train_step", Path(__file__).with_name("train_step.py"))
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+bench = _load_train_step()
 
 
 class OpTimer(TorchDispatchMode):
@@ -60,11 +62,7 @@ class OpTimer(TorchDispatchMode):
 def time_ops(runner, steps: int, settle_most: int = 8) -> dict:
     """Run `runner` until a step no longer page-faults (at most `settle_most` steps), then `steps` steps
     under an OpTimer: {"ops": {key: (ms per step, calls per step)}, "wall ms", "ops ms", "faults"}."""
-    for _ in range(settle_most):
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        runner.run(1)
-        if resource.getrusage(resource.RUSAGE_SELF).ru_minflt == faults:
-            break
+    bench.settle([runner], 1, settle_most)
     timer = OpTimer()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
@@ -79,9 +77,9 @@ def time_ops(runner, steps: int, settle_most: int = 8) -> dict:
 def difference(tally: dict, erm: dict, stem: dict | None) -> dict:
     """Per op key: TALLY's (ms, calls) per step minus ERM's minus the stem pass's (when timed)."""
     parts = [erm, stem] if stem else [erm]
-    keys = set(tally).union(*parts)
-    return {k: (tally.get(k, (0.0, 0.0))[0] - sum(p.get(k, (0.0, 0.0))[0] for p in parts),
-                tally.get(k, (0.0, 0.0))[1] - sum(p.get(k, (0.0, 0.0))[1] for p in parts)) for k in keys}
+    zero = (0.0, 0.0)
+    return {k: tuple(t - sum(p.get(k, zero)[i] for p in parts) for i, t in enumerate(tally.get(k, zero)))
+            for k in set(tally).union(*parts)}
 
 
 def _row(key, ms: float, calls: float) -> str:
@@ -90,7 +88,6 @@ def _row(key, ms: float, calls: float) -> str:
 
 
 def main(argv=None) -> None:
-    bench = _train_step_bench()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="r50-224", choices=sorted(bench.CONFIGS))
     p.add_argument("--runners", default="erm,stem,tally", help="comma-separated, of erm, stem, tally")
@@ -108,8 +105,7 @@ def main(argv=None) -> None:
     options = argparse.Namespace(batch=args.batch, compile_mode="default", placement="auto")
     timed = {}
     for name in names:
-        runner = (bench.StemPass if name == "stem" else bench.Runner)(name, arch, size, bank, torch.device("cpu"),
-                                                                      options, compiled=False)
+        runner = bench.build_runner(name, arch, size, bank, torch.device("cpu"), options, compiled=False)
         if runner.phase == "main":
             runner.run(1, "warmup")  # TALLY's main step mixes with filled memories
         timed[name] = time_ops(runner, args.steps)

@@ -121,6 +121,11 @@ class StemPass(Runner):
         return counter.get_total_flops()
 
 
+def build_runner(name: str, arch: str, size: int, bank: ImageBank, device, args, compiled: bool) -> Runner:
+    """The runner of RUNNERS' `name`: the stem pass (StemPass) or a method's step (Runner)."""
+    return (StemPass if name == "stem" else Runner)(name, arch, size, bank, device, args, compiled)
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -175,8 +180,7 @@ def bench(arch: str, size: int, args, device) -> list[dict]:
             before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
             if name == "stem" and mode != "eager":
                 continue  # the stem pass is the floor of the eager step only
-            runner = (StemPass if name == "stem" else Runner)(name, arch, size, bank, device, args,
-                                                              compiled=mode == "compiled")
+            runner = build_runner(name, arch, size, bank, device, args, compiled=mode == "compiled")
             t0 = time.perf_counter()
             if runner.phase == "main":  # fill TALLY's memories (and compile its warm-up graph)
                 runner.run(1, "warmup")

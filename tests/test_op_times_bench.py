@@ -13,8 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+def load_op_times():
+    spec = importlib.util.spec_from_file_location("bench_op_times", ROOT / "bench" / "op_times.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -22,12 +22,12 @@ def load(name: str):
 
 
 def test_tallys_ops_are_erms_plus_the_stem_pass_plus_its_own_mix_and_memories():
-    op_times, bench = load("op_times"), load("train_step")
+    op_times = load_op_times()
+    bench = op_times.bench  # bench/train_step.py, whose runners it times
     bank = bench.make_bank(32)
     args = argparse.Namespace(batch=6, compile_mode="default", placement="auto")
     cpu = torch.device("cpu")
-    runners = {name: (bench.StemPass if name == "stem" else bench.Runner)(name, "resnet10", 32, bank, cpu, args,
-                                                                         compiled=False)
+    runners = {name: bench.build_runner(name, "resnet10", 32, bank, cpu, args, compiled=False)
                for name in ("erm", "stem", "tally")}
     runners["tally"].run(1, "warmup")
     timed = {name: op_times.time_ops(runner, steps=2, settle_most=2) for name, runner in runners.items()}
